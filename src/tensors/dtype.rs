@@ -1,0 +1,179 @@
+//! Element types of stored tensors and the one place where they are converted to and from f32.
+//!
+//! All math is done in f32; a value is rounded once, when it is encoded back to its storage type
+//! (round-to-nearest-even, as torch does).
+
+use half::{bf16, f16};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Dtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+    /// Types a file may contain that loratool carries but cannot do math on (fp8, fp4, u16, ...).
+    #[serde(untagged)]
+    Other(&'static str, usize),
+}
+
+/// The safetensors names of types we pass through without converting, with their byte width
+/// (0 for sub-byte types).
+const OTHER_TYPES: &[(&str, usize)] = &[
+    ("F8_E4M3", 1),
+    ("F8_E5M2", 1),
+    ("F8_E8M0", 1),
+    ("F8_E4M3FNUZ", 1),
+    ("F8_E5M2FNUZ", 1),
+    ("U16", 2),
+    ("U32", 4),
+    ("U64", 8),
+    ("C64", 8),
+    ("F4", 0),
+    ("F6_E2M3", 0),
+    ("F6_E3M2", 0),
+];
+
+impl Dtype {
+    /// Parses a safetensors dtype name ("F16", "BF16", ...).
+    pub fn from_safetensors_name(name: &str) -> Option<Dtype> {
+        Some(match name {
+            "F64" => Dtype::F64,
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "I64" => Dtype::I64,
+            "I32" => Dtype::I32,
+            "I16" => Dtype::I16,
+            "I8" => Dtype::I8,
+            "U8" => Dtype::U8,
+            "BOOL" => Dtype::Bool,
+            other => {
+                let (n, w) = OTHER_TYPES.iter().find(|(n, _)| *n == other)?;
+                Dtype::Other(n, *w)
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F64 => "F64",
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::I64 => "I64",
+            Dtype::I32 => "I32",
+            Dtype::I16 => "I16",
+            Dtype::I8 => "I8",
+            Dtype::U8 => "U8",
+            Dtype::Bool => "BOOL",
+            Dtype::Other(n, _) => n,
+        }
+    }
+
+    /// Bytes per element; `None` for sub-byte types.
+    pub fn size(self) -> Option<usize> {
+        Some(match self {
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F16 | Dtype::BF16 | Dtype::I16 => 2,
+            Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
+            Dtype::Other(_, 0) => return None,
+            Dtype::Other(_, w) => w,
+        })
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
+    }
+
+    /// Types that can be converted to f32 (floats, and the integer scalars some files use for alpha).
+    pub fn is_numeric(self) -> bool {
+        !matches!(self, Dtype::Other(..))
+    }
+
+    /// Decodes little-endian bytes of this type into f32 values. `None` if the type has no f32 view.
+    pub fn decode_f32(self, bytes: &[u8]) -> Option<Vec<f32>> {
+        fn each<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+            bytes
+                .chunks_exact(N)
+                .map(|c| f(c.try_into().expect("chunk of N bytes")))
+                .collect()
+        }
+        Some(match self {
+            Dtype::F32 => each(bytes, f32::from_le_bytes),
+            Dtype::F16 => each(bytes, |b| f16::from_le_bytes(b).to_f32()),
+            Dtype::BF16 => each(bytes, |b| bf16::from_le_bytes(b).to_f32()),
+            Dtype::F64 => each(bytes, |b| f64::from_le_bytes(b) as f32),
+            Dtype::I64 => each(bytes, |b| i64::from_le_bytes(b) as f32),
+            Dtype::I32 => each(bytes, |b| i32::from_le_bytes(b) as f32),
+            Dtype::I16 => each(bytes, |b| i16::from_le_bytes(b) as f32),
+            Dtype::I8 => each(bytes, |b: [u8; 1]| b[0] as i8 as f32),
+            Dtype::U8 | Dtype::Bool => each(bytes, |b: [u8; 1]| b[0] as f32),
+            Dtype::Other(..) => return None,
+        })
+    }
+
+    /// Encodes f32 values as little-endian bytes of this float type, rounding to nearest even.
+    /// `None` for non-float targets: loratool only writes float tensors from math.
+    pub fn encode_f32(self, values: &[f32]) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(values.len() * self.size()?);
+        match self {
+            Dtype::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Dtype::F16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            Dtype::BF16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+            Dtype::F64 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&(*v as f64).to_le_bytes())),
+            _ => return None,
+        }
+        Some(out)
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_round_trip_rounds_to_nearest_even() {
+        // 1 + 2^-11 lies exactly between two f16 values; ties go to the even mantissa (1.0).
+        let v = [1.0 + 2f32.powi(-11), 65504.0, -2.5];
+        let bytes = Dtype::F16.encode_f32(&v).unwrap();
+        assert_eq!(Dtype::F16.decode_f32(&bytes).unwrap(), vec![1.0, 65504.0, -2.5]);
+    }
+
+    #[test]
+    fn bf16_decodes_top_half_of_f32() {
+        let bytes = Dtype::BF16.encode_f32(&[3.140625]).unwrap();
+        assert_eq!(bytes, vec![0x49, 0x40]);
+        assert_eq!(Dtype::BF16.decode_f32(&bytes).unwrap(), vec![3.140625]);
+    }
+
+    #[test]
+    fn names_round_trip_and_unknown_is_none() {
+        for n in ["F64", "F32", "F16", "BF16", "I64", "I8", "BOOL", "F8_E4M3"] {
+            assert_eq!(Dtype::from_safetensors_name(n).unwrap().name(), n);
+        }
+        assert!(Dtype::from_safetensors_name("Q4_K").is_none());
+    }
+}

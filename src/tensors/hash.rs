@@ -1,0 +1,96 @@
+//! File hashes that A1111, kohya and Civitai use to identify a model (definitions in
+//! shared/reference/fetch_apis.md §2): the one place they are computed.
+
+use super::writer::hex;
+use crate::{Error, Result};
+use memmap2::Mmap;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileHashes {
+    /// sha256 of the whole file, lowercase hex.
+    pub sha256: String,
+    /// First 10 hex of sha256, uppercase (Civitai AutoV2, A1111 checkpoint short hash).
+    pub autov2: String,
+    /// sha256 of the bytes after the 8+N safetensors header: kohya `sshs_model_hash`, A1111
+    /// addnet hash. `None` for files that are not safetensors.
+    pub addnet: Option<String>,
+    /// First 12 hex of `addnet`, uppercase (Civitai AutoV3).
+    pub autov3: Option<String>,
+}
+
+/// Computes every hash in one read of the file. `data_start` is 8+N for safetensors files.
+/// The whole-file and data-section digests run on two threads over the same mapping, so the
+/// wall time is that of one sha256 pass.
+pub fn hash_file(path: &Path, data_start: Option<u64>) -> Result<FileHashes> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let map;
+    let bytes: &[u8] = if len == 0 {
+        &[]
+    } else {
+        // SAFETY: read-only map of an input file, never written by loratool.
+        map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Sequential);
+        &map
+    };
+    Ok(hash_bytes(bytes, data_start))
+}
+
+pub fn hash_bytes(bytes: &[u8], data_start: Option<u64>) -> FileHashes {
+    let data = data_start
+        .map(|s| s as usize)
+        .filter(|s| *s <= bytes.len())
+        .map(|s| &bytes[s..]);
+    let (full, addnet) = rayon::join(|| sha256_hex(bytes), || data.map(sha256_hex));
+    FileHashes {
+        autov2: full[..10].to_uppercase(),
+        autov3: addnet.as_ref().map(|h| h[..12].to_uppercase()),
+        sha256: full,
+        addnet,
+    }
+}
+
+/// sha256 in chunks, so a memory-mapped input is paged in progressively.
+fn sha256_hex(bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    for chunk in bytes.chunks(8 << 20) {
+        h.update(chunk);
+    }
+    hex(&h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_world_vector() {
+        let h = hash_bytes(b"hello world", None);
+        assert_eq!(
+            h.sha256,
+            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
+        assert_eq!(h.autov2, "B94D27B993");
+        assert_eq!(h.addnet, None);
+    }
+
+    #[test]
+    fn minimal_safetensors_vector() {
+        let hexstr = "60000000000000007b225f5f6d657461646174615f5f223a7b2273735f6e6574776f726b5f64696d223a2234227d2c2277223a7b226474797065223a22463332222c227368617065223a5b325d2c22646174615f6f666673657473223a5b302c385d7d7d202020200000803f00000040";
+        let bytes: Vec<u8> = (0..hexstr.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hexstr[i..i + 2], 16).unwrap())
+            .collect();
+        let h = hash_bytes(&bytes, Some(8 + 0x60));
+        assert_eq!(h.autov2, "2FD6C9020F");
+        assert_eq!(
+            h.addnet.as_deref(),
+            Some("b9c80b5adeca450753a16950c3cc655d271f7bef7a485bc83f112b72fef21d37")
+        );
+        assert_eq!(h.autov3.as_deref(), Some("B9C80B5ADECA"));
+    }
+}

@@ -1,0 +1,165 @@
+//! Tensor files: reading safetensors and legacy PyTorch pickles through one validated view,
+//! dtype conversion, content hashes, and the streaming atomic writer.
+
+mod dtype;
+pub mod hash;
+pub mod pickle;
+mod safetensors_file;
+mod tensor;
+pub mod writer;
+
+pub use dtype::Dtype;
+pub use pickle::PickleFile;
+pub use safetensors_file::SafetensorsFile;
+pub use tensor::Tensor;
+pub use writer::{SafetensorsWriter, TensorSpec, WriteOptions};
+
+use crate::{Error, Result};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Name, type and shape of one stored tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The on-disk container of a tensor file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Container {
+    Safetensors,
+    /// PyTorch `torch.save` output (zip archive or legacy tar-less pickle), read without running code.
+    Pickle,
+}
+
+enum Inner {
+    Safetensors(SafetensorsFile),
+    Pickle(PickleFile),
+}
+
+/// Any tensor file loratool reads, validated on open. Tensor data is only touched on request.
+pub struct TensorFile {
+    inner: Inner,
+    index: HashMap<String, usize>,
+    empty_metadata: BTreeMap<String, String>,
+}
+
+impl TensorFile {
+    /// Opens a tensor file, choosing the reader by content (not by extension): zip archives and
+    /// raw pickles go to the safe pickle reader, everything else must be safetensors.
+    pub fn open(path: &Path) -> Result<TensorFile> {
+        let inner = if PickleFile::sniff(path)? {
+            Inner::Pickle(PickleFile::open(path)?)
+        } else {
+            Inner::Safetensors(SafetensorsFile::open(path)?)
+        };
+        let infos = match &inner {
+            Inner::Safetensors(f) => f.tensors(),
+            Inner::Pickle(f) => f.tensors(),
+        };
+        let index = infos
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(TensorFile {
+            inner,
+            index,
+            empty_metadata: BTreeMap::new(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        match &self.inner {
+            Inner::Safetensors(f) => f.path(),
+            Inner::Pickle(f) => f.path(),
+        }
+    }
+
+    pub fn container(&self) -> Container {
+        match &self.inner {
+            Inner::Safetensors(_) => Container::Safetensors,
+            Inner::Pickle(_) => Container::Pickle,
+        }
+    }
+
+    /// The safetensors view, when the file is one (hashes and byte-level work need it).
+    pub fn as_safetensors(&self) -> Option<&SafetensorsFile> {
+        match &self.inner {
+            Inner::Safetensors(f) => Some(f),
+            Inner::Pickle(_) => None,
+        }
+    }
+
+    pub fn tensors(&self) -> &[TensorInfo] {
+        match &self.inner {
+            Inner::Safetensors(f) => f.tensors(),
+            Inner::Pickle(f) => f.tensors(),
+        }
+    }
+
+    /// String metadata (`__metadata__`); pickles have none.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        match &self.inner {
+            Inner::Safetensors(f) => f.metadata(),
+            Inner::Pickle(_) => &self.empty_metadata,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.tensors()[i])
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.index
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::bad_tensor(self.path(), name, "no such tensor in the file"))
+    }
+
+    /// Raw little-endian, row-major bytes of a tensor in its stored dtype.
+    pub fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        let i = self.index_of(name)?;
+        match &self.inner {
+            Inner::Safetensors(f) => Ok(Cow::Borrowed(f.tensor_bytes(i))),
+            Inner::Pickle(f) => f.tensor_bytes(i),
+        }
+    }
+
+    /// A tensor converted to f32 for math.
+    pub fn read_f32(&self, name: &str) -> Result<Tensor> {
+        let info = &self.tensors()[self.index_of(name)?];
+        let bytes = self.raw_bytes(name)?;
+        let data = info.dtype.decode_f32(&bytes).ok_or_else(|| {
+            Error::bad_tensor(
+                self.path(),
+                name,
+                format!("dtype {} cannot be converted to f32", info.dtype),
+            )
+        })?;
+        Ok(Tensor::new(info.shape.clone(), data))
+    }
+
+    /// A scalar tensor (alpha, on_input, ...) as f32; any element count other than one is refused.
+    pub fn read_scalar(&self, name: &str) -> Result<f32> {
+        let t = self.read_f32(name)?;
+        match t.data.as_slice() {
+            [v] => Ok(*v),
+            _ => Err(Error::bad_tensor(
+                self.path(),
+                name,
+                format!("expected a scalar, found shape {:?}", t.shape),
+            )),
+        }
+    }
+}

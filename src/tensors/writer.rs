@@ -1,0 +1,363 @@
+//! Streaming, atomic safetensors output.
+//!
+//! The header is computed first from the tensor specs, then tensors are written one at a time in
+//! header order, so no command ever holds a whole output in memory. Data goes to a temp file in
+//! the output's folder; only a complete, fsynced file is renamed onto the target. On any error,
+//! or if the writer is dropped unfinished, the temp file is removed and nothing appears at the
+//! target.
+
+use super::Dtype;
+use crate::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What one output tensor will be: written in this order, with exactly `numel × dtype` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    pub fn byte_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size().unwrap_or(1)
+    }
+}
+
+/// Safety rules for the output path.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Replace an existing output file (never an input file).
+    pub force: bool,
+    /// Files the command reads; the output may never be one of them.
+    pub inputs: Vec<PathBuf>,
+}
+
+/// Result of a completed write.
+#[derive(Debug, Clone)]
+pub struct WriteSummary {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// sha256 of the data section: kohya's `sshs_model_hash`, A1111's addnet hash, Civitai AutoV3.
+    pub data_sha256: String,
+}
+
+pub struct SafetensorsWriter {
+    target: PathBuf,
+    temp: PathBuf,
+    out: Option<BufWriter<File>>,
+    specs: Vec<TensorSpec>,
+    next: usize,
+    written: u64,
+    data_hash: Sha256,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Checks that `target` may be written: its folder exists, it is not an input, and it does not
+/// exist unless `force`. Shared by every command that writes a file.
+pub fn check_output_path(target: &Path, opts: &WriteOptions) -> Result<()> {
+    let parent = parent_dir(target);
+    if !parent.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: output folder '{}' does not exist",
+            target.display(),
+            parent.display()
+        )));
+    }
+    for input in &opts.inputs {
+        if same_file(target, input) {
+            return Err(Error::Invalid(format!(
+                "{}: refusing to write over an input file",
+                target.display()
+            )));
+        }
+    }
+    if target.exists() && !opts.force {
+        return Err(Error::Invalid(format!(
+            "{}: already exists (use --force to overwrite)",
+            target.display()
+        )));
+    }
+    if target.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: is a folder, not a file",
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
+fn parent_dir(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// True when both paths name the same existing file (hard links and symlinks included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) if x == y => return true,
+        _ => {}
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (fs::metadata(a), fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    false
+}
+
+/// The safetensors header for `specs`: `__metadata__` first, tensors in write order, padded with
+/// spaces to a multiple of 8 so the data section stays aligned.
+pub fn build_header(metadata: &BTreeMap<String, String>, specs: &[TensorSpec]) -> Vec<u8> {
+    let mut map = serde_json::Map::new();
+    if !metadata.is_empty() {
+        map.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
+    }
+    let mut offset = 0usize;
+    for s in specs {
+        let end = offset + s.byte_len();
+        map.insert(
+            s.name.clone(),
+            serde_json::json!({"dtype": s.dtype.name(), "shape": s.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut header = serde_json::to_vec(&map).expect("header serializes");
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    header
+}
+
+impl SafetensorsWriter {
+    pub fn create(
+        target: &Path,
+        metadata: &BTreeMap<String, String>,
+        specs: Vec<TensorSpec>,
+        opts: &WriteOptions,
+    ) -> Result<SafetensorsWriter> {
+        check_output_path(target, opts)?;
+        let mut seen = std::collections::HashSet::new();
+        for s in &specs {
+            if !seen.insert(s.name.as_str()) {
+                return Err(Error::Invalid(format!(
+                    "{}: two output tensors named '{}'",
+                    target.display(),
+                    s.name
+                )));
+            }
+            if !s.dtype.is_numeric() {
+                return Err(Error::Invalid(format!(
+                    "{}: cannot write tensor '{}' of dtype {}",
+                    target.display(),
+                    s.name,
+                    s.dtype
+                )));
+            }
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "output".into());
+        let temp = parent_dir(target).join(format!(
+            ".{name}.loratool-{}-{}.tmp",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| Error::io(target, e))?;
+        let mut writer = SafetensorsWriter {
+            target: target.to_path_buf(),
+            temp,
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            specs,
+            next: 0,
+            written: 0,
+            data_hash: Sha256::new(),
+        };
+        let header = build_header(metadata, &writer.specs);
+        writer.put(&(header.len() as u64).to_le_bytes())?;
+        writer.put(&header)?;
+        Ok(writer)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        let out = self.out.as_mut().expect("writer is open");
+        out.write_all(bytes)
+            .map_err(|e| Error::io(&self.target, e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The spec of the next tensor to write, if any remain.
+    pub fn next_spec(&self) -> Option<&TensorSpec> {
+        self.specs.get(self.next)
+    }
+
+    /// Writes the next tensor's bytes (stored dtype, little-endian). Tensors must come in spec order.
+    pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let spec = self.specs.get(self.next).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: tensor '{name}' written after the last one",
+                self.target.display()
+            ))
+        })?;
+        if spec.name != name || spec.byte_len() != bytes.len() {
+            return Err(Error::Invalid(format!(
+                "{}: expected tensor '{}' of {} bytes next, got '{name}' of {} bytes",
+                self.target.display(),
+                spec.name,
+                spec.byte_len(),
+                bytes.len()
+            )));
+        }
+        self.data_hash.update(bytes);
+        self.put(bytes)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Flushes, fsyncs and renames the temp file onto the target.
+    pub fn finish(mut self) -> Result<WriteSummary> {
+        if self.next != self.specs.len() {
+            return Err(Error::Invalid(format!(
+                "{}: only {} of {} tensors were written",
+                self.target.display(),
+                self.next,
+                self.specs.len()
+            )));
+        }
+        let out = self.out.take().expect("writer is open");
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io(&self.target, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.target, e))?;
+        drop(file);
+        fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        // Persist the rename itself; failure here does not undo a complete file.
+        if let Ok(dir) = File::open(parent_dir(&self.target)) {
+            let _ = dir.sync_all();
+        }
+        let hash = std::mem::take(&mut self.data_hash).finalize();
+        Ok(WriteSummary {
+            path: self.target.clone(),
+            bytes: self.written,
+            data_sha256: hex(&hash),
+        })
+    }
+}
+
+impl Drop for SafetensorsWriter {
+    fn drop(&mut self) {
+        if self.out.take().is_some() || self.temp.exists() {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes whole in-memory tensors (small outputs such as LoRA files) through the streaming writer.
+pub fn write_all(
+    target: &Path,
+    metadata: &BTreeMap<String, String>,
+    tensors: &[(TensorSpec, Vec<u8>)],
+    opts: &WriteOptions,
+) -> Result<WriteSummary> {
+    let specs = tensors.iter().map(|(s, _)| s.clone()).collect();
+    let mut w = SafetensorsWriter::create(target, metadata, specs, opts)?;
+    for (s, bytes) in tensors {
+        w.write_tensor(&s.name, bytes)?;
+    }
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensors::SafetensorsFile;
+
+    fn spec(name: &str, n: usize) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: vec![n],
+        }
+    }
+
+    #[test]
+    fn writes_a_file_the_reader_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.safetensors");
+        let meta = BTreeMap::from([("ss_network_dim".to_string(), "4".to_string())]);
+        let data = Dtype::F32.encode_f32(&[1.0, 2.0]).unwrap();
+        let s = write_all(&out, &meta, &[(spec("w", 2), data)], &WriteOptions::default())
+            .unwrap();
+        // The 112-byte test vector of shared/reference/fetch_apis.md §2.6, byte for byte.
+        let bytes = fs::read(&out).unwrap();
+        assert_eq!(bytes.len(), 112);
+        assert_eq!(
+            s.data_sha256,
+            "b9c80b5adeca450753a16950c3cc655d271f7bef7a485bc83f112b72fef21d37"
+        );
+        let f = SafetensorsFile::open(&out).unwrap();
+        assert_eq!(f.metadata()["ss_network_dim"], "4");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp left");
+    }
+
+    #[test]
+    fn unfinished_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.safetensors");
+        {
+            let mut w = SafetensorsWriter::create(
+                &out,
+                &BTreeMap::new(),
+                vec![spec("a", 1), spec("b", 1)],
+                &WriteOptions::default(),
+            )
+            .unwrap();
+            w.write_tensor("a", &[0; 4]).unwrap();
+            assert!(w.write_tensor("c", &[0; 4]).is_err());
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn refuses_inputs_existing_outputs_and_missing_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        fs::write(&input, b"x").unwrap();
+        let opts = WriteOptions {
+            force: true,
+            inputs: vec![input.clone()],
+        };
+        let e = check_output_path(&input, &opts).unwrap_err().to_string();
+        assert!(e.contains("refusing to write over an input file"), "{e}");
+        let e = check_output_path(&input, &WriteOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already exists"), "{e}");
+        let missing = dir.path().join("nope/out.safetensors");
+        let e = check_output_path(&missing, &WriteOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output folder"), "{e}");
+        assert_eq!(fs::read(&input).unwrap(), b"x");
+    }
+}
