@@ -1,1 +1,464 @@
+//! Every LoRA file format parsed into one model: an [`Adapter`] is a list of [`AdapterModule`]s,
+//! each naming the tensors it owns, its kind, rank, alpha and effective scale. The delta math for
+//! every kind lives in [`delta`]; a new adapter kind touches this folder only.
 
+pub mod delta;
+pub mod keys;
+mod peft_config;
+
+use crate::tensors::{Dtype, TensorFile};
+use crate::{Error, Result};
+use keys::{classify, Role};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+pub use peft_config::PeftConfig;
+
+/// The model part an adapter module patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    Unet,
+    Transformer,
+    TextEncoder,
+    TextEncoder2,
+    TextEncoder3,
+}
+
+impl Component {
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::Transformer => "transformer",
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+            Component::TextEncoder3 => "text_encoder_3",
+        }
+    }
+
+    pub fn is_text_encoder(self) -> bool {
+        matches!(
+            self,
+            Component::TextEncoder | Component::TextEncoder2 | Component::TextEncoder3
+        )
+    }
+}
+
+/// The key dialect of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// `lora_unet_…` / `lora_te…_` module names (kohya sd-scripts, LyCORIS, most trainers).
+    Kohya,
+    /// Dotted diffusers/peft paths with `lora_A` / `lora_B` (diffusers ≥ 0.24, peft).
+    Peft,
+    /// Older diffusers dialects: attention processors (`to_q_lora.down`), `lora_linear_layer`.
+    DiffusersOld,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Kohya => "kohya",
+            Format::Peft => "peft",
+            Format::DiffusersOld => "diffusers_old",
+        }
+    }
+}
+
+/// What a module computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleKind {
+    /// `up · down` (LoRA, LoCon, with optional Tucker `mid`).
+    Lora,
+    /// LyCORIS LoHa: Hadamard product of two low-rank products.
+    Loha,
+    /// LyCORIS LoKr: Kronecker product of two (possibly low-rank) factors.
+    Lokr,
+    /// (IA)³: multiplies rows (or input columns) of the weight.
+    Ia3,
+    /// A stored full delta (`diff`).
+    Full,
+    /// Additive norm-layer weights (`w_norm`, `b_norm`).
+    Norm,
+    /// Diagonal orthogonal finetuning (`oft_blocks`, 3-D).
+    Oft,
+    /// Butterfly OFT (`oft_blocks`, 4-D).
+    Boft,
+    /// GLoRA (`a1`, `a2`, `b1`, `b2`).
+    Glora,
+}
+
+impl ModuleKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModuleKind::Lora => "lora",
+            ModuleKind::Loha => "loha",
+            ModuleKind::Lokr => "lokr",
+            ModuleKind::Ia3 => "ia3",
+            ModuleKind::Full => "full",
+            ModuleKind::Norm => "norm",
+            ModuleKind::Oft => "oft",
+            ModuleKind::Boft => "boft",
+            ModuleKind::Glora => "glora",
+        }
+    }
+}
+
+/// One adapted module of the base model.
+#[derive(Debug, Clone)]
+pub struct AdapterModule {
+    /// Name as in the file, without the tensor suffix.
+    pub name: String,
+    pub component: Component,
+    /// Path of the target inside its component (see [`keys::KeyInfo::path`]).
+    pub path: String,
+    pub format: Format,
+    pub kind: ModuleKind,
+    /// Tensor key of each role this module has.
+    pub tensors: BTreeMap<Role, String>,
+    /// Rank of the low-rank factors; `None` when the module has none (full LoKr, IA3, diff, …).
+    pub rank: Option<usize>,
+    /// Alpha as stored (tensor or peft config); `None` when the file has none for this module.
+    pub alpha: Option<f32>,
+    /// The factor the delta is multiplied by (alpha/rank, alpha/√rank for rsLoRA, 1 without alpha).
+    pub scale: f32,
+    /// DoRA magnitude present (`dora_scale` or `lora_magnitude_vector`).
+    pub dora: bool,
+    /// Shape of the weight the module changes, as far as the factors tell (conv LoHa/LoKr with
+    /// flattened factors give `[out, in·kh·kw]`).
+    pub shape: Vec<usize>,
+    /// Storage dtype of the module's main factor.
+    pub dtype: Dtype,
+}
+
+impl AdapterModule {
+    pub fn tensor(&self, role: Role) -> Option<&str> {
+        self.tensors.get(&role).map(String::as_str)
+    }
+
+    /// True for convolution kernels larger than 1×1 (what makes a LoRA a LoCon).
+    pub fn is_spatial_conv(&self) -> bool {
+        self.shape.len() == 4 && self.shape[2] * self.shape[3] > 1
+            || self.tensors.contains_key(&Role::Mid)
+            || self.tensors.contains_key(&Role::HadaT1)
+            || self.tensors.contains_key(&Role::LokrT2)
+    }
+}
+
+/// A parsed adapter file.
+pub struct Adapter {
+    pub file: TensorFile,
+    /// The dialect of most modules (files mixing dialects report the majority).
+    pub format: Format,
+    pub modules: Vec<AdapterModule>,
+    /// Tensor keys that belong to no module (embeddings bundled with the LoRA, stray keys).
+    pub unrecognized: Vec<String>,
+    /// Non-fatal problems met while parsing (a module missing a factor, …).
+    pub warnings: Vec<String>,
+    /// The peft/diffusers LoraConfig found in the file's metadata or beside it, if any.
+    pub peft_config: Option<PeftConfig>,
+}
+
+impl Adapter {
+    /// Parses an opened tensor file as an adapter.
+    pub fn from_file(file: TensorFile) -> Result<Adapter> {
+        let peft_config = PeftConfig::find(&file)?;
+        // Group keys by module, keeping file order of first appearance.
+        let mut order: Vec<String> = Vec::new();
+        let mut groups: BTreeMap<String, (keys::KeyInfo, BTreeMap<Role, String>)> =
+            BTreeMap::new();
+        let mut unrecognized = Vec::new();
+        let mut warnings = Vec::new();
+        for t in file.tensors() {
+            let Some(info) = classify(&t.name) else {
+                unrecognized.push(t.name.clone());
+                continue;
+            };
+            let entry = groups.entry(info.module.clone()).or_insert_with(|| {
+                order.push(info.module.clone());
+                (info.clone(), BTreeMap::new())
+            });
+            if info.format == Format::DiffusersOld {
+                entry.0.format = Format::DiffusersOld;
+            }
+            if entry.1.insert(info.role, t.name.clone()).is_some() {
+                return Err(Error::NotAnAdapter {
+                    path: file.path().to_path_buf(),
+                    reason: format!(
+                        "module '{}' has two tensors for the same role",
+                        info.module
+                    ),
+                });
+            }
+        }
+        let mut modules = Vec::with_capacity(order.len());
+        for name in order {
+            let (info, tensors) = groups.remove(&name).expect("grouped");
+            match build_module(&file, info, tensors, peft_config.as_ref()) {
+                Ok(Some(m)) => modules.push(m),
+                Ok(None) => {}
+                Err(ModuleProblem::Skip(reason)) => {
+                    warnings.push(format!("module '{name}' skipped: {reason}"))
+                }
+                Err(ModuleProblem::Fatal(e)) => return Err(e),
+            }
+        }
+        if modules.is_empty() {
+            let looks_like_checkpoint = unrecognized.iter().any(|k| {
+                k.starts_with("model.diffusion_model.")
+                    || k.starts_with("double_blocks.")
+                    || k.starts_with("cond_stage_model.")
+                    || k.starts_with("conditioner.")
+            });
+            let reason = if looks_like_checkpoint {
+                "not a LoRA: this is a model checkpoint (no adapter tensors found)".to_string()
+            } else if let Some(w) = warnings.first() {
+                format!("no usable adapter modules ({w})")
+            } else {
+                format!(
+                    "not a LoRA: none of its {} tensors is an adapter tensor{}",
+                    file.tensors().len(),
+                    unrecognized
+                        .first()
+                        .map(|k| format!(" (first: '{k}')"))
+                        .unwrap_or_default()
+                )
+            };
+            return Err(Error::NotAnAdapter {
+                path: file.path().to_path_buf(),
+                reason,
+            });
+        }
+        let format = majority(modules.iter().map(|m| m.format)).unwrap_or(Format::Kohya);
+        Ok(Adapter {
+            file,
+            format,
+            modules,
+            unrecognized,
+            warnings,
+            peft_config,
+        })
+    }
+
+    pub fn open(path: &std::path::Path) -> Result<Adapter> {
+        Adapter::from_file(TensorFile::open(path)?)
+    }
+}
+
+fn majority<T: PartialEq + Copy>(items: impl Iterator<Item = T>) -> Option<T> {
+    let mut counts: Vec<(T, usize)> = Vec::new();
+    for it in items {
+        match counts.iter_mut().find(|(k, _)| *k == it) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((it, 1)),
+        }
+    }
+    counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k)
+}
+
+enum ModuleProblem {
+    /// The module cannot be used; report and go on.
+    Skip(String),
+    /// The file is unreadable.
+    Fatal(Error),
+}
+
+impl From<Error> for ModuleProblem {
+    fn from(e: Error) -> Self {
+        ModuleProblem::Fatal(e)
+    }
+}
+
+fn build_module(
+    file: &TensorFile,
+    info: keys::KeyInfo,
+    tensors: BTreeMap<Role, String>,
+    peft: Option<&PeftConfig>,
+) -> std::result::Result<Option<AdapterModule>, ModuleProblem> {
+    let shape_of = |role: Role| -> Option<&[usize]> {
+        tensors
+            .get(&role)
+            .and_then(|k| file.get(k))
+            .map(|t| t.shape.as_slice())
+    };
+    let has = |role: Role| tensors.contains_key(&role);
+    let skip = |reason: String| Err(ModuleProblem::Skip(reason));
+
+    let kind = if has(Role::Down) || has(Role::Up) {
+        ModuleKind::Lora
+    } else if has(Role::HadaW1A) || has(Role::HadaW1B) {
+        ModuleKind::Loha
+    } else if [Role::LokrW1, Role::LokrW1A, Role::LokrW2, Role::LokrW2A]
+        .iter()
+        .any(|r| has(*r))
+    {
+        ModuleKind::Lokr
+    } else if has(Role::OftBlocks) {
+        if shape_of(Role::OftBlocks).is_some_and(|s| s.len() == 4) {
+            ModuleKind::Boft
+        } else {
+            ModuleKind::Oft
+        }
+    } else if has(Role::Diff) {
+        ModuleKind::Full
+    } else if has(Role::NormWeight) || has(Role::NormBias) {
+        ModuleKind::Norm
+    } else if has(Role::GloraA1) {
+        ModuleKind::Glora
+    } else if has(Role::Ia3Weight) {
+        ModuleKind::Ia3
+    } else if has(Role::Alpha) && tensors.len() == 1 {
+        return skip("it has an alpha but no weights".into());
+    } else {
+        return skip("no known combination of tensors".into());
+    };
+
+    let need = |role: Role, what: &str| -> std::result::Result<Vec<usize>, ModuleProblem> {
+        shape_of(role)
+            .map(|s| s.to_vec())
+            .ok_or_else(|| ModuleProblem::Skip(format!("{what} is missing")))
+    };
+    let main_role;
+    let (rank, shape): (Option<usize>, Vec<usize>) = match kind {
+        ModuleKind::Lora => {
+            main_role = Role::Down;
+            let down = need(Role::Down, "the down (lora_A) factor")?;
+            let up = need(Role::Up, "the up (lora_B) factor")?;
+            if down.len() < 2 || up.len() < 2 {
+                return skip(format!("factor shapes {down:?} / {up:?} are not matrices"));
+            }
+            let r = down[0];
+            if up[1] != r {
+                return skip(format!(
+                    "up factor has rank {} but down factor has rank {r}",
+                    up[1]
+                ));
+            }
+            let mut shape = vec![up[0], down[1]];
+            if let Some(mid) = shape_of(Role::Mid) {
+                shape.extend_from_slice(&mid[2..]);
+            } else {
+                shape.extend_from_slice(&down[2..]);
+            }
+            (Some(r), shape)
+        }
+        ModuleKind::Loha => {
+            main_role = Role::HadaW1A;
+            let w1a = need(Role::HadaW1A, "hada_w1_a")?;
+            let w1b = need(Role::HadaW1B, "hada_w1_b")?;
+            need(Role::HadaW2A, "hada_w2_a")?;
+            need(Role::HadaW2B, "hada_w2_b")?;
+            let r = w1b[0];
+            if let Some(t1) = shape_of(Role::HadaT1) {
+                // Tucker: w_a [r, out], w_b [r, in], t [r, r, kh, kw].
+                let mut s = vec![w1a[1], w1b[1]];
+                s.extend_from_slice(&t1[2..]);
+                (Some(r), s)
+            } else {
+                (Some(r), vec![w1a[0], w1b[1..].iter().product()])
+            }
+        }
+        ModuleKind::Lokr => {
+            main_role = if has(Role::LokrW1) {
+                Role::LokrW1
+            } else {
+                Role::LokrW1A
+            };
+            let (a, c) = if let Some(w1) = shape_of(Role::LokrW1) {
+                (w1[0], w1[1])
+            } else {
+                let w1a = need(Role::LokrW1A, "lokr_w1_a")?;
+                let w1b = need(Role::LokrW1B, "lokr_w1_b")?;
+                (w1a[0], w1b[1])
+            };
+            let (b, rest): (usize, Vec<usize>) = if let Some(w2) = shape_of(Role::LokrW2) {
+                (w2[0], w2[1..].to_vec())
+            } else {
+                let w2a = need(Role::LokrW2A, "lokr_w2_a")?;
+                let w2b = need(Role::LokrW2B, "lokr_w2_b")?;
+                if let Some(t2) = shape_of(Role::LokrT2) {
+                    let mut rest = vec![w2b[1]];
+                    rest.extend_from_slice(&t2[2..]);
+                    (w2a[1], rest)
+                } else {
+                    (w2a[0], vec![w2b[1]])
+                }
+            };
+            let rank = shape_of(Role::LokrW1B)
+                .or_else(|| shape_of(Role::LokrW2B))
+                .map(|s| s[0]);
+            let mut shape = vec![a * b, c * rest[0]];
+            shape.extend_from_slice(&rest[1..]);
+            (rank, shape)
+        }
+        ModuleKind::Full => {
+            main_role = Role::Diff;
+            (None, need(Role::Diff, "diff")?)
+        }
+        ModuleKind::Norm => {
+            main_role = if has(Role::NormWeight) {
+                Role::NormWeight
+            } else {
+                Role::NormBias
+            };
+            (None, need(main_role, "w_norm")?)
+        }
+        ModuleKind::Ia3 => {
+            main_role = Role::Ia3Weight;
+            (None, need(Role::Ia3Weight, "weight")?)
+        }
+        ModuleKind::Oft | ModuleKind::Boft => {
+            main_role = Role::OftBlocks;
+            let b = need(Role::OftBlocks, "oft_blocks")?;
+            // Output rows = blocks × block size (the last two dims are square blocks).
+            let n = b.len();
+            (None, vec![b[n - 3] * b[n - 1]])
+        }
+        ModuleKind::Glora => {
+            main_role = Role::GloraA1;
+            let a2 = need(Role::GloraA2, "a2.weight")?;
+            let b1 = need(Role::GloraB1, "b1.weight")?;
+            need(Role::GloraB2, "b2.weight")?;
+            (Some(a2[0]), vec![b1[0], a2[1]])
+        }
+    };
+    if shape.contains(&0) || rank == Some(0) {
+        return skip(format!("empty factor (shape {shape:?}, rank {rank:?})"));
+    }
+
+    let mut alpha = match tensors.get(&Role::Alpha) {
+        Some(k) => Some(file.read_scalar(k)?),
+        None => None,
+    };
+    let mut rslora = false;
+    if alpha.is_none() && info.format != Format::Kohya {
+        if let Some(cfg) = peft {
+            if let Some(a) = cfg.alpha_for(info.component, &info.path) {
+                alpha = Some(a);
+            }
+            rslora = cfg.use_rslora(info.component);
+        }
+    }
+    let scale = delta::scale_for(kind, rank, alpha, rslora, &tensors);
+    let dtype = tensors
+        .get(&main_role)
+        .and_then(|k| file.get(k))
+        .map(|t| t.dtype)
+        .unwrap_or(Dtype::F32);
+    Ok(Some(AdapterModule {
+        dora: tensors.contains_key(&Role::DoraScale),
+        name: info.module,
+        component: info.component,
+        path: info.path,
+        format: info.format,
+        kind,
+        tensors,
+        rank,
+        alpha,
+        scale,
+        shape,
+        dtype,
+    }))
+}

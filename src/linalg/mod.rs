@@ -1,1 +1,122 @@
-pub fn noop() {}
+//! Dense f32 linear algebra on row-major slices, backed by faer. The delta math and (later) the
+//! factor-space SVD of merge/extract/resize call these instead of touching faer directly.
+
+use faer::linalg::matmul::matmul as faer_matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+/// Parallelism for one product: tiny products stay on the calling thread (callers already run
+/// modules in parallel); large ones use the rayon pool.
+fn par_for(flops: usize) -> Par {
+    if flops >= 1 << 24 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    }
+}
+
+/// `A (m×k) · B (k×n)`, all row-major.
+pub fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
+    assert_eq!(a.len(), m * k, "lhs size");
+    assert_eq!(b.len(), k * n, "rhs size");
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    let lhs = MatRef::from_row_major_slice(a, m, k);
+    let rhs = MatRef::from_row_major_slice(b, k, n);
+    let dst = MatMut::from_row_major_slice_mut(&mut out, m, n);
+    faer_matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par_for(m * n * k));
+    out
+}
+
+/// `Aᵀ A` for a row-major `m×k` matrix: the `k×k` Gram matrix of its columns.
+pub fn gram_of_columns(a: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; k * k];
+    if m == 0 || k == 0 {
+        return out;
+    }
+    let at = MatRef::from_row_major_slice(a, m, k);
+    let dst = MatMut::from_row_major_slice_mut(&mut out, k, k);
+    faer_matmul(dst, Accum::Replace, at.transpose(), at, 1.0f32, par_for(m * k * k));
+    out
+}
+
+/// `B Bᵀ` for a row-major `k×n` matrix: the `k×k` Gram matrix of its rows.
+pub fn gram_of_rows(b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; k * k];
+    if n == 0 || k == 0 {
+        return out;
+    }
+    let bm = MatRef::from_row_major_slice(b, k, n);
+    let dst = MatMut::from_row_major_slice_mut(&mut out, k, k);
+    faer_matmul(dst, Accum::Replace, bm, bm.transpose(), 1.0f32, par_for(n * k * k));
+    out
+}
+
+/// `trace(X Y)` for square `k×k` row-major matrices, accumulated in f64.
+pub fn trace_of_product(x: &[f32], y: &[f32], k: usize) -> f64 {
+    let mut t = 0f64;
+    for i in 0..k {
+        for j in 0..k {
+            t += x[i * k + j] as f64 * y[j * k + i] as f64;
+        }
+    }
+    t
+}
+
+/// Kronecker product of row-major `a (p×q)` and `b (r×s)`: a `(p·r)×(q·s)` matrix.
+pub fn kron(a: &[f32], p: usize, q: usize, b: &[f32], r: usize, s: usize) -> Vec<f32> {
+    let cols = q * s;
+    let mut out = vec![0f32; p * r * cols];
+    for i in 0..p {
+        for j in 0..q {
+            let x = a[i * q + j];
+            for k in 0..r {
+                let row = (i * r + k) * cols + j * s;
+                let src = &b[k * s..(k + 1) * s];
+                for (o, v) in out[row..row + s].iter_mut().zip(src) {
+                    *o = x * v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Transpose of a row-major `m×n` matrix.
+pub fn transpose(a: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[j * m + i] = a[i * n + j];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_small() {
+        // [1 2; 3 4] · [5; 6] = [17; 39]
+        assert_eq!(matmul(&[1., 2., 3., 4.], 2, 2, &[5., 6.], 1), vec![17., 39.]);
+    }
+
+    #[test]
+    fn gram_trace_equals_frobenius_of_product() {
+        let u = [1., 2., 3., 4., 5., 6.]; // 3×2
+        let d = [1., 0., -1., 2., 1., 0.5]; // 2×3
+        let p = matmul(&u, 3, 2, &d, 3);
+        let direct: f64 = p.iter().map(|v| (*v as f64).powi(2)).sum();
+        let t = trace_of_product(&gram_of_columns(&u, 3, 2), &gram_of_rows(&d, 2, 3), 2);
+        assert!((t - direct).abs() < 1e-9 * direct);
+    }
+
+    #[test]
+    fn kron_layout() {
+        let k = kron(&[1., 2.], 1, 2, &[1., 10., 100., 1000.], 2, 2);
+        assert_eq!(k, vec![1., 10., 2., 20., 100., 1000., 200., 2000.]);
+    }
+}

@@ -1,1 +1,4 @@
+//! Whole operations over tensor files and adapters. Each is a pure library function returning a
+//! report; rendering belongs to the command layer.
 
+pub mod inspect;

@@ -1,0 +1,198 @@
+//! `loratool inspect`: flags and rendering (table or JSON).
+
+use clap::Args;
+use loratool::ops::inspect::{inspect_many, InspectOptions, InspectReport};
+use std::io::Write;
+use std::path::PathBuf;
+use tabled::builder::Builder;
+use tabled::settings::Style;
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// LoRA files (.safetensors, or .ckpt/.pt/.bin read without running code).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Print a JSON array, one object per file (schema: docs/INSPECT_JSON.md).
+    #[arg(long)]
+    pub json: bool,
+    /// Read the factors and report each module's ‖ΔW‖_F (scale included), plus zero/NaN checks.
+    #[arg(long)]
+    pub norms: bool,
+    /// Hash each file: sha256, AutoV2, addnet (sshs_model_hash) and AutoV3.
+    #[arg(long)]
+    pub hash: bool,
+    /// List every module in the table output.
+    #[arg(long)]
+    pub modules: bool,
+}
+
+pub fn run(args: InspectArgs) -> loratool::Result<i32> {
+    let opts = InspectOptions {
+        norms: args.norms,
+        hash: args.hash,
+    };
+    let results = inspect_many(&args.files, opts);
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.json {
+        let items: Vec<serde_json::Value> = results
+            .iter()
+            .zip(&args.files)
+            .map(|(r, path)| match r {
+                Ok(rep) => serde_json::to_value(rep).expect("report serializes"),
+                Err(e) => serde_json::json!({"path": path.display().to_string(), "error": e.to_string()}),
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&items).expect("json");
+        let _ = writeln!(out, "{text}");
+    } else {
+        for (i, r) in results.iter().enumerate() {
+            if i > 0 {
+                let _ = writeln!(out);
+            }
+            match r {
+                Ok(rep) => {
+                    let _ = write!(out, "{}", render(rep, args.modules || args.norms));
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "error: {e}");
+                }
+            }
+        }
+    }
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        eprintln!("loratool: {e}");
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+fn human_size(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn fmt_f32(v: f32) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e9 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+fn counts(map: &std::collections::BTreeMap<&'static str, usize>) -> String {
+    map.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn render(rep: &InspectReport, list_modules: bool) -> String {
+    let mut b = Builder::default();
+    b.push_record(["file", &rep.path]);
+    b.push_record(["format", &format!("{} ({:?})", rep.format, rep.container).to_lowercase()]);
+    b.push_record(["network", rep.network]);
+    let mut base = rep.base_model.name().to_string();
+    let sources: Vec<String> = [
+        rep.base_model_metadata.map(|b| format!("metadata: {}", b.name())),
+        rep.base_model_keys.map(|b| format!("keys: {}", b.name())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !sources.is_empty() {
+        base = format!("{base} ({})", sources.join(", "));
+    }
+    b.push_record(["base model", &base]);
+    let rank = match (rep.rank_min, rep.rank) {
+        (Some(lo), Some(hi)) if lo != hi => format!("{lo}–{hi}"),
+        (_, Some(r)) => r.to_string(),
+        _ => "–".into(),
+    };
+    b.push_record(["rank", &rank]);
+    let alpha = match rep.alpha {
+        Some(a) => fmt_f32(a),
+        None if rep.modules.iter().any(|m| m.alpha.is_some()) => "per module".into(),
+        None => "none (scale 1)".into(),
+    };
+    b.push_record(["alpha", &alpha]);
+    b.push_record(["dtype", &rep.dtype]);
+    b.push_record(["size", &human_size(rep.file_size)]);
+    b.push_record([
+        "modules",
+        &format!("{} ({})", rep.module_count, counts(&rep.modules_by_component)),
+    ]);
+    b.push_record(["layers", &counts(&rep.modules_by_layer_type)]);
+    if !rep.trigger_words.is_empty() {
+        b.push_record(["trigger words", &rep.trigger_words.join(", ")]);
+    }
+    if !rep.top_tags.is_empty() {
+        let tags: Vec<String> = rep
+            .top_tags
+            .iter()
+            .map(|t| format!("{} ({})", t.tag, t.count))
+            .collect();
+        b.push_record(["top tags", &tags.join(", ")]);
+    }
+    for (k, v) in &rep.training {
+        let v = if v.len() > 100 {
+            format!("{}…", &v[..v.char_indices().nth(100).map(|c| c.0).unwrap_or(v.len())])
+        } else {
+            v.clone()
+        };
+        b.push_record([format!("training: {}", k.replace('_', " ")), v]);
+    }
+    if let Some(h) = &rep.hashes {
+        b.push_record(["sha256", &h.sha256]);
+        b.push_record(["AutoV2", &h.autov2]);
+        if let (Some(a), Some(v3)) = (&h.addnet, &h.autov3) {
+            b.push_record(["addnet hash", a]);
+            b.push_record(["AutoV3", v3]);
+        }
+    }
+    for w in &rep.warnings {
+        b.push_record(["warning", w]);
+    }
+    let mut text = b.build().with(Style::sharp()).to_string();
+    text.push('\n');
+    if list_modules {
+        let mut m = Builder::default();
+        let with_norm = rep.modules.iter().any(|m| m.norm.is_some());
+        let mut head = vec!["module", "component", "kind", "rank", "alpha", "shape"];
+        if with_norm {
+            head.push("‖ΔW‖");
+        }
+        m.push_record(head);
+        for md in &rep.modules {
+            let mut row = vec![
+                md.name.clone(),
+                md.component.name().to_string(),
+                if md.dora {
+                    format!("{}+dora", md.kind.name())
+                } else {
+                    md.kind.name().to_string()
+                },
+                md.rank.map(|r| r.to_string()).unwrap_or("–".into()),
+                md.alpha.map(fmt_f32).unwrap_or("–".into()),
+                format!("{:?}", md.shape),
+            ];
+            if with_norm {
+                row.push(md.norm.map(|n| format!("{n:.6}")).unwrap_or("–".into()));
+            }
+            m.push_record(row);
+        }
+        text.push_str(&m.build().with(Style::sharp()).to_string());
+        text.push('\n');
+    }
+    text
+}

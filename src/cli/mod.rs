@@ -1,0 +1,30 @@
+//! The command layer: clap definitions, turning flags into library options, and rendering.
+//! Nothing below this module knows clap exists.
+
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loratool",
+    version,
+    about = "Inspect, merge, convert, extract and resize Stable Diffusion LoRA files"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Report format, network kind, base model, rank, alpha, targets, trigger words and metadata.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Runs a command and returns the process exit code.
+pub fn run(cli: Cli) -> loratool::Result<i32> {
+    match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+    }
+}

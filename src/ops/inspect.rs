@@ -1,0 +1,414 @@
+//! `loratool inspect`: what a LoRA file is, read from its header (and, on request, its tensors).
+
+use crate::adapter::{delta, Adapter, AdapterModule, Component, ModuleKind};
+use crate::family::{self, BaseModel, Detection};
+use crate::tensors::hash::{hash_file, FileHashes};
+use crate::tensors::Container;
+use crate::{Error, Result};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InspectOptions {
+    /// Read the factors and report each module's ‖ΔW‖ (and zero / non-finite checks).
+    pub norms: bool,
+    /// Hash the file (sha256, AutoV2, addnet/AutoV3).
+    pub hash: bool,
+}
+
+/// Layer types used to summarise what a LoRA targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    Attention,
+    FeedForward,
+    Conv,
+    Projection,
+    Norm,
+    Other,
+}
+
+impl LayerType {
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerType::Attention => "attention",
+            LayerType::FeedForward => "feed_forward",
+            LayerType::Conv => "conv",
+            LayerType::Projection => "projection",
+            LayerType::Norm => "norm",
+            LayerType::Other => "other",
+        }
+    }
+
+    pub fn of(m: &AdapterModule) -> LayerType {
+        if m.kind == ModuleKind::Norm {
+            return LayerType::Norm;
+        }
+        if m.is_spatial_conv() {
+            return LayerType::Conv;
+        }
+        let p = m.path.as_str();
+        let any = |names: &[&str]| names.iter().any(|n| p.contains(n));
+        if any(&[
+            "ff_net", "ff.net", "ff_context", "ff.", "ff_", "mlp", "fc1", "fc2", "linear1",
+            "linear2", "proj_mlp", "DenseReluDense",
+        ]) {
+            LayerType::FeedForward
+        } else if any(&[
+            "attn", "to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "out_proj",
+            "qkv", "SelfAttention", "EncDecAttention",
+        ]) {
+            LayerType::Attention
+        } else if any(&[
+            "proj_in", "proj_out", "time_emb", "emb_layers", "skip_connection", "conv_shortcut",
+            "modulation", "_mod", ".mod", "norm1", "norm_out", "embed", "_in", "conv",
+            "in_layers", "out_layers",
+        ]) {
+            LayerType::Projection
+        } else {
+            LayerType::Other
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleReport {
+    pub name: String,
+    pub component: Component,
+    pub kind: ModuleKind,
+    pub layer_type: LayerType,
+    pub rank: Option<usize>,
+    pub alpha: Option<f32>,
+    pub scale: f32,
+    pub dora: bool,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    /// ‖ΔW‖_F with scale, when `--norms` was asked for and the kind allows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TagCount {
+    pub tag: String,
+    pub count: u64,
+}
+
+/// Everything `inspect` reports about one file. Field names are the stable JSON schema
+/// (docs/INSPECT_JSON.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectReport {
+    pub path: String,
+    pub container: Container,
+    pub format: &'static str,
+    pub network: &'static str,
+    pub base_model: BaseModel,
+    pub base_model_metadata: Option<BaseModel>,
+    pub base_model_keys: Option<BaseModel>,
+    pub rank: Option<usize>,
+    pub rank_min: Option<usize>,
+    pub alpha: Option<f32>,
+    pub dtype: String,
+    pub file_size: u64,
+    pub tensor_count: usize,
+    pub module_count: usize,
+    pub modules_by_component: BTreeMap<&'static str, usize>,
+    pub modules_by_layer_type: BTreeMap<&'static str, usize>,
+    pub trigger_words: Vec<String>,
+    pub top_tags: Vec<TagCount>,
+    pub training: BTreeMap<&'static str, String>,
+    pub warnings: Vec<String>,
+    pub hashes: Option<FileHashes>,
+    pub modules: Vec<ModuleReport>,
+    pub metadata: BTreeMap<String, String>,
+    pub sidecar: Option<serde_json::Value>,
+    #[serde(skip)]
+    pub detection: Option<Detection>,
+}
+
+/// The file-level network kind (see docs/INSPECT_JSON.md for the rules).
+pub fn network_kind(modules: &[AdapterModule]) -> &'static str {
+    let kinds: BTreeSet<&'static str> = modules
+        .iter()
+        .filter(|m| m.kind != ModuleKind::Norm)
+        .map(|m| m.kind.name())
+        .collect();
+    if kinds.is_empty() {
+        return "norm";
+    }
+    if kinds.len() > 1 {
+        return "mixed";
+    }
+    if modules.iter().any(|m| m.dora) {
+        return "dora";
+    }
+    match modules.iter().find(|m| m.kind != ModuleKind::Norm).map(|m| m.kind) {
+        Some(ModuleKind::Lora) if modules.iter().any(|m| m.is_spatial_conv()) => "locon",
+        Some(k) => k.name(),
+        None => "norm",
+    }
+}
+
+/// Inspects many files in parallel; each gets its own result, in input order.
+pub fn inspect_many(paths: &[PathBuf], opts: InspectOptions) -> Vec<Result<InspectReport>> {
+    paths.par_iter().map(|p| inspect_file(p, opts)).collect()
+}
+
+pub fn inspect_file(path: &Path, opts: InspectOptions) -> Result<InspectReport> {
+    let adapter = Adapter::open(path)?;
+    let file = &adapter.file;
+    let meta = file.metadata().clone();
+    let modules = &adapter.modules;
+    let detection = family::detect(&meta, modules);
+
+    let ranks: BTreeSet<usize> = modules.iter().filter_map(|m| m.rank).collect();
+    let alphas: Vec<Option<f32>> = modules.iter().map(|m| m.alpha).collect();
+    let alpha = match alphas.first() {
+        Some(Some(a)) if alphas.iter().all(|x| *x == Some(*a)) => Some(*a),
+        _ => None,
+    };
+    let dtypes: BTreeSet<String> = modules.iter().map(|m| m.dtype.to_string()).collect();
+    let dtype = if dtypes.len() == 1 {
+        dtypes.iter().next().cloned().unwrap_or_default()
+    } else {
+        "mixed".into()
+    };
+
+    let mut by_component = BTreeMap::new();
+    let mut by_layer = BTreeMap::new();
+    for m in modules {
+        *by_component.entry(m.component.name()).or_insert(0) += 1;
+        *by_layer.entry(LayerType::of(m).name()).or_insert(0) += 1;
+    }
+
+    let norms: Vec<Option<f64>> = if opts.norms {
+        modules
+            .par_iter()
+            .map(|m| delta::delta_norm(m, file))
+            .collect::<Result<_>>()?
+    } else {
+        vec![None; modules.len()]
+    };
+
+    let mut warnings = adapter.warnings.clone();
+    if !adapter.unrecognized.is_empty() {
+        warnings.push(format!(
+            "{} tensors belong to no adapter module (first: '{}')",
+            adapter.unrecognized.len(),
+            adapter.unrecognized[0]
+        ));
+    }
+    if detection.conflict() {
+        warnings.push(format!(
+            "metadata says {} but the keys say {} ({})",
+            detection.from_metadata.map(|b| b.name()).unwrap_or("?"),
+            detection.from_keys.map(|b| b.name()).unwrap_or("?"),
+            detection.key_reason.clone().unwrap_or_default()
+        ));
+    }
+    if ranks.len() > 1 {
+        let list: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+        warnings.push(format!("mixed ranks: {}", list.join(", ")));
+    }
+    let over: Vec<&AdapterModule> = modules
+        .iter()
+        .filter(|m| matches!((m.alpha, m.rank), (Some(a), Some(r)) if a > r as f32))
+        .collect();
+    if let Some(first) = over.first() {
+        warnings.push(format!(
+            "{} modules have alpha > rank (first: {} alpha {} rank {})",
+            over.len(),
+            first.name,
+            first.alpha.unwrap_or_default(),
+            first.rank.unwrap_or_default()
+        ));
+    }
+    if opts.norms {
+        let bad: Vec<String> = modules
+            .par_iter()
+            .filter_map(|m| {
+                let non_finite = m.tensors.values().any(|k| {
+                    file.read_f32(k)
+                        .map(|t| t.has_non_finite())
+                        .unwrap_or(false)
+                });
+                non_finite.then(|| m.name.clone())
+            })
+            .collect();
+        if let Some(first) = bad.first() {
+            warnings.push(format!(
+                "{} modules contain NaN or Inf values (first: {first})",
+                bad.len()
+            ));
+        }
+        let zero: Vec<&str> = modules
+            .iter()
+            .zip(&norms)
+            .filter(|(_, n)| **n == Some(0.0))
+            .map(|(m, _)| m.name.as_str())
+            .collect();
+        if let Some(first) = zero.first() {
+            warnings.push(format!(
+                "{} modules have an all-zero delta (untrained?) (first: {first})",
+                zero.len()
+            ));
+        }
+    }
+
+    let sidecar = read_sidecar(path);
+    let trigger_words = trigger_words(&meta, sidecar.as_ref());
+    let top_tags = top_tags(&meta, 10);
+    let hashes = if opts.hash {
+        Some(hash_file(
+            path,
+            file.as_safetensors().map(|s| s.data_start()),
+        )?)
+    } else {
+        None
+    };
+    let file_size = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+
+    let module_reports = modules
+        .iter()
+        .zip(norms)
+        .map(|(m, norm)| ModuleReport {
+            name: m.name.clone(),
+            component: m.component,
+            kind: m.kind,
+            layer_type: LayerType::of(m),
+            rank: m.rank,
+            alpha: m.alpha,
+            scale: m.scale,
+            dora: m.dora,
+            shape: m.shape.clone(),
+            dtype: m.dtype.to_string(),
+            norm,
+        })
+        .collect();
+
+    Ok(InspectReport {
+        path: path.display().to_string(),
+        container: file.container(),
+        format: adapter.format.name(),
+        network: network_kind(modules),
+        base_model: detection.base_model,
+        base_model_metadata: detection.from_metadata,
+        base_model_keys: detection.from_keys,
+        rank: ranks.iter().next_back().copied(),
+        rank_min: ranks.iter().next().copied(),
+        alpha,
+        dtype,
+        file_size,
+        tensor_count: file.tensors().len(),
+        module_count: modules.len(),
+        modules_by_component: by_component,
+        modules_by_layer_type: by_layer,
+        trigger_words,
+        top_tags,
+        training: training_summary(&meta),
+        warnings,
+        hashes,
+        modules: module_reports,
+        metadata: meta,
+        sidecar,
+        detection: Some(detection),
+    })
+}
+
+/// A1111's per-file user metadata: `<stem>.json` beside the LoRA. Unreadable sidecars are ignored
+/// (they are the user's notes, not the model).
+fn read_sidecar(path: &Path) -> Option<serde_json::Value> {
+    let side = path.with_extension("json");
+    if side == path {
+        return None;
+    }
+    let text = std::fs::read_to_string(side).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .filter(|v| v.is_object())
+}
+
+fn trigger_words(
+    meta: &BTreeMap<String, String>,
+    sidecar: Option<&serde_json::Value>,
+) -> Vec<String> {
+    let mut words: Vec<String> = Vec::new();
+    let mut add = |text: &str| {
+        for w in text.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            if !words.iter().any(|x| x == w) {
+                words.push(w.to_string());
+            }
+        }
+    };
+    if let Some(t) = sidecar
+        .and_then(|s| s.get("activation text"))
+        .and_then(|t| t.as_str())
+    {
+        add(t);
+    }
+    if let Some(t) = meta.get("modelspec.trigger_phrase") {
+        add(t);
+    }
+    words
+}
+
+/// Most frequent training tags over all dataset folders of `ss_tag_frequency`.
+pub fn top_tags(meta: &BTreeMap<String, String>, n: usize) -> Vec<TagCount> {
+    let Some(text) = meta.get("ss_tag_frequency") else {
+        return Vec::new();
+    };
+    let Ok(serde_json::Value::Object(dirs)) = serde_json::from_str(text) else {
+        return Vec::new();
+    };
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for tags in dirs.values() {
+        if let Some(tags) = tags.as_object() {
+            for (tag, c) in tags {
+                let c = c.as_u64().or_else(|| c.as_f64().map(|f| f as u64)).unwrap_or(0);
+                *counts.entry(tag.trim().to_string()).or_insert(0) += c;
+            }
+        }
+    }
+    let mut list: Vec<TagCount> = counts
+        .into_iter()
+        .map(|(tag, count)| TagCount { tag, count })
+        .collect();
+    list.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.tag.cmp(&b.tag)));
+    list.truncate(n);
+    list
+}
+
+fn training_summary(meta: &BTreeMap<String, String>) -> BTreeMap<&'static str, String> {
+    let fields: &[(&str, &[&str])] = &[
+        ("base_model_name", &["ss_sd_model_name"]),
+        ("output_name", &["ss_output_name", "modelspec.title"]),
+        ("resolution", &["ss_resolution", "modelspec.resolution"]),
+        ("epochs", &["ss_epoch", "ss_num_epochs"]),
+        ("steps", &["ss_steps", "ss_max_train_steps"]),
+        ("network_module", &["ss_network_module"]),
+        ("network_dim", &["ss_network_dim"]),
+        ("network_alpha", &["ss_network_alpha"]),
+        ("network_args", &["ss_network_args"]),
+        ("learning_rate", &["ss_learning_rate"]),
+        ("unet_lr", &["ss_unet_lr"]),
+        ("text_encoder_lr", &["ss_text_encoder_lr"]),
+        ("optimizer", &["ss_optimizer"]),
+        ("train_images", &["ss_num_train_images"]),
+        ("batch_size", &["ss_total_batch_size", "ss_batch_size_per_device"]),
+        ("clip_skip", &["ss_clip_skip"]),
+        ("trained_at", &["ss_training_finished_at", "modelspec.date"]),
+    ];
+    let mut out = BTreeMap::new();
+    for (field, keys) in fields {
+        if let Some(v) = keys
+            .iter()
+            .filter_map(|k| meta.get(*k))
+            .find(|v| !v.is_empty() && *v != "None")
+        {
+            out.insert(*field, v.clone());
+        }
+    }
+    out
+}
