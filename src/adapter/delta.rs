@@ -36,7 +36,8 @@ pub fn scale_for(
     match (kind, rank) {
         (ModuleKind::Lora | ModuleKind::Loha | ModuleKind::Glora, Some(r)) => ratio(r),
         (ModuleKind::Lokr, Some(r)) => {
-            let both_full = tensors.contains_key(&Role::LokrW1) && tensors.contains_key(&Role::LokrW2);
+            let both_full =
+                tensors.contains_key(&Role::LokrW1) && tensors.contains_key(&Role::LokrW2);
             if both_full {
                 1.0
             } else {
@@ -85,7 +86,7 @@ impl Matrix {
     }
 }
 
-fn key<'m>(m: &'m AdapterModule, role: Role) -> Result<&'m str> {
+fn key(m: &AdapterModule, role: Role) -> Result<&str> {
     m.tensor(role)
         .ok_or_else(|| Error::Invalid(format!("module '{}' has no {role:?} tensor", m.name)))
 }
@@ -139,7 +140,11 @@ fn low_rank_product(
             let core = file.read_f32(ck)?;
             // Tucker stores both factors rank-first: w_a [r, out], w_b [r, in]. A LoCon mid keeps
             // up as [out, r] and down as [r, in, 1, 1].
-            let up = if up_is_transposed { up.transposed() } else { up };
+            let up = if up_is_transposed {
+                up.transposed()
+            } else {
+                up
+            };
             check_inner(file, up_key, up.cols, core.shape[0])?;
             check_inner(file, down_key, core.shape[1], down.rows)?;
             Ok(tucker(&up, &core, &down))
@@ -166,7 +171,13 @@ fn check_inner(file: &TensorFile, key: &str, a: usize, b: usize) -> Result<()> {
 fn lokr_factors(m: &AdapterModule, file: &TensorFile) -> Result<(Matrix, Matrix)> {
     let w1 = match m.tensor(Role::LokrW1) {
         Some(k) => Matrix::read(file, k)?,
-        None => low_rank_product(file, key(m, Role::LokrW1A)?, key(m, Role::LokrW1B)?, None, false)?,
+        None => low_rank_product(
+            file,
+            key(m, Role::LokrW1A)?,
+            key(m, Role::LokrW1B)?,
+            None,
+            false,
+        )?,
     };
     let w2 = match m.tensor(Role::LokrW2) {
         Some(k) => Matrix::read(file, k)?,
@@ -257,6 +268,16 @@ pub fn delta(m: &AdapterModule, file: &TensorFile) -> Result<Tensor> {
     Ok(Tensor::new(m.shape.clone(), mat.data).scale(m.scale))
 }
 
+/// The bias delta a module carries (`diff_b` of full modules, `b_norm` of norm modules), if any.
+pub fn bias_delta(m: &AdapterModule, file: &TensorFile) -> Result<Option<Tensor>> {
+    let role = match m.kind {
+        ModuleKind::Full => Role::DiffBias,
+        ModuleKind::Norm => Role::NormBias,
+        _ => return Ok(None),
+    };
+    m.tensor(role).map(|k| file.read_f32(k)).transpose()
+}
+
 /// The merged weight `W'` for base weight `base` at user multiplier `multiplier`, for every kind.
 /// The result has the base's shape; a delta with a different element count is an error.
 pub fn apply(
@@ -300,7 +321,8 @@ pub fn apply(
             }
             Ok(out)
         }
-        ModuleKind::Oft | ModuleKind::Boft | ModuleKind::Glora => Err(Error::Invalid(format!(
+        ModuleKind::Oft | ModuleKind::Boft => apply_oft(m, file, base, multiplier),
+        ModuleKind::Glora => Err(Error::Invalid(format!(
             "module '{}' of {}: merging {} modules is not supported yet",
             m.name,
             file.path().display(),
@@ -322,6 +344,186 @@ pub fn apply(
             Ok(out)
         }
     }
+}
+
+/// Cayley rotations of LyCORIS OFT blocks: `Q = B − Bᵀ` per `n×n` block, the whole `Q` scaled
+/// down to norm `constraint` when larger (constraint 0 = none), `R = (I+Q)(I−Q)⁻¹`, then
+/// interpolated towards identity by the multiplier: `m·R + (1−m)·I`.
+fn oft_rotations(
+    file: &TensorFile,
+    blocks_key: &str,
+    blocks: &[f32],
+    n: usize,
+    constraint: f64,
+    multiplier: f32,
+) -> Result<Vec<f64>> {
+    let count = blocks.len() / (n * n);
+    let mut q: Vec<f64> = vec![0.0; blocks.len()];
+    for b in 0..count {
+        for i in 0..n {
+            for j in 0..n {
+                let at = |i: usize, j: usize| blocks[(b * n + i) * n + j] as f64;
+                q[(b * n + i) * n + j] = at(i, j) - at(j, i);
+            }
+        }
+    }
+    let q_norm = q.iter().map(|v| v * v).sum::<f64>().sqrt() + 1e-8;
+    if constraint > 0.0 && q_norm > constraint {
+        q.iter_mut().for_each(|v| *v *= constraint / q_norm);
+    }
+    let eye = |i: usize, j: usize| if i == j { 1.0 } else { 0.0 };
+    let m = multiplier as f64;
+    let mut out = vec![0f64; q.len()];
+    for b in 0..count {
+        let qb = &q[b * n * n..(b + 1) * n * n];
+        let plus: Vec<f64> = (0..n * n).map(|x| eye(x / n, x % n) + qb[x]).collect();
+        let minus: Vec<f64> = (0..n * n).map(|x| eye(x / n, x % n) - qb[x]).collect();
+        let inv = invert(&minus, n).ok_or_else(|| {
+            Error::bad_tensor(file.path(), blocks_key, "an OFT block (I − Q) is singular")
+        })?;
+        for i in 0..n {
+            for j in 0..n {
+                let r: f64 = (0..n).map(|t| plus[i * n + t] * inv[t * n + j]).sum();
+                out[(b * n + i) * n + j] = m * r + (1.0 - m) * eye(i, j);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// OFT and BOFT (LyCORIS `DiagOFTModule`, `ButterflyOFTModule`): rotate the weight's output rows.
+/// Diag-OFT splits rows into `k` blocks of `n` and sets `W'_k = R_kᵀ W_k`. BOFT applies `s`
+/// butterfly stages; stage `i` regroups rows so that block `d` mixes rows `2^i·n/2` apart, applies
+/// `R_{i,d}` (not transposed, as LyCORIS does), and restores the order. Optional `rescale`
+/// multiplies rows; alpha is the norm constraint per output row.
+fn apply_oft(
+    m: &AdapterModule,
+    file: &TensorFile,
+    base: &Tensor,
+    multiplier: f32,
+) -> Result<Tensor> {
+    let blocks_key = key(m, Role::OftBlocks)?;
+    let blocks = file.read_f32(blocks_key)?;
+    let dims = blocks.shape.len();
+    let (stages, count, n) = match dims {
+        3 => (1, blocks.shape[0], blocks.shape[1]),
+        4 => (blocks.shape[0], blocks.shape[1], blocks.shape[2]),
+        _ => (0, 0, 0),
+    };
+    let rows = base.rows();
+    if stages == 0 || blocks.shape[dims - 1] != n || count * n != rows || (dims == 4 && n % 2 != 0)
+    {
+        return Err(Error::bad_tensor(
+            file.path(),
+            blocks_key,
+            format!(
+                "OFT blocks {:?} do not fit a weight of {rows} rows",
+                blocks.shape
+            ),
+        ));
+    }
+    let constraint = match m.tensor(Role::Alpha) {
+        Some(a) => file.read_scalar(a)? as f64 * rows as f64,
+        None => 0.0,
+    };
+    let rot = oft_rotations(file, blocks_key, &blocks.data, n, constraint, multiplier)?;
+    let cols = base.cols();
+    let mut w = base.data.clone();
+    for stage in 0..stages {
+        // Row permutation of this stage: position p of the regrouped order holds row perm[p].
+        let perm: Vec<usize> = if dims == 3 {
+            (0..rows).collect()
+        } else {
+            let k = (1usize << stage) * (n / 2);
+            if !rows.is_multiple_of(2 * k) {
+                return Err(Error::bad_tensor(
+                    file.path(),
+                    blocks_key,
+                    format!("BOFT stage {stage} does not divide {rows} rows"),
+                ));
+            }
+            (0..rows)
+                .map(|p| {
+                    let (c, rest) = (p / (2 * k), p % (2 * k));
+                    c * 2 * k + (rest % 2) * k + rest / 2
+                })
+                .collect()
+        };
+        let mut next = vec![0f32; w.len()];
+        for d in 0..count {
+            let r = &rot[(stage * count + d) * n * n..(stage * count + d + 1) * n * n];
+            for i in 0..n {
+                let dst_row = perm[d * n + i];
+                let dst = &mut next[dst_row * cols..(dst_row + 1) * cols];
+                for j in 0..n {
+                    // Diag-OFT uses Rᵀ, BOFT uses R.
+                    let f = if dims == 3 {
+                        r[j * n + i]
+                    } else {
+                        r[i * n + j]
+                    } as f32;
+                    if f == 0.0 {
+                        continue;
+                    }
+                    let src_row = perm[d * n + j];
+                    let src = &w[src_row * cols..(src_row + 1) * cols];
+                    dst.iter_mut().zip(src).for_each(|(a, b)| *a += f * b);
+                }
+            }
+        }
+        w = next;
+    }
+    if let Some(rk) = m.tensor(Role::OftRescale) {
+        let rescale = file.read_f32(rk)?;
+        if rescale.numel() != rows {
+            return Err(Error::bad_tensor(
+                file.path(),
+                rk,
+                "rescale does not match the weight's rows",
+            ));
+        }
+        for (row, s) in w.chunks_mut(cols).zip(&rescale.data) {
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+    }
+    Ok(Tensor::new(base.shape.clone(), w))
+}
+
+/// Inverse of a small dense `n×n` matrix by Gauss-Jordan elimination with partial pivoting, in
+/// f64 (OFT blocks are a few dozen rows; a dependency would buy nothing here).
+fn invert(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    let mut m = a.to_vec();
+    let mut inv: Vec<f64> = (0..n * n)
+        .map(|x| if x / n == x % n { 1.0 } else { 0.0 })
+        .collect();
+    for col in 0..n {
+        let pivot =
+            (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs()))?;
+        if m[pivot * n + col].abs() < 1e-12 {
+            return None;
+        }
+        for j in 0..n {
+            m.swap(col * n + j, pivot * n + j);
+            inv.swap(col * n + j, pivot * n + j);
+        }
+        let p = m[col * n + col];
+        for j in 0..n {
+            m[col * n + j] /= p;
+            inv[col * n + j] /= p;
+        }
+        for row in 0..n {
+            if row != col {
+                let f = m[row * n + col];
+                if f != 0.0 {
+                    for j in 0..n {
+                        m[row * n + j] -= f * m[col * n + j];
+                        inv[row * n + j] -= f * inv[col * n + j];
+                    }
+                }
+            }
+        }
+    }
+    Some(inv)
 }
 
 /// DoRA: the weight's magnitude is replaced by the stored one. Two peers, two conventions:

@@ -89,8 +89,6 @@ const DOTTED_SUFFIXES: &[(&str, Role, bool)] = &[
     (".lora_B.bias", Role::UpBias, false),
     (".lora_down.weight", Role::Down, false),
     (".lora_up.weight", Role::Up, false),
-    (".lora_linear_layer.down.weight", Role::Down, true),
-    (".lora_linear_layer.up.weight", Role::Up, true),
     (".lora.down.weight", Role::Down, true),
     (".lora.up.weight", Role::Up, true),
     (".alpha", Role::Alpha, false),
@@ -162,9 +160,7 @@ pub fn classify(key: &str) -> Option<KeyInfo> {
 
 fn classify_kohya(key: &str) -> Option<KeyInfo> {
     let (module, suffix) = key.split_once('.')?;
-    let (prefix, component) = KOHYA_PREFIXES
-        .iter()
-        .find(|(p, _)| module.starts_with(p))?;
+    let (prefix, component) = KOHYA_PREFIXES.iter().find(|(p, _)| module.starts_with(p))?;
     let role = KOHYA_SUFFIXES.iter().find(|(s, _)| *s == suffix)?.1;
     let path = &module[prefix.len()..];
     let component = if *component == Component::Unet && is_dit_path(path, '_') {
@@ -238,11 +234,13 @@ fn classify_dotted(key: &str) -> Option<KeyInfo> {
     })
 }
 
-/// `…to_q_lora.down.weight` / `…to_out_lora.up.weight` (old attention processors).
+/// `…to_q_lora.down.weight` / `…to_out_lora.up.weight` (old attention processors) and
+/// `…fc1.lora_linear_layer.down.weight` (old text-encoder patches): the wrapper stays part of the
+/// module name, as diffusers named the module.
 fn attn_processor_suffix(key: &str) -> Option<(&'static str, Role, bool)> {
     for (suffix, role) in [(".down.weight", Role::Down), (".up.weight", Role::Up)] {
         if let Some(stem) = key.strip_suffix(suffix) {
-            if stem.ends_with("_lora") {
+            if stem.ends_with("_lora") || stem.ends_with(".lora_linear_layer") {
                 return Some((suffix, role, true));
             }
         }
@@ -274,15 +272,24 @@ mod tests {
     fn kohya_keys() {
         let (f, comp, m, p, r) =
             c("lora_te2_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight");
-        assert_eq!((f, comp, r), (Format::Kohya, Component::TextEncoder2, Role::Down));
+        assert_eq!(
+            (f, comp, r),
+            (Format::Kohya, Component::TextEncoder2, Role::Down)
+        );
         assert_eq!(m, "lora_te2_text_model_encoder_layers_0_self_attn_k_proj");
         assert_eq!(p, "text_model_encoder_layers_0_self_attn_k_proj");
-        assert_eq!(c("lora_unet_double_blocks_0_img_attn_qkv.alpha").1, Component::Transformer);
+        assert_eq!(
+            c("lora_unet_double_blocks_0_img_attn_qkv.alpha").1,
+            Component::Transformer
+        );
         assert_eq!(
             c("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q.hada_w1_a").1,
             Component::Unet
         );
-        assert_eq!(c("lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w1").4, Role::LokrW1);
+        assert_eq!(
+            c("lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w1").4,
+            Role::LokrW1
+        );
         assert!(classify("lora_unet_x.something_else").is_none());
         assert!(classify("model.diffusion_model.input_blocks.0.0.weight").is_none());
     }
@@ -292,13 +299,22 @@ mod tests {
         let (f, comp, m, p, r) =
             c("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight");
         assert_eq!((f, comp, r), (Format::Peft, Component::Unet, Role::Down));
-        assert_eq!(m, "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q");
-        assert_eq!(p, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q");
+        assert_eq!(
+            m,
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        );
+        assert_eq!(
+            p,
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        );
         let (f, _, m, p, r) =
             c("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight");
         assert_eq!((f, r), (Format::DiffusersOld, Role::Up));
         assert!(m.ends_with("processor.to_q_lora"));
-        assert_eq!(p, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q");
+        assert_eq!(
+            p,
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        );
         let (f, comp, _, p, _) =
             c("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight");
         assert_eq!((f, comp), (Format::DiffusersOld, Component::TextEncoder));
@@ -314,6 +330,9 @@ mod tests {
             c("diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight").1,
             Component::Transformer
         );
-        assert_eq!(c("unet.mid_block.attentions.0.proj_in.lora_magnitude_vector").4, Role::DoraScale);
+        assert_eq!(
+            c("unet.mid_block.attentions.0.proj_in.lora_magnitude_vector").4,
+            Role::DoraScale
+        );
     }
 }

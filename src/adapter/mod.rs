@@ -167,8 +167,7 @@ impl Adapter {
         let peft_config = PeftConfig::find(&file)?;
         // Group keys by module, keeping file order of first appearance.
         let mut order: Vec<String> = Vec::new();
-        let mut groups: BTreeMap<String, (keys::KeyInfo, BTreeMap<Role, String>)> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<String, (keys::KeyInfo, BTreeMap<Role, String>)> = BTreeMap::new();
         let mut unrecognized = Vec::new();
         let mut warnings = Vec::new();
         for t in file.tensors() {
@@ -186,10 +185,7 @@ impl Adapter {
             if entry.1.insert(info.role, t.name.clone()).is_some() {
                 return Err(Error::NotAnAdapter {
                     path: file.path().to_path_buf(),
-                    reason: format!(
-                        "module '{}' has two tensors for the same role",
-                        info.module
-                    ),
+                    reason: format!("module '{}' has two tensors for the same role", info.module),
                 });
             }
         }

@@ -41,7 +41,9 @@ pub fn run(args: InspectArgs) -> loratool::Result<i32> {
             .zip(&args.files)
             .map(|(r, path)| match r {
                 Ok(rep) => serde_json::to_value(rep).expect("report serializes"),
-                Err(e) => serde_json::json!({"path": path.display().to_string(), "error": e.to_string()}),
+                Err(e) => {
+                    serde_json::json!({"path": path.display().to_string(), "error": e.to_string()})
+                }
             })
             .collect();
         let text = serde_json::to_string_pretty(&items).expect("json");
@@ -100,11 +102,15 @@ fn counts(map: &std::collections::BTreeMap<&'static str, usize>) -> String {
 fn render(rep: &InspectReport, list_modules: bool) -> String {
     let mut b = Builder::default();
     b.push_record(["file", &rep.path]);
-    b.push_record(["format", &format!("{} ({:?})", rep.format, rep.container).to_lowercase()]);
+    b.push_record([
+        "format",
+        &format!("{} ({:?})", rep.format, rep.container).to_lowercase(),
+    ]);
     b.push_record(["network", rep.network]);
     let mut base = rep.base_model.name().to_string();
     let sources: Vec<String> = [
-        rep.base_model_metadata.map(|b| format!("metadata: {}", b.name())),
+        rep.base_model_metadata
+            .map(|b| format!("metadata: {}", b.name())),
         rep.base_model_keys.map(|b| format!("keys: {}", b.name())),
     ]
     .into_iter()
@@ -130,7 +136,11 @@ fn render(rep: &InspectReport, list_modules: bool) -> String {
     b.push_record(["size", &human_size(rep.file_size)]);
     b.push_record([
         "modules",
-        &format!("{} ({})", rep.module_count, counts(&rep.modules_by_component)),
+        &format!(
+            "{} ({})",
+            rep.module_count,
+            counts(&rep.modules_by_component)
+        ),
     ]);
     b.push_record(["layers", &counts(&rep.modules_by_layer_type)]);
     if !rep.trigger_words.is_empty() {
@@ -146,7 +156,10 @@ fn render(rep: &InspectReport, list_modules: bool) -> String {
     }
     for (k, v) in &rep.training {
         let v = if v.len() > 100 {
-            format!("{}…", &v[..v.char_indices().nth(100).map(|c| c.0).unwrap_or(v.len())])
+            format!(
+                "{}…",
+                &v[..v.char_indices().nth(100).map(|c| c.0).unwrap_or(v.len())]
+            )
         } else {
             v.clone()
         };

@@ -118,11 +118,7 @@ fn transformer_block_index(path: &str) -> Option<usize> {
     if at == 0 {
         return None;
     }
-    path[at + marker.len()..]
-        .split(sep)
-        .next()?
-        .parse()
-        .ok()
+    path[at + marker.len()..].split(sep).next()?.parse().ok()
 }
 
 /// The family the adapter's keys and shapes point to.
@@ -161,8 +157,13 @@ pub fn from_modules(modules: &[AdapterModule]) -> Option<(BaseModel, Evidence, S
     let cross = modules
         .iter()
         .filter(|m| m.component == Component::Unet)
-        .filter(|m| ends_with_any(&m.path, &["attn2_to_k", "attn2_to_v", "attn2.to_k", "attn2.to_v"]))
-        .find_map(|m| in_width(m));
+        .filter(|m| {
+            ends_with_any(
+                &m.path,
+                &["attn2_to_k", "attn2_to_v", "attn2.to_k", "attn2.to_v"],
+            )
+        })
+        .find_map(&in_width);
     match cross {
         Some(768) => return Some((Sd1, Decisive, "cross-attention width 768".into())),
         Some(1024) => return Some((Sd2, Decisive, "cross-attention width 1024".into())),
@@ -181,7 +182,7 @@ pub fn from_modules(modules: &[AdapterModule]) -> Option<(BaseModel, Evidence, S
         .iter()
         .filter(|m| m.component == Component::TextEncoder)
         .filter(|m| ends_with_any(&m.path, &["q_proj", "k_proj", "v_proj"]))
-        .find_map(|m| in_width(m));
+        .find_map(in_width);
     let unet: Vec<&AdapterModule> = modules
         .iter()
         .filter(|m| m.component == Component::Unet)
@@ -199,7 +200,11 @@ pub fn from_modules(modules: &[AdapterModule]) -> Option<(BaseModel, Evidence, S
         .iter()
         .any(|m| transformer_block_index(&m.path).is_some_and(|i| i >= 2))
     {
-        return Some((Sdxl, Decisive, "attention with more than two transformer blocks".into()));
+        return Some((
+            Sdxl,
+            Decisive,
+            "attention with more than two transformer blocks".into(),
+        ));
     }
     match te_width {
         Some(1024) => return Some((Sd2, Decisive, "text-encoder width 1024".into())),
@@ -220,7 +225,11 @@ pub fn from_modules(modules: &[AdapterModule]) -> Option<(BaseModel, Evidence, S
         });
     }
     if !unet.is_empty() {
-        return Some((Sd1, Hint, "diffusers-named UNet without SDXL structure".into()));
+        return Some((
+            Sd1,
+            Hint,
+            "diffusers-named UNet without SDXL structure".into(),
+        ));
     }
     None
 }
@@ -251,9 +260,18 @@ mod tests {
     #[test]
     fn metadata_names() {
         let m = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
-        assert_eq!(from_metadata(&m("ss_base_model_version", "sdxl_base_v1-0")), Some(BaseModel::Sdxl));
-        assert_eq!(from_metadata(&m("ss_base_model_version", "sd_v2_v")), Some(BaseModel::Sd2));
-        assert_eq!(from_metadata(&m("modelspec.architecture", "flux-1-dev/lora")), Some(BaseModel::Flux));
+        assert_eq!(
+            from_metadata(&m("ss_base_model_version", "sdxl_base_v1-0")),
+            Some(BaseModel::Sdxl)
+        );
+        assert_eq!(
+            from_metadata(&m("ss_base_model_version", "sd_v2_v")),
+            Some(BaseModel::Sd2)
+        );
+        assert_eq!(
+            from_metadata(&m("modelspec.architecture", "flux-1-dev/lora")),
+            Some(BaseModel::Flux)
+        );
         assert_eq!(from_metadata(&m("ss_v2", "True")), Some(BaseModel::Sd2));
         assert_eq!(from_metadata(&m("ss_v2", "False")), None);
     }
@@ -268,6 +286,9 @@ mod tests {
             transformer_block_index("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
             Some(0)
         );
-        assert_eq!(transformer_block_index("transformer_blocks.5.attn.to_q"), None);
+        assert_eq!(
+            transformer_block_index("transformer_blocks.5.attn.to_q"),
+            None
+        );
     }
 }

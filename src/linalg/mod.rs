@@ -37,7 +37,14 @@ pub fn gram_of_columns(a: &[f32], m: usize, k: usize) -> Vec<f32> {
     }
     let at = MatRef::from_row_major_slice(a, m, k);
     let dst = MatMut::from_row_major_slice_mut(&mut out, k, k);
-    faer_matmul(dst, Accum::Replace, at.transpose(), at, 1.0f32, par_for(m * k * k));
+    faer_matmul(
+        dst,
+        Accum::Replace,
+        at.transpose(),
+        at,
+        1.0f32,
+        par_for(m * k * k),
+    );
     out
 }
 
@@ -49,7 +56,14 @@ pub fn gram_of_rows(b: &[f32], k: usize, n: usize) -> Vec<f32> {
     }
     let bm = MatRef::from_row_major_slice(b, k, n);
     let dst = MatMut::from_row_major_slice_mut(&mut out, k, k);
-    faer_matmul(dst, Accum::Replace, bm, bm.transpose(), 1.0f32, par_for(n * k * k));
+    faer_matmul(
+        dst,
+        Accum::Replace,
+        bm,
+        bm.transpose(),
+        1.0f32,
+        par_for(n * k * k),
+    );
     out
 }
 
@@ -101,7 +115,10 @@ mod tests {
     #[test]
     fn matmul_small() {
         // [1 2; 3 4] · [5; 6] = [17; 39]
-        assert_eq!(matmul(&[1., 2., 3., 4.], 2, 2, &[5., 6.], 1), vec![17., 39.]);
+        assert_eq!(
+            matmul(&[1., 2., 3., 4.], 2, 2, &[5., 6.], 1),
+            vec![17., 39.]
+        );
     }
 
     #[test]

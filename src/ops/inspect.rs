@@ -52,19 +52,52 @@ impl LayerType {
         let p = m.path.as_str();
         let any = |names: &[&str]| names.iter().any(|n| p.contains(n));
         if any(&[
-            "ff_net", "ff.net", "ff_context", "ff.", "ff_", "mlp", "fc1", "fc2", "linear1",
-            "linear2", "proj_mlp", "DenseReluDense",
+            "ff_net",
+            "ff.net",
+            "ff_context",
+            "ff.",
+            "ff_",
+            "mlp",
+            "fc1",
+            "fc2",
+            "linear1",
+            "linear2",
+            "proj_mlp",
+            "DenseReluDense",
         ]) {
             LayerType::FeedForward
         } else if any(&[
-            "attn", "to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "out_proj",
-            "qkv", "SelfAttention", "EncDecAttention",
+            "attn",
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "out_proj",
+            "qkv",
+            "SelfAttention",
+            "EncDecAttention",
         ]) {
             LayerType::Attention
         } else if any(&[
-            "proj_in", "proj_out", "time_emb", "emb_layers", "skip_connection", "conv_shortcut",
-            "modulation", "_mod", ".mod", "norm1", "norm_out", "embed", "_in", "conv",
-            "in_layers", "out_layers",
+            "proj_in",
+            "proj_out",
+            "time_emb",
+            "emb_layers",
+            "skip_connection",
+            "conv_shortcut",
+            "modulation",
+            "_mod",
+            ".mod",
+            "norm1",
+            "norm_out",
+            "embed",
+            "_in",
+            "conv",
+            "in_layers",
+            "out_layers",
         ]) {
             LayerType::Projection
         } else {
@@ -144,7 +177,11 @@ pub fn network_kind(modules: &[AdapterModule]) -> &'static str {
     if modules.iter().any(|m| m.dora) {
         return "dora";
     }
-    match modules.iter().find(|m| m.kind != ModuleKind::Norm).map(|m| m.kind) {
+    match modules
+        .iter()
+        .find(|m| m.kind != ModuleKind::Norm)
+        .map(|m| m.kind)
+    {
         Some(ModuleKind::Lora) if modules.iter().any(|m| m.is_spatial_conv()) => "locon",
         Some(k) => k.name(),
         None => "norm",
@@ -268,7 +305,9 @@ pub fn inspect_file(path: &Path, opts: InspectOptions) -> Result<InspectReport> 
     } else {
         None
     };
-    let file_size = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let file_size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
 
     let module_reports = modules
         .iter()
@@ -366,7 +405,10 @@ pub fn top_tags(meta: &BTreeMap<String, String>, n: usize) -> Vec<TagCount> {
     for tags in dirs.values() {
         if let Some(tags) = tags.as_object() {
             for (tag, c) in tags {
-                let c = c.as_u64().or_else(|| c.as_f64().map(|f| f as u64)).unwrap_or(0);
+                let c = c
+                    .as_u64()
+                    .or_else(|| c.as_f64().map(|f| f as u64))
+                    .unwrap_or(0);
                 *counts.entry(tag.trim().to_string()).or_insert(0) += c;
             }
         }
@@ -396,7 +438,10 @@ fn training_summary(meta: &BTreeMap<String, String>) -> BTreeMap<&'static str, S
         ("text_encoder_lr", &["ss_text_encoder_lr"]),
         ("optimizer", &["ss_optimizer"]),
         ("train_images", &["ss_num_train_images"]),
-        ("batch_size", &["ss_total_batch_size", "ss_batch_size_per_device"]),
+        (
+            "batch_size",
+            &["ss_total_batch_size", "ss_batch_size_per_device"],
+        ),
         ("clip_skip", &["ss_clip_skip"]),
         ("trained_at", &["ss_training_finished_at", "modelspec.date"]),
     ];

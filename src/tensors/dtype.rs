@@ -159,7 +159,10 @@ mod tests {
         // 1 + 2^-11 lies exactly between two f16 values; ties go to the even mantissa (1.0).
         let v = [1.0 + 2f32.powi(-11), 65504.0, -2.5];
         let bytes = Dtype::F16.encode_f32(&v).unwrap();
-        assert_eq!(Dtype::F16.decode_f32(&bytes).unwrap(), vec![1.0, 65504.0, -2.5]);
+        assert_eq!(
+            Dtype::F16.decode_f32(&bytes).unwrap(),
+            vec![1.0, 65504.0, -2.5]
+        );
     }
 
     #[test]

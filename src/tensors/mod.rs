@@ -19,6 +19,21 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+/// True when the file starts like a safetensors file: a header length that fits the file,
+/// followed by `{`. Checked before the pickle sniff, because a header length's first byte can
+/// equal the pickle PROTO opcode (0x80).
+fn looks_like_safetensors(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = [0u8; 9];
+    if f.read_exact(&mut head).is_err() {
+        return Ok(false);
+    }
+    let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    Ok(head[8] == b'{' && n <= len.saturating_sub(8))
+}
+
 /// Name, type and shape of one stored tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
@@ -58,7 +73,7 @@ impl TensorFile {
     /// Opens a tensor file, choosing the reader by content (not by extension): zip archives and
     /// raw pickles go to the safe pickle reader, everything else must be safetensors.
     pub fn open(path: &Path) -> Result<TensorFile> {
-        let inner = if PickleFile::sniff(path)? {
+        let inner = if !looks_like_safetensors(path)? && PickleFile::sniff(path)? {
             Inner::Pickle(PickleFile::open(path)?)
         } else {
             Inner::Safetensors(SafetensorsFile::open(path)?)

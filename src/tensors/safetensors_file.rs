@@ -230,7 +230,9 @@ fn check_entry(
         .and_then(|n| n.checked_mul(bits_per))
         .filter(|bits| bits % 8 == 0)
         .map(|bits| bits / 8)
-        .ok_or_else(|| format!("tensor '{name}': shape {shape:?} is too large or not byte-sized"))?;
+        .ok_or_else(|| {
+            format!("tensor '{name}': shape {shape:?} is too large or not byte-sized")
+        })?;
     if bytes != end - start {
         return Err(format!(
             "tensor '{name}': shape {shape:?} of {dtype_name} needs {bytes} bytes but data_offsets span {}",
@@ -277,7 +279,10 @@ impl<'de> Visitor<'de> for EntriesVisitor {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
         let mut out = Vec::new();
         while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
             out.push((k, v));
@@ -292,7 +297,7 @@ mod tests {
 
     fn file(header: &str, data: &[u8]) -> Vec<u8> {
         let mut h = header.as_bytes().to_vec();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -327,27 +332,45 @@ mod tests {
             ),
             (file("[1,2]", &[]), "not a JSON object"),
             (
-                file(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, &[0; 8]),
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                    &[0; 8],
+                ),
                 "names tensor 'a' twice",
             ),
             (
-                file(r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]),
+                file(
+                    r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,4]}}"#,
+                    &[0; 4],
+                ),
                 "unknown dtype 'Q4'",
             ),
             (
-                file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, &[0; 8]),
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                    &[0; 8],
+                ),
                 "overlap",
             ),
             (
-                file(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0; 8]),
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                    &[0; 8],
+                ),
                 "run past the end of the data section",
             ),
             (
-                file(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]),
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                    &[0; 8],
+                ),
                 "needs 12 bytes but data_offsets span 8",
             ),
             (
-                file(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 8]),
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                    &[0; 8],
+                ),
                 "tensors cover 4",
             ),
         ];

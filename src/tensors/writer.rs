@@ -121,7 +121,10 @@ fn same_file(a: &Path, b: &Path) -> bool {
 pub fn build_header(metadata: &BTreeMap<String, String>, specs: &[TensorSpec]) -> Vec<u8> {
     let mut map = serde_json::Map::new();
     if !metadata.is_empty() {
-        map.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
+        map.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap(),
+        );
     }
     let mut offset = 0usize;
     for s in specs {
@@ -133,7 +136,7 @@ pub fn build_header(metadata: &BTreeMap<String, String>, specs: &[TensorSpec]) -
         offset = end;
     }
     let mut header = serde_json::to_vec(&map).expect("header serializes");
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     header
@@ -306,8 +309,13 @@ mod tests {
         let out = dir.path().join("o.safetensors");
         let meta = BTreeMap::from([("ss_network_dim".to_string(), "4".to_string())]);
         let data = Dtype::F32.encode_f32(&[1.0, 2.0]).unwrap();
-        let s = write_all(&out, &meta, &[(spec("w", 2), data)], &WriteOptions::default())
-            .unwrap();
+        let s = write_all(
+            &out,
+            &meta,
+            &[(spec("w", 2), data)],
+            &WriteOptions::default(),
+        )
+        .unwrap();
         // The 112-byte test vector of shared/reference/fetch_apis.md §2.6, byte for byte.
         let bytes = fs::read(&out).unwrap();
         assert_eq!(bytes.len(), 112);
