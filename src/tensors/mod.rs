@@ -78,6 +78,17 @@ impl TensorFile {
         } else {
             Inner::Safetensors(SafetensorsFile::open(path)?)
         };
+        Ok(Self::with_inner(inner))
+    }
+
+    /// A safetensors image held in memory (tests, fuzzing, data received over the network).
+    pub fn from_safetensors_bytes(label: &Path, bytes: Vec<u8>) -> Result<TensorFile> {
+        Ok(Self::with_inner(Inner::Safetensors(
+            SafetensorsFile::from_bytes(label, bytes)?,
+        )))
+    }
+
+    fn with_inner(inner: Inner) -> TensorFile {
         let infos = match &inner {
             Inner::Safetensors(f) => f.tensors(),
             Inner::Pickle(f) => f.tensors(),
@@ -87,11 +98,11 @@ impl TensorFile {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        Ok(TensorFile {
+        TensorFile {
             inner,
             index,
             empty_metadata: BTreeMap::new(),
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -18,10 +18,16 @@ use std::path::{Path, PathBuf};
 /// The crate's own limit on header size; a larger header is refused before it is read.
 const MAX_HEADER_LEN: u64 = 100_000_000;
 
+/// The bytes of a file: mapped from disk, or owned (in-memory data, fuzzing, tests).
+enum Buffer {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
 /// An opened, fully validated safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Option<Mmap>,
+    buffer: Buffer,
     header_len: u64,
     tensors: Vec<TensorInfo>,
     /// Byte range of each tensor inside the data section, parallel to `tensors`.
@@ -42,11 +48,24 @@ impl SafetensorsFile {
         Self::from_mapped(path, mmap)
     }
 
+    /// Validates an in-memory safetensors image; `label` names it in errors.
+    pub fn from_bytes(label: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_buffer(label, Buffer::Owned(bytes))
+    }
+
     fn from_mapped(path: &Path, mmap: Mmap) -> Result<Self> {
-        let parsed = parse(&mmap).map_err(|reason| Error::bad_file(path, reason))?;
+        Self::from_buffer(path, Buffer::Mapped(mmap))
+    }
+
+    fn from_buffer(path: &Path, buffer: Buffer) -> Result<Self> {
+        let bytes: &[u8] = match &buffer {
+            Buffer::Mapped(m) => m,
+            Buffer::Owned(v) => v,
+        };
+        let parsed = parse(bytes).map_err(|reason| Error::bad_file(path, reason))?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            mmap: Some(mmap),
+            buffer,
             header_len: parsed.header_len,
             tensors: parsed.tensors,
             ranges: parsed.ranges,
@@ -79,7 +98,10 @@ impl SafetensorsFile {
 
     /// The whole mapped file.
     pub fn bytes(&self) -> &[u8] {
-        self.mmap.as_deref().unwrap_or(&[])
+        match &self.buffer {
+            Buffer::Mapped(m) => m,
+            Buffer::Owned(v) => v,
+        }
     }
 
     /// The stored bytes of the tensor at `index` of [`Self::tensors`].
