@@ -1,0 +1,236 @@
+//! The `inspect` command end to end: output, JSON, norms, hashes, and bad input.
+
+mod common;
+
+use common::{fixtures, loratool};
+use loratool::tensors::TensorFile;
+use std::path::{Path, PathBuf};
+
+fn run_json(args: &[&str], files: &[PathBuf]) -> (i32, serde_json::Value, String) {
+    let out = loratool()
+        .arg("inspect")
+        .arg("--json")
+        .args(args)
+        .args(files)
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    (
+        out.status.code().unwrap(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn json_reports_kohya_metadata_sidecar_and_tags() {
+    let f = fixtures().join("loras/sd1_kohya_lora.safetensors");
+    let (code, json, _) = run_json(&[], &[f]);
+    assert_eq!(code, 0);
+    let r = &json[0];
+    assert_eq!(r["format"], "kohya");
+    assert_eq!(r["network"], "lora");
+    assert_eq!(r["base_model"], "sd1");
+    assert_eq!(r["base_model_metadata"], "sd1");
+    assert_eq!(r["rank"], 4);
+    assert_eq!(r["alpha"], 2.0);
+    assert_eq!(r["trigger_words"], serde_json::json!(["mychar", "red hair"]));
+    assert_eq!(r["top_tags"][0]["tag"], "mychar");
+    assert_eq!(r["top_tags"][0]["count"], 40);
+    assert_eq!(r["sidecar"]["preferred weight"], 0.8);
+    assert_eq!(r["metadata"]["ss_network_module"], "networks.lora");
+    assert_eq!(r["training"]["output_name"], r["metadata"]["ss_output_name"]);
+    let m = &r["modules"][0];
+    assert!(m["name"].as_str().unwrap().starts_with("lora_"));
+    assert_eq!(m["scale"], 0.5);
+    assert!(m["norm"].is_null(), "no norms unless asked");
+    assert!(r["hashes"].is_null());
+}
+
+#[test]
+fn norms_match_the_peer_deltas() {
+    // ‖ΔW‖ from factors must equal the Frobenius norm of the peer-computed dense delta.
+    for (lora, reference) in [
+        ("sd1_kohya_lora", "sd1_kohya_lora"),
+        ("sd1_loha", "sd1_loha"),
+        ("sd1_lokr_lowrank", "sd1_lokr_lowrank"),
+        ("sd1_lokr_tucker", "sd1_lokr_tucker"),
+        ("sd1_locon_tucker", "sd1_locon_tucker"),
+        ("sd1_peft_rslora", "sd1_peft_rslora"),
+    ] {
+        let f = fixtures().join(format!("loras/{lora}.safetensors"));
+        let refs =
+            TensorFile::open(&fixtures().join(format!("reference/{reference}.delta.safetensors")))
+                .unwrap();
+        let (code, json, _) = run_json(&["--norms"], &[f]);
+        assert_eq!(code, 0);
+        for m in json[0]["modules"].as_array().unwrap() {
+            let name = m["name"].as_str().unwrap();
+            let want = refs.read_f32(name).unwrap().frobenius_norm();
+            let got = m["norm"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5 * want.max(1e-12),
+                "{lora} {name}: norm {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn hashes_match_an_independent_computation() {
+    let f = fixtures().join("loras/sd1_peft.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    use sha2::{Digest, Sha256};
+    let hex = |d: &[u8]| -> String { d.iter().map(|b| format!("{b:02x}")).collect() };
+    let full = hex(&Sha256::digest(&bytes));
+    let data = hex(&Sha256::digest(&bytes[8 + n..]));
+    let (code, json, _) = run_json(&["--hash"], &[f]);
+    assert_eq!(code, 0);
+    let h = &json[0]["hashes"];
+    assert_eq!(h["sha256"], full);
+    assert_eq!(h["autov2"], full[..10].to_uppercase());
+    assert_eq!(h["addnet"], data);
+    assert_eq!(h["autov3"], data[..12].to_uppercase());
+}
+
+#[test]
+fn table_output_names_the_essentials() {
+    let out = loratool()
+        .args(["inspect", "--modules"])
+        .arg(fixtures().join("loras/sdxl_kohya_lora.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "kohya",
+        "sdxl (metadata: sdxl, keys: sdxl)",
+        "986 (text_encoder 72, text_encoder_2 192, unet 722)",
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+/// Writes `bytes` to a file in `dir` and returns its path.
+fn bad_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn safetensors_with_header(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+#[test]
+fn bad_input_gets_one_line_errors_and_the_rest_is_still_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = fixtures().join("loras/sd1_loha.safetensors");
+    let truncated = {
+        let mut b = std::fs::read(&good).unwrap();
+        b.truncate(b.len() - 100);
+        b
+    };
+    let mut random = vec![0u8; 4096];
+    let mut x = 0x2545F4914F6CDD1Du64;
+    for b in random.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (bad_file(d, "empty.safetensors", b""), "file is empty"),
+        (bad_file(d, "random.safetensors", &random), "not a safetensors file"),
+        (bad_file(d, "truncated.safetensors", &truncated), "truncated"),
+        (
+            bad_file(d, "past_end.safetensors", &{
+                let mut b = 1_000_000u64.to_le_bytes().to_vec();
+                b.extend_from_slice(b"{}");
+                b
+            }),
+            "header length 1000000 runs past the end of the file",
+        ),
+        (
+            bad_file(d, "array.safetensors", &safetensors_with_header("[1, 2, 3]", b"")),
+            "header is not a JSON object",
+        ),
+        (
+            bad_file(
+                d,
+                "overlap.safetensors",
+                &safetensors_with_header(
+                    r#"{"a.lora_down.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a.lora_up.weight":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                    &[0; 12],
+                ),
+            ),
+            "overlap",
+        ),
+        (
+            bad_file(
+                d,
+                "offsets.safetensors",
+                &safetensors_with_header(
+                    r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                    &[0; 8],
+                ),
+            ),
+            "run past the end of the data section",
+        ),
+        (
+            bad_file(
+                d,
+                "dtype.safetensors",
+                &safetensors_with_header(
+                    r#"{"w":{"dtype":"Q4_K","shape":[4],"data_offsets":[0,4]}}"#,
+                    &[0; 4],
+                ),
+            ),
+            "unknown dtype 'Q4_K'",
+        ),
+        (
+            bad_file(
+                d,
+                "checkpoint.safetensors",
+                &safetensors_with_header(
+                    r#"{"model.diffusion_model.out.2.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                    &[0; 4],
+                ),
+            ),
+            "not a LoRA: this is a model checkpoint",
+        ),
+        (
+            fixtures().join("legacy/malicious.ckpt"),
+            "os.system",
+        ),
+        (d.join("missing.safetensors"), "No such file"),
+    ];
+    let mut files: Vec<PathBuf> = cases.iter().map(|(p, _)| p.clone()).collect();
+    files.push(good.clone());
+    let out = loratool().arg("inspect").args(&files).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), cases.len(), "one line per bad file:\n{stderr}");
+    for ((path, want), line) in cases.iter().zip(&lines) {
+        assert!(line.contains(&path.display().to_string()), "{line:?} should name {path:?}");
+        assert!(line.contains(want), "{line:?} should say {want:?}");
+    }
+    // The good file is still reported, after the bad ones.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("loha"), "{stdout}");
+
+    let (code, json, _) = run_json(&[], &files);
+    assert_eq!(code, 1);
+    let arr = json.as_array().unwrap();
+    assert_eq!(arr.len(), files.len());
+    assert!(arr[0]["error"].as_str().unwrap().contains("file is empty"));
+    assert_eq!(arr.last().unwrap()["network"], "loha");
+}
