@@ -34,12 +34,18 @@ fn json_reports_kohya_metadata_sidecar_and_tags() {
     assert_eq!(r["base_model_metadata"], "sd1");
     assert_eq!(r["rank"], 4);
     assert_eq!(r["alpha"], 2.0);
-    assert_eq!(r["trigger_words"], serde_json::json!(["mychar", "red hair"]));
+    assert_eq!(
+        r["trigger_words"],
+        serde_json::json!(["mychar", "red hair"])
+    );
     assert_eq!(r["top_tags"][0]["tag"], "mychar");
     assert_eq!(r["top_tags"][0]["count"], 40);
     assert_eq!(r["sidecar"]["preferred weight"], 0.8);
     assert_eq!(r["metadata"]["ss_network_module"], "networks.lora");
-    assert_eq!(r["training"]["output_name"], r["metadata"]["ss_output_name"]);
+    assert_eq!(
+        r["training"]["output_name"],
+        r["metadata"]["ss_output_name"]
+    );
     let m = &r["modules"][0];
     assert!(m["name"].as_str().unwrap().starts_with("lora_"));
     assert_eq!(m["scale"], 0.5);
@@ -147,8 +153,14 @@ fn bad_input_gets_one_line_errors_and_the_rest_is_still_reported() {
     }
     let cases: Vec<(PathBuf, &str)> = vec![
         (bad_file(d, "empty.safetensors", b""), "file is empty"),
-        (bad_file(d, "random.safetensors", &random), "not a safetensors file"),
-        (bad_file(d, "truncated.safetensors", &truncated), "truncated"),
+        (
+            bad_file(d, "random.safetensors", &random),
+            "not a safetensors file",
+        ),
+        (
+            bad_file(d, "truncated.safetensors", &truncated),
+            "truncated",
+        ),
         (
             bad_file(d, "past_end.safetensors", &{
                 let mut b = 1_000_000u64.to_le_bytes().to_vec();
@@ -158,7 +170,11 @@ fn bad_input_gets_one_line_errors_and_the_rest_is_still_reported() {
             "header length 1000000 runs past the end of the file",
         ),
         (
-            bad_file(d, "array.safetensors", &safetensors_with_header("[1, 2, 3]", b"")),
+            bad_file(
+                d,
+                "array.safetensors",
+                &safetensors_with_header("[1, 2, 3]", b""),
+            ),
             "header is not a JSON object",
         ),
         (
@@ -205,10 +221,7 @@ fn bad_input_gets_one_line_errors_and_the_rest_is_still_reported() {
             ),
             "not a LoRA: this is a model checkpoint",
         ),
-        (
-            fixtures().join("legacy/malicious.ckpt"),
-            "os.system",
-        ),
+        (fixtures().join("legacy/malicious.ckpt"), "os.system"),
         (d.join("missing.safetensors"), "No such file"),
     ];
     let mut files: Vec<PathBuf> = cases.iter().map(|(p, _)| p.clone()).collect();
@@ -220,7 +233,10 @@ fn bad_input_gets_one_line_errors_and_the_rest_is_still_reported() {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), cases.len(), "one line per bad file:\n{stderr}");
     for ((path, want), line) in cases.iter().zip(&lines) {
-        assert!(line.contains(&path.display().to_string()), "{line:?} should name {path:?}");
+        assert!(
+            line.contains(&path.display().to_string()),
+            "{line:?} should name {path:?}"
+        );
         assert!(line.contains(want), "{line:?} should say {want:?}");
     }
     // The good file is still reported, after the bad ones.

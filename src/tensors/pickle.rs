@@ -31,6 +31,12 @@ const LEGACY_MAGIC: i128 = 0x1950a86a20f9469cfc6c;
 const LEGACY_PROTOCOL: i128 = 1001;
 /// How deep nested dictionaries may go when flattening tensor names.
 const MAX_NESTING: usize = 64;
+/// How every refusal of a hostile global starts.
+const REFUSING: &str = "refusing to load pickle";
+/// The most arguments any allowed call or persistent id takes.
+const MAX_ARGS: usize = 8;
+/// torch's own limit on tensor dimensions.
+const MAX_DIMS: usize = 64;
 /// Deflate cannot expand data by more than about 1032x; anything claiming more is corrupt.
 const MAX_DEFLATE_RATIO: u64 = 1100;
 
@@ -151,7 +157,7 @@ fn inflate_entry(map: &[u8], entry: usize, len: usize) -> Result<Vec<u8>, String
     let file = zip
         .by_index(entry)
         .map_err(|e| format!("zip entry cannot be read: {e}"))?;
-    let mut out = Vec::with_capacity(len);
+    let mut out = Vec::with_capacity(len.min(map.len()));
     file.take(len as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| format!("compressed storage cannot be inflated: {e}"))?;
@@ -326,7 +332,7 @@ fn parse_zip(map: &[u8]) -> Result<Parsed, String> {
     let pickle = read_small_entry(&mut zip, map, pkl_index, limit)?;
 
     let mut machine = Machine::new(&pickle, true);
-    let top = machine.run().map_err(|e| format!("{pkl_name}: {e}"))?;
+    let top = machine.run().map_err(|e| where_(&pkl_name, e))?;
 
     // Locate every referenced storage and check its size against the pickle's declaration.
     let mut storages = Vec::with_capacity(machine.storages.len());
@@ -387,7 +393,7 @@ fn parse_zip(map: &[u8]) -> Result<Parsed, String> {
         };
         storages.push(data);
     }
-    finish(&machine, &top, storages)
+    finish(&machine, &top, storages, map.len())
 }
 
 /// Reads a whole zip entry that is expected to be modest (the pickle, the byteorder marker).
@@ -407,7 +413,7 @@ fn read_small_entry(
             "zip entry '{name}' is implausibly large ({declared} bytes)"
         ));
     }
-    let mut out = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+    let mut out = Vec::with_capacity(usize::try_from(declared).unwrap_or(0).min(map.len()));
     entry
         .take(declared.saturating_add(1))
         .read_to_end(&mut out)
@@ -514,7 +520,17 @@ fn parse_legacy(map: &[u8]) -> Result<Parsed, String> {
         .zip(&machine.storages)
         .map(|(d, s)| d.ok_or_else(|| format!("storage '{}' has no data in the file", s.key)))
         .collect::<Result<Vec<_>, _>>()?;
-    finish(&machine, &top, storages)
+    finish(&machine, &top, storages, map.len())
+}
+
+/// Prefixes a machine error with the pickle it came from; refusals stay as they are so they
+/// always read `<path>: refusing to load pickle: ...`.
+fn where_(what: &str, e: String) -> String {
+    if e.starts_with(REFUSING) {
+        e
+    } else {
+        format!("{what}: {e}")
+    }
 }
 
 /// Runs the pickle that starts at `*pos` and moves `*pos` just past its STOP.
@@ -526,7 +542,7 @@ fn next_pickle<'m>(
 ) -> Result<(Machine<'m>, Value), String> {
     let rest = map.get(*pos..).unwrap_or(&[]);
     let mut m = Machine::new(rest, storages);
-    let v = m.run().map_err(|e| format!("{what} pickle: {e}"))?;
+    let v = m.run().map_err(|e| where_(&format!("{what} pickle"), e))?;
     *pos += m.pos;
     Ok((m, v))
 }
@@ -536,6 +552,7 @@ fn finish(
     machine: &Machine<'_>,
     top: &Value,
     storages: Vec<StorageData>,
+    file_len: usize,
 ) -> Result<Parsed, String> {
     let Value::Dict(top_id) = top else {
         return Err(format!(
@@ -556,44 +573,60 @@ fn finish(
     let mut named: Vec<(String, usize)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut visited = HashSet::new();
-    // Explicit work stack of (dict, name prefix, depth); children are pushed in reverse so names
-    // come out in the order they were encountered.
-    let mut work = vec![(root, String::new(), 0usize)];
-    while let Some((id, prefix, depth)) = work.pop() {
-        if !visited.insert(id) {
-            return Err("a dictionary appears more than once in the object tree".into());
+    // Depth-first walk with an explicit stack of (dict, next entry, name prefix), so names come
+    // out in the order the pickle lists them and deep nesting cannot exhaust the call stack.
+    visited.insert(root);
+    // Nested prefixes repeat in every name below them; bound the total so a small pickle
+    // cannot expand into gigabytes of names.
+    let mut name_bytes = 0usize;
+    let max_name_bytes = (64 << 20) + 4 * file_len;
+    let mut work: Vec<(usize, usize, String)> = vec![(root, 0, String::new())];
+    while let Some((id, at, prefix)) = work.last_mut() {
+        let Some((k, v)) = machine.dict(*id).and_then(|d| d.get(*at)) else {
+            work.pop();
+            continue;
+        };
+        *at += 1;
+        let key = match k {
+            Value::Str(s) => s.to_string(),
+            Value::Int(i) => i.to_string(),
+            _ => continue,
+        };
+        let name = format!("{prefix}{key}");
+        name_bytes = name_bytes.saturating_add(name.len());
+        if name_bytes > max_name_bytes {
+            return Err(
+                "tensor names are implausibly long in total (nested keys repeated?)".into(),
+            );
         }
-        if depth > MAX_NESTING {
-            return Err(format!(
-                "dictionaries are nested more than {MAX_NESTING} deep"
-            ));
-        }
-        let mut children = Vec::new();
-        for (k, v) in machine.dict(id).unwrap_or(&[]) {
-            let key = match k {
-                Value::Str(s) => s.to_string(),
-                Value::Int(i) => i.to_string(),
-                _ => continue,
-            };
-            let name = format!("{prefix}{key}");
-            match v {
-                Value::Tensor(t) => match index.get(&name) {
-                    Some(&at) => {
-                        if let Some(slot) = named.get_mut(at) {
-                            slot.1 = *t;
-                        }
+        match v {
+            Value::Tensor(t) => match index.get(&name) {
+                // A repeated key replaces the earlier value in place, as in a Python dict.
+                Some(&pos) => {
+                    if let Some(slot) = named.get_mut(pos) {
+                        slot.1 = *t;
                     }
-                    None => {
-                        index.insert(name.clone(), named.len());
-                        named.push((name, *t));
-                    }
-                },
-                Value::Dict(child) => children.push((*child, format!("{name}."), depth + 1)),
-                _ => {}
+                }
+                None => {
+                    index.insert(name.clone(), named.len());
+                    named.push((name, *t));
+                }
+            },
+            Value::Dict(child) => {
+                if !visited.insert(*child) {
+                    return Err(format!(
+                        "dictionary '{name}' appears more than once in the object tree"
+                    ));
+                }
+                if work.len() >= MAX_NESTING {
+                    return Err(format!(
+                        "dictionaries are nested more than {MAX_NESTING} deep"
+                    ));
+                }
+                work.push((*child, 0, format!("{name}.")));
             }
+            _ => {}
         }
-        // Nested dicts are walked after this dict's own tensors, in order.
-        work.extend(children.into_iter().rev());
     }
 
     let mut tensors = Vec::with_capacity(named.len());
@@ -652,6 +685,14 @@ fn check_extent(desc: &TensorDesc, storage_len: usize) -> Result<(), String> {
         last.checked_add(1).ok_or_else(overflow)?
     };
     let end = end_elems.checked_mul(elem).ok_or_else(overflow)?;
+    let bytes = numel.checked_mul(elem).ok_or_else(overflow)?;
+    if end <= storage_len && bytes > storage_len {
+        // Only stride-0 (expanded) or overlapping views address more elements than they span;
+        // laying one out would allocate more than the file holds, so they are refused.
+        return Err(format!(
+            "view of {bytes} bytes is larger than its {storage_len}-byte storage (expanded or overlapping strides are not supported)"
+        ));
+    }
     if end > storage_len {
         return Err(format!(
             "extent runs past its storage (needs {end} bytes: offset {}, shape {:?}, stride {:?}; storage holds {storage_len})",
@@ -982,15 +1023,26 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// The items of a short tuple (call arguments, persistent ids); longer ones are refused
+    /// before anything is copied, so a huge memoized tuple cannot be copied over and over.
     fn tuple_items(&self, v: &Value) -> PResult<Vec<Value>> {
         match v {
-            Value::Tuple(id) => Ok(self.seq(*id).unwrap_or(&[]).to_vec()),
+            Value::Tuple(id) => {
+                let items = self.seq(*id).unwrap_or(&[]);
+                if items.len() > MAX_ARGS {
+                    return Err(self.err(format!(
+                        "tuple of {} items where at most {MAX_ARGS} are expected",
+                        items.len()
+                    )));
+                }
+                Ok(items.to_vec())
+            }
             other => Err(self.err(format!("expected a tuple, found a {}", other.kind()))),
         }
     }
 
     fn setitems(&mut self, items: Vec<Value>) -> PResult<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("SETITEMS with an odd number of items"));
         }
         let target = self.top()?.clone();
@@ -1036,13 +1088,15 @@ impl<'a> Machine<'a> {
     }
 
     fn global(&self, module: &str, name: &str) -> PResult<Value> {
-        resolve_global(module, name).map(Value::Global).ok_or_else(|| {
-            format!(
-                "refusing to load pickle: it references '{}.{}', which is not a tensor-rebuild global",
-                module.escape_debug(),
-                name.escape_debug()
-            )
-        })
+        resolve_global(module, name)
+            .map(Value::Global)
+            .ok_or_else(|| {
+                format!(
+                    "{REFUSING}: it references '{}.{}', which is not a tensor-rebuild global",
+                    module.escape_debug(),
+                    name.escape_debug()
+                )
+            })
     }
 
     // --- the main loop ---
@@ -1418,19 +1472,12 @@ impl<'a> Machine<'a> {
         let args = self.tuple_items(args)?;
         match g {
             Global::OrderedDict => {
-                let mut entries = Vec::new();
-                if let Some(items) = args.first() {
-                    let (Value::List(id) | Value::Tuple(id)) = items else {
-                        return Err(self.err("OrderedDict argument is not a list of pairs"));
-                    };
-                    for pair in self.seq(*id).unwrap_or(&[]).to_vec() {
-                        match self.tuple_items(&pair)?.as_slice() {
-                            [k, v] => entries.push((k.clone(), v.clone())),
-                            _ => return Err(self.err("OrderedDict item is not a pair")),
-                        }
-                    }
+                // torch always writes `OrderedDict()` and fills it with SETITEMS; building from an
+                // item list would copy it on every call, so that form is refused.
+                if !args.is_empty() {
+                    return Err(self.err("OrderedDict built from an item list is not supported"));
                 }
-                let id = self.new_obj(Obj::Dict(entries));
+                let id = self.new_obj(Obj::Dict(Vec::new()));
                 Ok(Value::Dict(id))
             }
             Global::RebuildTensor | Global::RebuildTensorV2 | Global::RebuildTensorV3 => {
@@ -1534,6 +1581,9 @@ impl<'a> Machine<'a> {
             Value::Tuple(id) | Value::List(id) => self.seq(*id).unwrap_or(&[]),
             other => return Err(self.err(format!("tensor {what} is a {}", other.kind()))),
         };
+        if items.len() > MAX_DIMS {
+            return Err(self.err(format!("tensor {what} has more than {MAX_DIMS} dimensions")));
+        }
         items
             .iter()
             .map(|x| {
@@ -1679,8 +1729,8 @@ mod tests {
             (Dtype::F32, 1, vec![2, 2], vec![1, 2])
         );
         assert_eq!(m.storages[0].numel, 6);
-        assert!(check_extent(d, 24).is_ok());
-        assert!(check_extent(d, 20)
+        assert!(check_extent(d, 20).is_ok());
+        assert!(check_extent(d, 19)
             .unwrap_err()
             .contains("runs past its storage"));
     }
@@ -1738,6 +1788,35 @@ mod tests {
         };
         assert_eq!((a, b), (5, 6));
         assert!(gather(&s, 1, &[3, 2], &[1, 4], 0).is_err());
+    }
+
+    #[test]
+    fn cyclic_and_shared_dicts_are_refused() {
+        // d = {}; d['me'] = d
+        let mut p = vec![0x80, 2, b'}', b'q', 0];
+        p.extend(short_str("me"));
+        p.extend_from_slice(&[b'h', 0, b's', b'.']);
+        let (m, r) = run(&p);
+        let top = r.unwrap();
+        let e = finish(&m, &top, Vec::new(), p.len()).err().unwrap();
+        assert!(e.contains("appears more than once"), "{e}");
+    }
+
+    #[test]
+    fn expanded_views_and_item_list_ordereddicts_are_refused() {
+        let d = TensorDesc {
+            storage: 0,
+            dtype: Dtype::F32,
+            offset: 0,
+            shape: vec![1_000_000],
+            stride: vec![0],
+        };
+        assert!(check_extent(&d, 4)
+            .unwrap_err()
+            .contains("expanded or overlapping"));
+        let p = b"\x80\x02ccollections\nOrderedDict\n]\x85R.";
+        let (_, r) = run(p);
+        assert!(r.unwrap_err().contains("item list"));
     }
 
     #[test]
