@@ -204,6 +204,10 @@ fn classify_dotted(key: &str) -> Option<KeyInfo> {
     if let Some(stripped) = path.strip_suffix("_lora") {
         path = stripped.to_string();
         old = true;
+        // The processor's `to_out_lora` patches the attention's `to_out.0` linear.
+        if path.ends_with(".to_out") && !component.is_text_encoder() {
+            path.push_str(".0");
+        }
     }
     if let Some(stripped) = path.strip_suffix(".lora_linear_layer") {
         path = stripped.to_string();

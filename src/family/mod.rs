@@ -7,6 +7,9 @@
 //! structural hints (linear vs conv `proj_in`) only decide when metadata is silent. Disagreements
 //! are reported, never hidden.
 
+pub mod checkpoint;
+pub mod unet_names;
+
 use crate::adapter::{AdapterModule, Component};
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -1,0 +1,367 @@
+//! Base checkpoints: which family a checkpoint is, and the key map that tells, for every weight it
+//! holds, the name each LoRA dialect gives that weight's module.
+//!
+//! Matching works by enumerating the checkpoint's modules and computing their LoRA names (kohya's
+//! `lora_unet_…` in both the LDM and the diffusers spelling, `lora_te*_…`, and the dotted
+//! `component:path` names of peft/diffusers files), never by splitting a LoRA name on `_`.
+//! Fused weights (OpenCLIP `in_proj_weight`, Flux `qkv` / `linear1`) map q/k/v (and mlp) modules
+//! to row slices.
+
+use super::unet_names::{diffusers_to_ldm, ldm_to_diffusers};
+use super::BaseModel;
+use crate::adapter::{AdapterModule, Component, Format};
+use crate::tensors::TensorInfo;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+/// Which part of a checkpoint a file (or key prefix) holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One file with every component under LDM prefixes (A1111, ComfyUI, Civitai), or BFL Flux.
+    SingleFile,
+    /// One diffusers component file; its keys have no component prefix.
+    DiffusersComponent(Component),
+}
+
+/// Where a LoRA module lands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Weight tensor key in the checkpoint.
+    pub weight: String,
+    /// Bias tensor key, if the module has one.
+    pub bias: Option<String>,
+    /// Row slice of a fused weight (q/k/v of `in_proj_weight`, Flux `qkv`/`linear1`).
+    pub rows: Option<Range<usize>>,
+    pub component: Component,
+}
+
+#[derive(Debug, Default)]
+pub struct KeyMap {
+    by_name: HashMap<String, Target>,
+}
+
+/// The family of a checkpoint, from the keys only it has.
+pub fn checkpoint_family(tensors: &[TensorInfo], layout: Layout) -> BaseModel {
+    let has = |p: &str| tensors.iter().any(|t| t.name.starts_with(p));
+    let shape = |k: &str| {
+        tensors
+            .iter()
+            .find(|t| t.name == k)
+            .map(|t| t.shape.clone())
+    };
+    match layout {
+        Layout::SingleFile => {
+            if has("double_blocks.") || has("model.diffusion_model.double_blocks.") {
+                BaseModel::Flux
+            } else if has("model.diffusion_model.joint_blocks.") || has("joint_blocks.") {
+                BaseModel::Sd3
+            } else if has("conditioner.embedders.1.") || has("model.diffusion_model.label_emb.") {
+                BaseModel::Sdxl
+            } else if has("cond_stage_model.model.") {
+                BaseModel::Sd2
+            } else if has("cond_stage_model.transformer.") {
+                BaseModel::Sd1
+            } else if has("model.diffusion_model.") {
+                // A UNet without text encoder: SD2 uses linear proj_in, SD1 a 1×1 conv.
+                match shape("model.diffusion_model.input_blocks.1.1.proj_in.weight") {
+                    Some(s) if s.len() == 2 => BaseModel::Sd2,
+                    Some(_) => BaseModel::Sd1,
+                    None => BaseModel::Unknown,
+                }
+            } else {
+                BaseModel::Unknown
+            }
+        }
+        Layout::DiffusersComponent(Component::Unet) => {
+            if has("add_embedding.") {
+                BaseModel::Sdxl
+            } else {
+                match shape("down_blocks.0.attentions.0.proj_in.weight") {
+                    Some(s) if s.len() == 2 => BaseModel::Sd2,
+                    Some(_) => BaseModel::Sd1,
+                    None => BaseModel::Unknown,
+                }
+            }
+        }
+        Layout::DiffusersComponent(Component::Transformer) => {
+            if has("single_transformer_blocks.") {
+                BaseModel::Flux
+            } else {
+                BaseModel::Unknown
+            }
+        }
+        Layout::DiffusersComponent(Component::TextEncoder2) => BaseModel::Sdxl,
+        Layout::DiffusersComponent(_) => BaseModel::Unknown,
+    }
+}
+
+fn underscored(path: &str) -> String {
+    path.replace('.', "_")
+}
+
+/// OpenCLIP (SD2 text encoder, SDXL text encoder 2) module path → HF CLIP path, with the row slice
+/// index for fused q/k/v (`Some(0..3)` chunk index) when the weight is `attn.in_proj`.
+fn openclip_to_hf(path: &str) -> Vec<(String, Option<usize>)> {
+    if path == "ln_final" {
+        return vec![("text_model.final_layer_norm".into(), None)];
+    }
+    let Some(rest) = path.strip_prefix("transformer.resblocks.") else {
+        return vec![];
+    };
+    let Some((n, sub)) = rest.split_once('.') else {
+        return vec![];
+    };
+    let layer = format!("text_model.encoder.layers.{n}");
+    match sub {
+        "attn.in_proj" => ["q_proj", "k_proj", "v_proj"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("{layer}.self_attn.{p}"), Some(i)))
+            .collect(),
+        "attn.out_proj" => vec![(format!("{layer}.self_attn.out_proj"), None)],
+        "mlp.c_fc" => vec![(format!("{layer}.mlp.fc1"), None)],
+        "mlp.c_proj" => vec![(format!("{layer}.mlp.fc2"), None)],
+        "ln_1" => vec![(format!("{layer}.layer_norm1"), None)],
+        "ln_2" => vec![(format!("{layer}.layer_norm2"), None)],
+        _ => vec![],
+    }
+}
+
+/// Flux: diffusers module paths that land on a BFL module path, with their row slices, given the
+/// hidden size `h` and the single-block MLP width `mlp`.
+fn flux_diffusers_names(bfl: &str, h: usize, mlp: usize) -> Vec<(String, Option<Range<usize>>)> {
+    let parts: Vec<&str> = bfl.split('.').collect();
+    let mut out = Vec::new();
+    match parts.as_slice() {
+        ["double_blocks", n, rest @ ..] => {
+            let b = format!("transformer_blocks.{n}");
+            let one = |p: &str| (format!("{b}.{p}"), None);
+            match rest.join(".").as_str() {
+                "img_attn.qkv" => {
+                    for (i, p) in ["attn.to_q", "attn.to_k", "attn.to_v"].iter().enumerate() {
+                        out.push((format!("{b}.{p}"), Some(i * h..(i + 1) * h)));
+                    }
+                }
+                "txt_attn.qkv" => {
+                    for (i, p) in ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+                        .iter()
+                        .enumerate()
+                    {
+                        out.push((format!("{b}.{p}"), Some(i * h..(i + 1) * h)));
+                    }
+                }
+                "img_attn.proj" => out.push(one("attn.to_out.0")),
+                "txt_attn.proj" => out.push(one("attn.to_add_out")),
+                "img_mlp.0" => out.push(one("ff.net.0.proj")),
+                "img_mlp.2" => out.push(one("ff.net.2")),
+                "txt_mlp.0" => out.push(one("ff_context.net.0.proj")),
+                "txt_mlp.2" => out.push(one("ff_context.net.2")),
+                "img_mod.lin" => out.push(one("norm1.linear")),
+                "txt_mod.lin" => out.push(one("norm1_context.linear")),
+                _ => {}
+            }
+        }
+        ["single_blocks", n, rest @ ..] => {
+            let b = format!("single_transformer_blocks.{n}");
+            match rest.join(".").as_str() {
+                "linear1" => {
+                    for (i, p) in ["attn.to_q", "attn.to_k", "attn.to_v"].iter().enumerate() {
+                        out.push((format!("{b}.{p}"), Some(i * h..(i + 1) * h)));
+                    }
+                    out.push((format!("{b}.proj_mlp"), Some(3 * h..3 * h + mlp)));
+                }
+                "linear2" => out.push((format!("{b}.proj_out"), None)),
+                "modulation.lin" => out.push((format!("{b}.norm.linear"), None)),
+                _ => {}
+            }
+        }
+        ["img_in"] => out.push(("x_embedder".into(), None)),
+        ["txt_in"] => out.push(("context_embedder".into(), None)),
+        ["final_layer", "linear"] => out.push(("proj_out".into(), None)),
+        _ => {}
+    }
+    out
+}
+
+impl KeyMap {
+    /// Builds the map for one checkpoint file of the given layout.
+    pub fn build(tensors: &[TensorInfo], layout: Layout) -> KeyMap {
+        let mut map = KeyMap::default();
+        let names: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        let family = checkpoint_family(tensors, layout);
+        let up_attn: HashSet<usize> = tensors
+            .iter()
+            .filter_map(|t| {
+                let key = t
+                    .name
+                    .strip_prefix("model.diffusion_model.")
+                    .unwrap_or(&t.name);
+                let rest = key.strip_prefix("up_blocks.")?;
+                let (i, rest) = rest.split_once('.')?;
+                rest.starts_with("attentions.").then(|| i.parse().ok())?
+            })
+            .collect();
+        // Flux sizes, for the diffusers names of fused weights.
+        let flux_dims = tensors
+            .iter()
+            .find(|t| t.name.ends_with("single_blocks.0.linear2.weight"))
+            .map(|t| (t.shape[0], t.shape[1].saturating_sub(t.shape[0])));
+
+        for t in tensors {
+            let Some(module_key) = t
+                .name
+                .strip_suffix(".weight")
+                .or_else(|| t.name.strip_suffix("_weight"))
+            else {
+                continue;
+            };
+            let bias_key = if t.name.ends_with("_weight") {
+                format!("{module_key}_bias")
+            } else {
+                format!("{module_key}.bias")
+            };
+            let bias = names.contains(bias_key.as_str()).then_some(bias_key);
+            let rows = t.shape.first().copied().unwrap_or(0);
+            let mut add = |name: String, component: Component, slice: Option<Range<usize>>| {
+                map.by_name.entry(name).or_insert(Target {
+                    weight: t.name.clone(),
+                    bias: bias.clone(),
+                    rows: slice,
+                    component,
+                });
+            };
+
+            match layout {
+                Layout::SingleFile => {
+                    let flux_key = module_key
+                        .strip_prefix("model.diffusion_model.")
+                        .unwrap_or(module_key);
+                    if family == BaseModel::Flux {
+                        add(
+                            format!("lora_unet_{}", underscored(flux_key)),
+                            Component::Transformer,
+                            None,
+                        );
+                        add(
+                            format!("lora_transformer_{}", underscored(flux_key)),
+                            Component::Transformer,
+                            None,
+                        );
+                        add(
+                            format!("transformer:{flux_key}"),
+                            Component::Transformer,
+                            None,
+                        );
+                        if let Some((h, mlp)) = flux_dims {
+                            for (p, slice) in flux_diffusers_names(flux_key, h, mlp) {
+                                add(format!("transformer:{p}"), Component::Transformer, slice);
+                            }
+                        }
+                    } else if let Some(p) = module_key.strip_prefix("model.diffusion_model.") {
+                        register_unet(&mut add, p, ldm_to_diffusers(p).as_deref());
+                    } else if let Some(p) = module_key
+                        .strip_prefix("cond_stage_model.transformer.")
+                        .or_else(|| module_key.strip_prefix("conditioner.embedders.0.transformer."))
+                    {
+                        let p = if p.starts_with("text_model.") {
+                            p.to_string()
+                        } else {
+                            format!("text_model.{p}")
+                        };
+                        register_text_encoder(&mut add, &p, Component::TextEncoder, None);
+                    } else if let Some((p, component)) = module_key
+                        .strip_prefix("cond_stage_model.model.")
+                        .map(|p| (p, Component::TextEncoder))
+                        .or_else(|| {
+                            module_key
+                                .strip_prefix("conditioner.embedders.1.model.")
+                                .map(|p| (p, Component::TextEncoder2))
+                        })
+                    {
+                        for (hf, chunk) in openclip_to_hf(p) {
+                            let slice = chunk.map(|c| c * rows / 3..(c + 1) * rows / 3);
+                            register_text_encoder(&mut add, &hf, component, slice);
+                        }
+                    }
+                }
+                Layout::DiffusersComponent(Component::Unet) => {
+                    let ldm = diffusers_to_ldm(module_key, |i| up_attn.contains(&i));
+                    register_unet(&mut add, ldm.as_deref().unwrap_or(""), Some(module_key));
+                }
+                Layout::DiffusersComponent(Component::Transformer) => {
+                    add(
+                        format!("transformer:{module_key}"),
+                        Component::Transformer,
+                        None,
+                    );
+                    add(
+                        format!("lora_transformer_{}", underscored(module_key)),
+                        Component::Transformer,
+                        None,
+                    );
+                }
+                Layout::DiffusersComponent(c) => {
+                    register_text_encoder(&mut add, module_key, c, None);
+                }
+            }
+        }
+        map
+    }
+
+    /// The target of an adapter module, if the checkpoint has it.
+    pub fn lookup(&self, m: &AdapterModule) -> Option<&Target> {
+        let key = match m.format {
+            Format::Kohya => m.name.clone(),
+            Format::Peft | Format::DiffusersOld => format!("{}:{}", m.component.name(), m.path),
+        };
+        self.by_name.get(&key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+fn register_unet(
+    add: &mut impl FnMut(String, Component, Option<Range<usize>>),
+    ldm: &str,
+    diffusers: Option<&str>,
+) {
+    if !ldm.is_empty() {
+        add(
+            format!("lora_unet_{}", underscored(ldm)),
+            Component::Unet,
+            None,
+        );
+    }
+    if let Some(d) = diffusers {
+        add(
+            format!("lora_unet_{}", underscored(d)),
+            Component::Unet,
+            None,
+        );
+        add(format!("unet:{d}"), Component::Unet, None);
+    }
+}
+
+fn register_text_encoder(
+    add: &mut impl FnMut(String, Component, Option<Range<usize>>),
+    hf_path: &str,
+    component: Component,
+    slice: Option<Range<usize>>,
+) {
+    let flat = underscored(hf_path);
+    let prefixes: &[&str] = match component {
+        Component::TextEncoder => &["lora_te", "lora_te1"],
+        Component::TextEncoder2 => &["lora_te2"],
+        _ => &["lora_te3"],
+    };
+    for p in prefixes {
+        add(format!("{p}_{flat}"), component, slice.clone());
+    }
+    add(format!("{}:{hf_path}", component.name()), component, slice);
+}
