@@ -2,6 +2,7 @@
 //! Nothing below this module knows clap exists.
 
 mod inspect;
+mod merge;
 
 use clap::{Parser, Subcommand};
 
@@ -20,11 +21,14 @@ pub struct Cli {
 pub enum Command {
     /// Report format, network kind, base model, rank, alpha, targets, trigger words and metadata.
     Inspect(inspect::InspectArgs),
+    /// Bake weighted LoRAs into a checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed, computed in f32.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs a command and returns the process exit code.
 pub fn run(cli: Cli) -> loratool::Result<i32> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }

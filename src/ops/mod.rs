@@ -2,3 +2,4 @@
 //! report; rendering belongs to the command layer.
 
 pub mod inspect;
+pub mod merge;

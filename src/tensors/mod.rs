@@ -153,6 +153,13 @@ impl TensorFile {
             .ok_or_else(|| Error::bad_tensor(self.path(), name, "no such tensor in the file"))
     }
 
+    /// Lets go of mapped input pages after a streaming window (no-op for pickles).
+    pub fn release_pages(&self) {
+        if let Inner::Safetensors(f) = &self.inner {
+            f.release_pages();
+        }
+    }
+
     /// Raw little-endian, row-major bytes of a tensor in its stored dtype.
     pub fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let i = self.index_of(name)?;

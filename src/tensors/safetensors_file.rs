@@ -104,6 +104,17 @@ impl SafetensorsFile {
         }
     }
 
+    /// Drops this process's mapped pages (the page cache keeps them). Streaming commands call this
+    /// after each window so that reading a large input does not grow the resident set.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Buffer::Mapped(m) = &self.buffer {
+            // SAFETY: the mapping is a read-only shared file mapping; dropping its pages only
+            // makes later reads fault them in again from the file, with identical contents.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// The stored bytes of the tensor at `index` of [`Self::tensors`].
     pub fn tensor_bytes(&self, index: usize) -> &[u8] {
         let (s, e) = self.ranges[index];

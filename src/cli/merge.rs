@@ -1,0 +1,81 @@
+//! `loratool merge`: flags and the summary it prints.
+
+use clap::Args;
+use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
+use loratool::tensors::Dtype;
+use loratool::{Error, Result};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Checkpoint to bake the LoRAs into (single-file LDM/A1111, a diffusers component file, or a
+    /// BFL Flux file). Without it, the LoRAs are merged into one LoRA.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// A LoRA and its weight: PATH, PATH:W, or PATH:TE_W:UNET_W (A1111's order). Repeatable.
+    #[arg(long = "lora", required = true, value_name = "PATH[:W]")]
+    pub loras: Vec<String>,
+    /// Output file.
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// Store float tensors as f32, f16 or bf16 (default: as the base).
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: Option<String>,
+    /// Fail, before writing anything, if any LoRA module matches nothing in the checkpoint.
+    #[arg(long)]
+    pub strict: bool,
+    /// Overwrite an existing output, and merge a LoRA made for another model family.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn parse_dtype(name: &str) -> Dtype {
+    match name {
+        "f32" => Dtype::F32,
+        "bf16" => Dtype::BF16,
+        _ => Dtype::F16,
+    }
+}
+
+pub fn run(args: MergeArgs) -> Result<i32> {
+    let loras: Vec<LoraWeight> = args
+        .loras
+        .iter()
+        .map(|a| LoraWeight::parse(a))
+        .collect::<Result<_>>()?;
+    let Some(base) = args.base else {
+        return Err(Error::Invalid(
+            "merging LoRAs into one LoRA (merge without --base) is not implemented yet".into(),
+        ));
+    };
+    let opts = MergeOptions {
+        dtype: args.dtype.as_deref().map(parse_dtype),
+        strict: args.strict,
+        force: args.force,
+        window_bytes: 256 << 20,
+    };
+    let report = merge_into_checkpoint(&base, &loras, &args.output, &opts)?;
+    for (path, matched, unmatched) in &report.loras {
+        if !unmatched.is_empty() {
+            let first: Vec<&str> = unmatched.iter().take(3).map(String::as_str).collect();
+            eprintln!(
+                "loratool: {}: {} of {} LoRA modules matched nothing in the checkpoint: {}{}",
+                path.display(),
+                unmatched.len(),
+                matched + unmatched.len(),
+                first.join(", "),
+                if unmatched.len() > 3 { ", …" } else { "" }
+            );
+        }
+    }
+    println!(
+        "merged {} LoRA{} into {}: {} of {} tensors changed ({} checkpoint)",
+        report.loras.len(),
+        if report.loras.len() == 1 { "" } else { "s" },
+        args.output.display(),
+        report.tensors_changed,
+        report.tensors_total,
+        report.base_family.map(|f| f.name()).unwrap_or("unknown")
+    );
+    Ok(0)
+}
