@@ -137,3 +137,130 @@ mod tests {
         assert_eq!(k, vec![1., 10., 2., 20., 100., 1000., 200., 2000.]);
     }
 }
+
+/// A rank-k factorization `up (m×k) · down (k×n)` and the singular values it was cut from.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    pub rows: usize,
+    pub cols: usize,
+    pub rank: usize,
+    /// `m×k`, singular values folded in.
+    pub up: Vec<f32>,
+    /// `k×n`, orthonormal rows.
+    pub down: Vec<f32>,
+    /// Every singular value of the factorized matrix, descending.
+    pub singular_values: Vec<f64>,
+}
+
+fn to_mat(a: &[f32], m: usize, n: usize) -> faer::Mat<f64> {
+    faer::Mat::from_fn(m, n, |i, j| a[i * n + j] as f64)
+}
+
+/// Rank-`k` truncation from thin SVD factors `U S Vᵀ` (f64), `k` clamped to the available rank.
+fn truncate_svd(u: faer::MatRef<f64>, s: &[f64], v: faer::MatRef<f64>, k: usize) -> LowRank {
+    let (m, n) = (u.nrows(), v.nrows());
+    let k = k.min(s.len());
+    let mut up = vec![0f32; m * k];
+    for i in 0..m {
+        for j in 0..k {
+            up[i * k + j] = (u[(i, j)] * s[j]) as f32;
+        }
+    }
+    let mut down = vec![0f32; k * n];
+    for j in 0..k {
+        for c in 0..n {
+            down[j * n + c] = v[(c, j)] as f32;
+        }
+    }
+    LowRank {
+        rows: m,
+        cols: n,
+        rank: k,
+        up,
+        down,
+        singular_values: s.to_vec(),
+    }
+}
+
+/// Best rank-`k` approximation (Eckart–Young) of a dense row-major `m×n` matrix.
+pub fn truncate_dense(a: &[f32], m: usize, n: usize, k: usize) -> Result<LowRank, String> {
+    let svd = to_mat(a, m, n)
+        .thin_svd()
+        .map_err(|e| format!("SVD did not converge: {e:?}"))?;
+    let s: Vec<f64> = (0..m.min(n)).map(|i| svd.S()[i]).collect();
+    Ok(truncate_svd(svd.U(), &s, svd.V(), k))
+}
+
+/// Best rank-`k` approximation of the product `U (m×r) · D (r×n)`, exact, from the factors:
+/// thin QR of `U` and `Dᵀ`, SVD of the small `r×r` core `R_u R_dᵀ`, rotated back. Costs
+/// O((m+n)·r²); the `m×n` product is never formed.
+pub fn truncate_product(
+    u: &[f32],
+    m: usize,
+    r: usize,
+    d: &[f32],
+    n: usize,
+    k: usize,
+) -> Result<LowRank, String> {
+    let qr_u = to_mat(u, m, r).qr();
+    let qr_d = to_mat(&transpose(d, r, n), n, r).qr();
+    let (qu, ru) = (qr_u.compute_thin_Q(), qr_u.thin_R());
+    let (qd, rd) = (qr_d.compute_thin_Q(), qr_d.thin_R());
+    let core = ru * rd.transpose();
+    let svd = core
+        .thin_svd()
+        .map_err(|e| format!("SVD did not converge: {e:?}"))?;
+    let s: Vec<f64> = (0..core.nrows().min(core.ncols()))
+        .map(|i| svd.S()[i])
+        .collect();
+    let left = &qu * svd.U();
+    let right = &qd * svd.V();
+    Ok(truncate_svd(left.as_ref(), &s, right.as_ref(), k))
+}
+
+#[cfg(test)]
+mod svd_tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn factor_truncation_equals_dense_truncation() {
+        let (m, r, n, k) = (40, 6, 30, 3);
+        let u = pseudo_random(m * r, 1);
+        let d = pseudo_random(r * n, 2);
+        let dense = matmul(&u, m, r, &d, n);
+        let a = truncate_product(&u, m, r, &d, n, k).unwrap();
+        let b = truncate_dense(&dense, m, n, k).unwrap();
+        for i in 0..r {
+            assert!((a.singular_values[i] - b.singular_values[i]).abs() < 1e-5);
+        }
+        let pa = matmul(&a.up, m, k, &a.down, n);
+        let pb = matmul(&b.up, m, k, &b.down, n);
+        let diff: f64 = pa
+            .iter()
+            .zip(&pb)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum();
+        assert!(diff.sqrt() < 1e-4, "{diff}");
+        // Full rank reproduces the product.
+        let full = truncate_product(&u, m, r, &d, n, r).unwrap();
+        let p = matmul(&full.up, m, r, &full.down, n);
+        let err: f64 = p
+            .iter()
+            .zip(&dense)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum();
+        assert!(err.sqrt() < 1e-4);
+    }
+}

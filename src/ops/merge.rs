@@ -8,6 +8,7 @@
 //! windows of bounded size, in parallel inside a window, so peak memory does not grow with the
 //! checkpoint.
 
+use crate::adapter::keys::Role;
 use crate::adapter::{delta, Adapter, AdapterModule, Component, ModuleKind};
 use crate::family::checkpoint::{checkpoint_family, KeyMap, Layout, Target};
 use crate::family::{self, BaseModel};
@@ -141,33 +142,146 @@ fn component_of(layout: Layout) -> Option<Component> {
     }
 }
 
+/// Component folders of a diffusers pipeline that LoRAs patch; every other file is copied.
+const PIPELINE_COMPONENTS: &[(&str, Component)] = &[
+    ("unet", Component::Unet),
+    ("transformer", Component::Transformer),
+    ("text_encoder", Component::TextEncoder),
+    ("text_encoder_2", Component::TextEncoder2),
+    ("text_encoder_3", Component::TextEncoder3),
+];
+
+/// One checkpoint file to patch, with its matched patches.
+struct FilePlan {
+    source: PathBuf,
+    /// Path relative to the output root (empty for a single-file merge).
+    relative: PathBuf,
+    base: TensorFile,
+    patches: BTreeMap<String, Vec<Patch>>,
+}
+
+/// Bakes `loras` into the checkpoint at `base_path` (a file, or a diffusers pipeline folder, in
+/// which case `out` is a folder with the same structure).
 pub fn merge_into_checkpoint(
     base_path: &Path,
     loras: &[LoraWeight],
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
-    let base = TensorFile::open(base_path)?;
-    let layout = layout_of(base_path);
-    let base_family = checkpoint_family(base.tensors(), layout);
-    let keymap = KeyMap::build(base.tensors(), layout);
-    if keymap.is_empty() || crate::adapter::keys::classify(&base.tensors()[0].name).is_some() {
-        return Err(Error::bad_file(
-            base_path,
-            "not a model checkpoint: no UNet, transformer or text-encoder weights found",
-        ));
-    }
-
     let adapters: Vec<Adapter> = loras
         .iter()
         .map(|l| Adapter::open(&l.path))
         .collect::<Result<_>>()?;
 
+    // The files to patch: the base itself, or each weight file of a pipeline's component folders.
+    let mut files: Vec<(PathBuf, PathBuf, Layout)> = Vec::new();
+    let pipeline = base_path.is_dir();
+    if pipeline {
+        for (folder, component) in PIPELINE_COMPONENTS {
+            let dir = base_path.join(folder);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut weights: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            weights.sort();
+            for w in weights {
+                let rel = Path::new(folder).join(w.file_name().expect("file"));
+                files.push((w, rel, Layout::DiffusersComponent(*component)));
+            }
+        }
+        if files.is_empty() {
+            return Err(Error::bad_file(
+                base_path,
+                "not a diffusers pipeline folder: no unet/, transformer/ or text_encoder*/ safetensors files",
+            ));
+        }
+    } else {
+        files.push((
+            base_path.to_path_buf(),
+            PathBuf::new(),
+            layout_of(base_path),
+        ));
+    }
+
     // Match every module, check families and shapes, before anything is written.
-    let mut patches: BTreeMap<String, Vec<Patch>> = BTreeMap::new();
+    let mut plans = Vec::new();
+    let mut matched: Vec<Vec<bool>> = adapters
+        .iter()
+        .map(|a| vec![false; a.modules.len()])
+        .collect();
+    let mut base_family = BaseModel::Unknown;
+    for (source, relative, layout) in files {
+        let base = TensorFile::open(&source)?;
+        let keymap = KeyMap::build(base.tensors(), layout);
+        if keymap.is_empty() || crate::adapter::keys::classify(&base.tensors()[0].name).is_some() {
+            return Err(Error::bad_file(
+                &source,
+                "not a model checkpoint: no UNet, transformer or text-encoder weights found",
+            ));
+        }
+        let fam = checkpoint_family(base.tensors(), layout);
+        if base_family == BaseModel::Unknown {
+            base_family = fam;
+        }
+        let mut patches: BTreeMap<String, Vec<Patch>> = BTreeMap::new();
+        for (li, (adapter, lw)) in adapters.iter().zip(loras).enumerate() {
+            for (mi, m) in adapter.modules.iter().enumerate() {
+                if let Some(c) = component_of(layout) {
+                    if m.component != c {
+                        continue;
+                    }
+                }
+                let Some(target) = keymap.lookup(m) else {
+                    continue;
+                };
+                check_fits(&base, target, m, &lw.path)?;
+                matched[li][mi] = true;
+                let multiplier = lw.multiplier(m.component);
+                patches
+                    .entry(target.weight.clone())
+                    .or_default()
+                    .push(Patch {
+                        lora: li,
+                        module: mi,
+                        rows: target.rows.clone(),
+                        multiplier,
+                        bias: false,
+                    });
+                let has_bias_delta =
+                    m.tensor(Role::DiffBias).is_some() || m.tensor(Role::NormBias).is_some();
+                if has_bias_delta {
+                    let Some(bias) = &target.bias else {
+                        return Err(Error::Invalid(format!(
+                            "{}: module '{}' changes a bias, but '{}' has none in {}",
+                            lw.path.display(),
+                            m.name,
+                            target.weight,
+                            source.display()
+                        )));
+                    };
+                    patches.entry(bias.clone()).or_default().push(Patch {
+                        lora: li,
+                        module: mi,
+                        rows: target.rows.clone(),
+                        multiplier,
+                        bias: true,
+                    });
+                }
+            }
+        }
+        plans.push(FilePlan {
+            source,
+            relative,
+            base,
+            patches,
+        });
+    }
+
     let mut report = MergeReport {
         base_family: Some(base_family),
-        tensors_total: base.tensors().len(),
         ..Default::default()
     };
     for (li, (adapter, lw)) in adapters.iter().zip(loras).enumerate() {
@@ -185,55 +299,15 @@ pub fn merge_into_checkpoint(
                 base_family.name()
             )));
         }
-        let mut matched = 0;
-        let mut unmatched = Vec::new();
-        for (mi, m) in adapter.modules.iter().enumerate() {
-            // A diffusers component file only holds its own component's modules.
-            if let Some(c) = component_of(layout) {
-                if m.component != c {
-                    continue;
-                }
-            }
-            let Some(target) = keymap.lookup(m) else {
-                unmatched.push(m.name.clone());
-                continue;
-            };
-            check_fits(&base, target, m, &lw.path)?;
-            matched += 1;
-            let multiplier = lw.multiplier(m.component);
-            patches
-                .entry(target.weight.clone())
-                .or_default()
-                .push(Patch {
-                    lora: li,
-                    module: mi,
-                    rows: target.rows.clone(),
-                    multiplier,
-                    bias: false,
-                });
-            let has_bias_delta = matches!(m.kind, ModuleKind::Full | ModuleKind::Norm)
-                && (m.tensor(crate::adapter::keys::Role::DiffBias).is_some()
-                    || m.tensor(crate::adapter::keys::Role::NormBias).is_some());
-            if has_bias_delta {
-                let Some(bias) = &target.bias else {
-                    return Err(Error::Invalid(format!(
-                        "{}: module '{}' changes a bias, but '{}' has none in {}",
-                        lw.path.display(),
-                        m.name,
-                        target.weight,
-                        base_path.display()
-                    )));
-                };
-                patches.entry(bias.clone()).or_default().push(Patch {
-                    lora: li,
-                    module: mi,
-                    rows: target.rows.clone(),
-                    multiplier,
-                    bias: true,
-                });
-            }
-        }
-        if matched == 0 {
+        let unmatched: Vec<String> = adapter
+            .modules
+            .iter()
+            .zip(&matched[li])
+            .filter(|(_, hit)| !**hit)
+            .map(|(m, _)| m.name.clone())
+            .collect();
+        let hits = adapter.modules.len() - unmatched.len();
+        if hits == 0 {
             return Err(Error::Invalid(format!(
                 "{}: none of its {} modules matched anything in {}; nothing was written",
                 lw.path.display(),
@@ -256,10 +330,54 @@ pub fn merge_into_checkpoint(
                     .join(", ")
             )));
         }
-        report.loras.push((lw.path.clone(), matched, unmatched));
+        report.loras.push((lw.path.clone(), hits, unmatched));
     }
 
-    // Output header: the base's tensors, names and shapes, float dtypes optionally converted.
+    let mut inputs = vec![base_path.to_path_buf()];
+    inputs.extend(loras.iter().map(|l| l.path.clone()));
+    let write_opts = WriteOptions {
+        force: opts.force,
+        inputs,
+    };
+    let record = merge_record(loras, &adapters)?;
+    if pipeline {
+        let staging = StagingDir::create(out, &write_opts)?;
+        copy_tree(base_path, staging.path(), &plans)?;
+        for plan in &plans {
+            let target = staging.path().join(&plan.relative);
+            let s = write_merged(
+                plan,
+                &target,
+                &record,
+                &adapters,
+                opts,
+                &WriteOptions::default(),
+            )?;
+            report.output_bytes += s.0;
+            report.tensors_changed += s.1;
+            report.tensors_total += plan.base.tensors().len();
+        }
+        staging.commit()?;
+    } else {
+        let plan = &plans[0];
+        let s = write_merged(plan, out, &record, &adapters, opts, &write_opts)?;
+        report.output_bytes = s.0;
+        report.tensors_changed = s.1;
+        report.tensors_total = plan.base.tensors().len();
+    }
+    Ok(report)
+}
+
+/// Streams one patched file: returns (bytes written, tensors changed).
+fn write_merged(
+    plan: &FilePlan,
+    out: &Path,
+    record: &str,
+    adapters: &[Adapter],
+    opts: &MergeOptions,
+    write_opts: &WriteOptions,
+) -> Result<(u64, usize)> {
+    let base = &plan.base;
     let specs: Vec<TensorSpec> = base
         .tensors()
         .iter()
@@ -272,19 +390,9 @@ pub fn merge_into_checkpoint(
             shape: t.shape.clone(),
         })
         .collect();
-    let mut inputs = vec![base_path.to_path_buf()];
-    inputs.extend(loras.iter().map(|l| l.path.clone()));
-    let metadata = output_metadata(&base, loras, &adapters)?;
-    let mut writer = SafetensorsWriter::create(
-        out,
-        &metadata,
-        specs.clone(),
-        &WriteOptions {
-            force: opts.force,
-            inputs,
-        },
-    )?;
-
+    let mut metadata = base.metadata().clone();
+    metadata.insert("loratool.merged_loras".into(), record.to_string());
+    let mut writer = SafetensorsWriter::create(out, &metadata, specs.clone(), write_opts)?;
     let window = opts.window_bytes.max(64 << 20);
     let infos = base.tensors();
     let mut start = 0;
@@ -293,12 +401,9 @@ pub fn merge_into_checkpoint(
         let mut end = start;
         let mut bytes = 0usize;
         while end < infos.len() {
-            let cost =
-                if patches.contains_key(&infos[end].name) || specs[end].dtype != infos[end].dtype {
-                    infos[end].numel() * 8
-                } else {
-                    0
-                };
+            let touched =
+                plan.patches.contains_key(&infos[end].name) || specs[end].dtype != infos[end].dtype;
+            let cost = if touched { infos[end].numel() * 8 } else { 0 };
             if end > start && bytes + cost > window {
                 break;
             }
@@ -307,7 +412,15 @@ pub fn merge_into_checkpoint(
         }
         let produced: Vec<Option<Vec<u8>>> = (start..end)
             .into_par_iter()
-            .map(|i| produce(&base, i, &specs[i], patches.get(&infos[i].name), &adapters))
+            .map(|i| {
+                produce(
+                    base,
+                    i,
+                    &specs[i],
+                    plan.patches.get(&infos[i].name),
+                    adapters,
+                )
+            })
             .collect::<Result<_>>()?;
         for (i, bytes) in (start..end).zip(produced) {
             match bytes {
@@ -321,10 +434,88 @@ pub fn merge_into_checkpoint(
         base.release_pages();
         start = end;
     }
-    report.tensors_changed = patches.len();
     let summary = writer.finish()?;
-    report.output_bytes = summary.bytes;
-    Ok(report)
+    Ok((summary.bytes, plan.patches.len()))
+}
+
+/// A folder output assembled beside its target and renamed into place only when complete.
+struct StagingDir {
+    target: PathBuf,
+    temp: PathBuf,
+    committed: bool,
+}
+
+impl StagingDir {
+    fn create(target: &Path, opts: &WriteOptions) -> Result<StagingDir> {
+        crate::tensors::writer::check_output_path(
+            target,
+            &WriteOptions {
+                force: false,
+                ..opts.clone()
+            },
+        )
+        .or_else(|e| {
+            if opts.force && target.is_dir() {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let temp = parent.join(format!(".{name}.loratool-{}.tmp", std::process::id()));
+        std::fs::create_dir(&temp).map_err(|e| Error::io(target, e))?;
+        Ok(StagingDir {
+            target: target.to_path_buf(),
+            temp,
+            committed: false,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.temp
+    }
+
+    fn commit(mut self) -> Result<()> {
+        if self.target.is_dir() {
+            std::fs::remove_dir_all(&self.target).map_err(|e| Error::io(&self.target, e))?;
+        }
+        std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.temp);
+        }
+    }
+}
+
+/// Copies every file of a pipeline folder except the weight files that will be rewritten.
+fn copy_tree(from: &Path, to: &Path, plans: &[FilePlan]) -> Result<()> {
+    let rewritten: Vec<&Path> = plans.iter().map(|p| p.source.as_path()).collect();
+    let entries = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        if src.is_dir() {
+            std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
+            copy_tree(&src, &dst, plans)?;
+        } else if !rewritten.contains(&src.as_path()) {
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The new bytes of tensor `i`, or `None` when it is copied unchanged.
@@ -426,13 +617,9 @@ fn check_fits(base: &TensorFile, target: &Target, m: &AdapterModule, lora: &Path
     Ok(())
 }
 
-/// The base's metadata plus a record of what was merged (file names, weights, AutoV3 hashes).
-fn output_metadata(
-    base: &TensorFile,
-    loras: &[LoraWeight],
-    adapters: &[Adapter],
-) -> Result<BTreeMap<String, String>> {
-    let mut meta = base.metadata().clone();
+/// What was merged (file names, weights, AutoV3 hashes), recorded in the output's metadata
+/// under `loratool.merged_loras`.
+fn merge_record(loras: &[LoraWeight], adapters: &[Adapter]) -> Result<String> {
     let mut record = Vec::new();
     for (lw, a) in loras.iter().zip(adapters) {
         let autov3 = match a.file.as_safetensors() {
@@ -446,11 +633,7 @@ fn output_metadata(
             "autov3": autov3,
         }));
     }
-    meta.insert(
-        "loratool.merged_loras".into(),
-        serde_json::to_string(&record).expect("json"),
-    );
-    Ok(meta)
+    Ok(serde_json::to_string(&record).expect("json"))
 }
 
 #[cfg(test)]

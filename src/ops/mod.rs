@@ -3,3 +3,4 @@
 
 pub mod inspect;
 pub mod merge;
+pub mod merge_loras;

@@ -1,0 +1,432 @@
+//! `loratool merge` without `--base`: several LoRAs into one LoRA.
+//!
+//! - `concat` (exact): per module the weighted deltas are summed by stacking factors,
+//!   `ΔW = [w₁s₁·up₁ | w₂s₂·up₂ | …] · [down₁; down₂; …]`, rank = Σ ranks, alpha = rank (scale 1),
+//!   so every part keeps its effective strength. (kohya's non-SVD merge sums ups and downs
+//!   separately, which adds cross terms; this does not.)
+//! - `svd --rank R`: the best rank-R approximation of that sum, computed from the stacked factors
+//!   (QR + SVD of the small core), never from a dense `out×in` matrix.
+//!
+//! Kinds without a low-rank form (LoHa, LoKr, full, norm, Tucker) go through their dense delta:
+//! `concat` stores the exact sum as a LyCORIS `diff` module, `svd` truncates it.
+
+use super::merge::LoraWeight;
+use crate::adapter::keys::Role;
+use crate::adapter::{delta, Adapter, AdapterModule, Component, Format, ModuleKind};
+use crate::family::unet_names::diffusers_to_ldm;
+use crate::family::{self, BaseModel};
+use crate::linalg;
+use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
+use crate::tensors::{Dtype, Tensor};
+use crate::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMergeMethod {
+    Concat,
+    Svd { rank: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraMergeOptions {
+    pub method: LoraMergeMethod,
+    pub dtype: Option<Dtype>,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoraMergeReport {
+    pub family: Option<BaseModel>,
+    pub modules: usize,
+    pub low_rank_modules: usize,
+    pub dense_modules: usize,
+    pub ranks: (usize, usize),
+}
+
+/// The kohya module name of a module of any dialect (the output's naming). kohya names SDXL UNet
+/// modules by their LDM paths and every other UNet by diffusers paths.
+pub fn kohya_name(m: &AdapterModule, family: BaseModel) -> String {
+    if m.format == Format::Kohya {
+        return m.name.clone();
+    }
+    let flat = |p: &str| p.replace('.', "_");
+    match m.component {
+        Component::Unet => {
+            let path = if family == BaseModel::Sdxl {
+                // SDXL up blocks 0 and 1 carry attentions, block 2 does not.
+                diffusers_to_ldm(&m.path, |i| i < 2).unwrap_or_else(|| m.path.clone())
+            } else {
+                m.path.clone()
+            };
+            format!("lora_unet_{}", flat(&path))
+        }
+        Component::Transformer => format!("lora_transformer_{}", flat(&m.path)),
+        Component::TextEncoder if family == BaseModel::Sdxl => {
+            format!("lora_te1_{}", flat(&m.path))
+        }
+        Component::TextEncoder => format!("lora_te_{}", flat(&m.path)),
+        Component::TextEncoder2 => format!("lora_te2_{}", flat(&m.path)),
+        Component::TextEncoder3 => format!("lora_te3_{}", flat(&m.path)),
+    }
+}
+
+/// A module part of one input, with its user weight.
+struct Part<'a> {
+    adapter: &'a Adapter,
+    module: &'a AdapterModule,
+    weight: f32,
+}
+
+/// Output tensors of one merged module.
+enum Merged {
+    LowRank {
+        up: Tensor,
+        down: Tensor,
+        rank: usize,
+    },
+    Dense {
+        diff: Tensor,
+        bias: Option<Tensor>,
+    },
+}
+
+fn is_factored(m: &AdapterModule) -> bool {
+    m.kind == ModuleKind::Lora && m.tensor(Role::Mid).is_none()
+}
+
+/// Conv kernels of flattened LoHa/LoKr factors are not recorded; 3×3 is what every SD conv a
+/// LoRA targets uses, so a column count divisible by 9 on a conv-named module is read that way.
+fn target_shape(parts: &[Part]) -> Vec<usize> {
+    if let Some(p) = parts.iter().find(|p| p.module.shape.len() > 2) {
+        return p.module.shape.clone();
+    }
+    let s = parts[0].module.shape.clone();
+    let name = &parts[0].module.name;
+    let conv_named = [
+        "conv",
+        "in_layers_2",
+        "out_layers_3",
+        "_op",
+        "downsamplers",
+        "upsamplers",
+    ]
+    .iter()
+    .any(|c| name.contains(c));
+    if s.len() == 2 && conv_named && s[1].is_multiple_of(9) && !name.contains("conv_shortcut") {
+        vec![s[0], s[1] / 9, 3, 3]
+    } else {
+        s
+    }
+}
+
+fn merge_module(parts: &[Part], method: LoraMergeMethod) -> Result<Merged> {
+    for p in parts {
+        if p.module.dora
+            || matches!(
+                p.module.kind,
+                ModuleKind::Ia3 | ModuleKind::Oft | ModuleKind::Boft | ModuleKind::Glora
+            )
+        {
+            return Err(Error::Invalid(format!(
+                "{}: module '{}' is {}, whose effect depends on the base weights; merge it into a checkpoint with --base instead",
+                p.adapter.file.path().display(),
+                p.module.name,
+                if p.module.dora { "DoRA".to_string() } else { p.module.kind.name().to_string() }
+            )));
+        }
+    }
+    let shape = target_shape(parts);
+    let out = shape[0];
+    let cols: usize = shape[1..].iter().product();
+    for p in parts {
+        if p.module.shape.iter().product::<usize>() != out * cols {
+            return Err(Error::Invalid(format!(
+                "{}: module '{}' has shape {:?} but another input has {:?} for the same module",
+                p.adapter.file.path().display(),
+                p.module.name,
+                p.module.shape,
+                shape
+            )));
+        }
+    }
+    if parts.iter().all(|p| is_factored(p.module)) {
+        // Stack weighted ups (scale folded in) and downs.
+        let total: usize = parts.iter().map(|p| p.module.rank.unwrap_or(0)).sum();
+        let mut up = vec![0f32; out * total];
+        let mut down = Vec::with_capacity(total * cols);
+        let mut at = 0;
+        for p in parts {
+            let m = p.module;
+            let r = m.rank.unwrap_or(0);
+            let f = &p.adapter.file;
+            let u = f.read_f32(m.tensor(Role::Up).expect("lora up"))?;
+            let d = f.read_f32(m.tensor(Role::Down).expect("lora down"))?;
+            let s = p.weight * m.scale;
+            for o in 0..out {
+                for j in 0..r {
+                    up[o * total + at + j] = s * u.data[o * r + j];
+                }
+            }
+            down.extend_from_slice(&d.data);
+            at += r;
+        }
+        let (up, down, rank) = match method {
+            LoraMergeMethod::Concat => (up, down, total),
+            LoraMergeMethod::Svd { rank } => {
+                let lr = linalg::truncate_product(&up, out, total, &down, cols, rank)
+                    .map_err(Error::Invalid)?;
+                (lr.up, lr.down, lr.rank)
+            }
+        };
+        return Ok(low_rank_tensors(&shape, up, down, rank));
+    }
+    // Dense path: Σ w·ΔW.
+    let mut sum = vec![0f32; out * cols];
+    let mut bias: Option<Vec<f32>> = None;
+    for p in parts {
+        let d = delta::delta(p.module, &p.adapter.file)?;
+        sum.iter_mut()
+            .zip(&d.data)
+            .for_each(|(a, b)| *a += p.weight * b);
+        if let Some(b) = delta::bias_delta(p.module, &p.adapter.file)? {
+            let acc = bias.get_or_insert_with(|| vec![0f32; b.numel()]);
+            acc.iter_mut()
+                .zip(&b.data)
+                .for_each(|(a, x)| *a += p.weight * x);
+        }
+    }
+    match method {
+        LoraMergeMethod::Concat => Ok(Merged::Dense {
+            diff: Tensor::new(shape, sum),
+            bias: bias.map(|b| Tensor::new(vec![b.len()], b)),
+        }),
+        LoraMergeMethod::Svd { rank } => {
+            if shape.len() == 1 {
+                return Ok(Merged::Dense {
+                    diff: Tensor::new(shape, sum),
+                    bias: bias.map(|b| Tensor::new(vec![b.len()], b)),
+                });
+            }
+            let lr = linalg::truncate_dense(&sum, out, cols, rank).map_err(Error::Invalid)?;
+            Ok(low_rank_tensors(&shape, lr.up, lr.down, lr.rank))
+        }
+    }
+}
+
+fn low_rank_tensors(shape: &[usize], up: Vec<f32>, down: Vec<f32>, rank: usize) -> Merged {
+    let mut down_shape = vec![rank];
+    down_shape.extend_from_slice(&shape[1..]);
+    let up_shape = if shape.len() == 4 {
+        vec![shape[0], rank, 1, 1]
+    } else {
+        vec![shape[0], rank]
+    };
+    Merged::LowRank {
+        up: Tensor::new(up_shape, up),
+        down: Tensor::new(down_shape, down),
+        rank,
+    }
+}
+
+/// kohya's `ss_base_model_version` and modelspec architecture for a family.
+fn family_metadata(f: BaseModel) -> Option<(&'static str, &'static str, &'static str)> {
+    Some(match f {
+        BaseModel::Sd1 => ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
+        BaseModel::Sd2 => ("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
+        BaseModel::Sdxl => (
+            "sdxl_base_v1-0",
+            "stable-diffusion-xl-v1-base/lora",
+            "1024x1024",
+        ),
+        BaseModel::Sd3 => ("sd3", "stable-diffusion-3-medium/lora", "1024x1024"),
+        BaseModel::Flux => ("flux1", "flux-1-dev/lora", "1024x1024"),
+        BaseModel::Unknown => return None,
+    })
+}
+
+pub fn merge_loras(
+    loras: &[LoraWeight],
+    out: &Path,
+    opts: &LoraMergeOptions,
+) -> Result<LoraMergeReport> {
+    if let LoraMergeMethod::Svd { rank: 0 } = opts.method {
+        return Err(Error::Invalid("--rank must be at least 1".into()));
+    }
+    let adapters: Vec<Adapter> = loras
+        .iter()
+        .map(|l| Adapter::open(&l.path))
+        .collect::<Result<_>>()?;
+    let mut fam = BaseModel::Unknown;
+    for (a, lw) in adapters.iter().zip(loras) {
+        let f = family::detect(a.file.metadata(), &a.modules).base_model;
+        if f == BaseModel::Unknown {
+            continue;
+        }
+        if fam != BaseModel::Unknown && f != fam && !opts.force {
+            return Err(Error::Invalid(format!(
+                "{}: this is a {} LoRA but the other inputs are {} (use --force to merge anyway)",
+                lw.path.display(),
+                f.name(),
+                fam.name()
+            )));
+        }
+        if fam == BaseModel::Unknown {
+            fam = f;
+        }
+    }
+
+    // Group modules by their output (kohya) name, in first-appearance order.
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: HashMap<String, Vec<Part>> = HashMap::new();
+    for (a, lw) in adapters.iter().zip(loras) {
+        for m in &a.modules {
+            let name = kohya_name(m, fam);
+            let weight = if m.component.is_text_encoder() {
+                lw.text_encoder
+            } else {
+                lw.unet
+            };
+            groups
+                .entry(name.clone())
+                .or_insert_with(|| {
+                    order.push(name.clone());
+                    Vec::new()
+                })
+                .push(Part {
+                    adapter: a,
+                    module: m,
+                    weight,
+                });
+        }
+    }
+
+    let dtype = opts
+        .dtype
+        .or_else(|| {
+            adapters
+                .iter()
+                .flat_map(|a| &a.modules)
+                .map(|m| m.dtype)
+                .find(|d| d.is_float())
+        })
+        .unwrap_or(Dtype::F16);
+    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
+    let mut push = |name: String, t: &Tensor| {
+        let bytes = dtype.encode_f32(&t.data).expect("float dtype");
+        tensors.push((
+            TensorSpec {
+                name,
+                dtype,
+                shape: t.shape.clone(),
+            },
+            bytes,
+        ));
+    };
+    let mut report = LoraMergeReport {
+        family: Some(fam),
+        ranks: (usize::MAX, 0),
+        ..Default::default()
+    };
+    let mut conv_rank = None;
+    for name in &order {
+        match merge_module(&groups[name], opts.method)? {
+            Merged::LowRank { up, down, rank } => {
+                push(
+                    format!("{name}.alpha"),
+                    &Tensor::new(vec![], vec![rank as f32]),
+                );
+                push(format!("{name}.lora_down.weight"), &down);
+                push(format!("{name}.lora_up.weight"), &up);
+                report.low_rank_modules += 1;
+                report.ranks = (report.ranks.0.min(rank), report.ranks.1.max(rank));
+                if down.shape.len() == 4 && down.shape[2] * down.shape[3] > 1 {
+                    conv_rank = Some(rank);
+                }
+            }
+            Merged::Dense { diff, bias } => {
+                push(format!("{name}.diff"), &diff);
+                if let Some(b) = bias {
+                    push(format!("{name}.diff_b"), &b);
+                }
+                report.dense_modules += 1;
+            }
+        }
+        report.modules += 1;
+    }
+
+    let mut meta: BTreeMap<String, String> = BTreeMap::new();
+    let dim = if report.ranks.0 == report.ranks.1 {
+        report.ranks.1.to_string()
+    } else {
+        "Dynamic".into()
+    };
+    meta.insert("ss_network_module".into(), "networks.lora".into());
+    meta.insert("ss_network_dim".into(), dim.clone());
+    meta.insert("ss_network_alpha".into(), dim);
+    if let Some(c) = conv_rank {
+        meta.insert(
+            "ss_network_args".into(),
+            serde_json::json!({"conv_dim": c.to_string(), "conv_alpha": c.to_string()}).to_string(),
+        );
+    }
+    if let Some((version, arch, res)) = family_metadata(fam) {
+        meta.insert("ss_base_model_version".into(), version.into());
+        meta.insert(
+            "ss_v2".into(),
+            if fam == BaseModel::Sd2 {
+                "True"
+            } else {
+                "False"
+            }
+            .into(),
+        );
+        meta.insert("modelspec.architecture".into(), arch.into());
+        meta.insert("modelspec.resolution".into(), res.into());
+    }
+    meta.insert("modelspec.sai_model_spec".into(), "1.0.1".into());
+    let stem = |p: &Path| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    meta.insert("modelspec.title".into(), stem(out));
+    meta.insert(
+        "modelspec.merged_from".into(),
+        loras
+            .iter()
+            .map(|l| stem(&l.path))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let method = match opts.method {
+        LoraMergeMethod::Concat => "concat".to_string(),
+        LoraMergeMethod::Svd { rank } => format!("svd rank {rank}"),
+    };
+    let parts: Vec<String> = loras
+        .iter()
+        .map(|l| format!("{}:{}:{}", stem(&l.path), l.text_encoder, l.unet))
+        .collect();
+    meta.insert(
+        "ss_training_comment".into(),
+        format!("merged by loratool ({method}): {}", parts.join(", ")),
+    );
+    // kohya's sshs_model_hash: sha256 of the data section, which is these bytes in this order.
+    let mut h = Sha256::new();
+    for (_, b) in &tensors {
+        h.update(b);
+    }
+    let hash: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    meta.insert("sshs_model_hash".into(), hash);
+
+    let write_opts = WriteOptions {
+        force: opts.force,
+        inputs: loras.iter().map(|l| l.path.clone()).collect(),
+    };
+    write_all(out, &meta, &tensors, &write_opts)?;
+    if report.ranks.0 == usize::MAX {
+        report.ranks = (0, 0);
+    }
+    Ok(report)
+}

@@ -1,0 +1,149 @@
+//! `merge --base` against the peers' own merged checkpoints (fixtures/merge/, written by
+//! fixtures/generate_merge.py with diffusers `fuse_lora` and LyCORIS): every changed tensor within
+//! 1e-5 relative Frobenius error in f32 (2e-3 when stored as f16), every other tensor bit-identical
+//! to the base.
+
+mod common;
+
+use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
+use loratool::tensors::{Dtype, TensorFile};
+use std::path::{Path, PathBuf};
+
+fn merge_cases() -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(common::fixtures().join("merge/manifest.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+/// The output file holding reference key `key` (`unet/<k>` in a pipeline folder) and the key in it.
+fn locate(out: &Path, layout: &str, key: &str) -> (PathBuf, String) {
+    if layout == "diffusers" {
+        let (component, k) = key.split_once('/').unwrap();
+        let file = if component.starts_with("text_encoder") {
+            "model.safetensors"
+        } else {
+            "diffusion_pytorch_model.safetensors"
+        };
+        (out.join(component).join(file), k.to_string())
+    } else {
+        (out.to_path_buf(), key.to_string())
+    }
+}
+
+fn run_case(case: &serde_json::Value, dtype: Option<Dtype>, tolerance: f64) -> Vec<String> {
+    let fx = common::fixtures();
+    let name = case["case"].as_str().unwrap();
+    let layout = case["layout"].as_str().unwrap();
+    let base = fx.join(case["base"].as_str().unwrap());
+    let loras: Vec<LoraWeight> = case["loras"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let w = l["weight"].as_f64().unwrap() as f32;
+            LoraWeight {
+                path: fx.join(l["path"].as_str().unwrap()),
+                text_encoder: w,
+                unet: w,
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(if layout == "diffusers" {
+        "merged"
+    } else {
+        "merged.safetensors"
+    });
+    let opts = MergeOptions {
+        dtype,
+        window_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let report = merge_into_checkpoint(&base, &loras, &out, &opts).unwrap();
+    let reference = TensorFile::open(&fx.join(case["reference"].as_str().unwrap())).unwrap();
+    let mut failures = Vec::new();
+    let changed = case["changed_tensors"].as_u64().unwrap() as usize;
+    if report.tensors_changed != changed {
+        failures.push(format!(
+            "{name}: {} tensors changed, peer changed {changed}",
+            report.tensors_changed
+        ));
+    }
+    let mut opened: std::collections::HashMap<PathBuf, TensorFile> = Default::default();
+    for t in reference.tensors() {
+        let (file, key) = locate(&out, layout, &t.name);
+        let f = opened
+            .entry(file.clone())
+            .or_insert_with(|| TensorFile::open(&file).unwrap());
+        let got = f.read_f32(&key).unwrap();
+        let err = got.relative_error(&reference.read_f32(&t.name).unwrap());
+        if err.is_nan() || err > tolerance {
+            failures.push(format!("{name}: {} relative error {err:.2e}", t.name));
+        }
+    }
+    // Everything else is the base, byte for byte (when the dtype is kept).
+    if dtype.is_none() {
+        let pairs: Vec<(PathBuf, PathBuf)> = if layout == "diffusers" {
+            [
+                "unet/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors",
+                "text_encoder_2/model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors",
+            ]
+            .iter()
+            .filter(|r| base.join(r).exists())
+            .map(|r| (base.join(r), out.join(r)))
+            .collect()
+        } else {
+            vec![(base.clone(), out.clone())]
+        };
+        for (b, o) in pairs {
+            let (bf, of) = (TensorFile::open(&b).unwrap(), TensorFile::open(&o).unwrap());
+            assert_eq!(bf.tensors().len(), of.tensors().len());
+            for t in bf.tensors() {
+                let prefix = if layout == "diffusers" {
+                    format!(
+                        "{}/",
+                        b.parent().unwrap().file_name().unwrap().to_string_lossy()
+                    )
+                } else {
+                    String::new()
+                };
+                if reference.get(&format!("{prefix}{}", t.name)).is_some() {
+                    continue;
+                }
+                let o_info = of.get(&t.name).unwrap();
+                if o_info.shape != t.shape
+                    || o_info.dtype != t.dtype
+                    || of.raw_bytes(&t.name).unwrap() != bf.raw_bytes(&t.name).unwrap()
+                {
+                    failures.push(format!(
+                        "{name}: untouched {} differs from the base",
+                        t.name
+                    ));
+                }
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn merged_tensors_match_the_peers_in_f32() {
+    let cases = merge_cases();
+    assert!(cases.len() >= 15);
+    let failures: Vec<String> = cases
+        .iter()
+        .flat_map(|c| run_case(c, Some(Dtype::F32), 1e-5))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn merged_tensors_match_the_peers_in_the_base_dtype_and_the_rest_is_bit_identical() {
+    let failures: Vec<String> = merge_cases()
+        .iter()
+        .flat_map(|c| run_case(c, None, 2e-3))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
