@@ -2,6 +2,7 @@
 
 use clap::Args;
 use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
+use loratool::ops::merge_loras::{merge_loras, LoraMergeMethod, LoraMergeOptions};
 use loratool::tensors::Dtype;
 use loratool::{Error, Result};
 use std::path::PathBuf;
@@ -27,6 +28,13 @@ pub struct MergeArgs {
     /// Overwrite an existing output, and merge a LoRA made for another model family.
     #[arg(long)]
     pub force: bool,
+    /// LoRA+LoRA merge (no --base): `concat` stacks factors (exact, rank = sum of ranks), `svd`
+    /// keeps the best rank-R approximation of the summed delta.
+    #[arg(long, value_parser = ["concat", "svd"], default_value = "concat")]
+    pub method: String,
+    /// Target rank for `--method svd`.
+    #[arg(long)]
+    pub rank: Option<usize>,
 }
 
 pub fn parse_dtype(name: &str) -> Dtype {
@@ -44,10 +52,13 @@ pub fn run(args: MergeArgs) -> Result<i32> {
         .map(|a| LoraWeight::parse(a))
         .collect::<Result<_>>()?;
     let Some(base) = args.base else {
-        return Err(Error::Invalid(
-            "merging LoRAs into one LoRA (merge without --base) is not implemented yet".into(),
-        ));
+        return merge_into_lora(&args, &loras);
     };
+    if args.method != "concat" || args.rank.is_some() {
+        return Err(Error::Invalid(
+            "--method and --rank apply to LoRA+LoRA merges (without --base)".into(),
+        ));
+    }
     let opts = MergeOptions {
         dtype: args.dtype.as_deref().map(parse_dtype),
         strict: args.strict,
@@ -76,6 +87,37 @@ pub fn run(args: MergeArgs) -> Result<i32> {
         report.tensors_changed,
         report.tensors_total,
         report.base_family.map(|f| f.name()).unwrap_or("unknown")
+    );
+    Ok(0)
+}
+
+fn merge_into_lora(args: &MergeArgs, loras: &[LoraWeight]) -> Result<i32> {
+    let method = match (args.method.as_str(), args.rank) {
+        ("svd", Some(rank)) => LoraMergeMethod::Svd { rank },
+        ("svd", None) => return Err(Error::Invalid("--method svd needs --rank R".into())),
+        (_, Some(_)) => return Err(Error::Invalid("--rank needs --method svd".into())),
+        _ => LoraMergeMethod::Concat,
+    };
+    let opts = LoraMergeOptions {
+        method,
+        dtype: args.dtype.as_deref().map(parse_dtype),
+        force: args.force,
+    };
+    let r = merge_loras(loras, &args.output, &opts)?;
+    let ranks = if r.ranks.0 == r.ranks.1 {
+        r.ranks.1.to_string()
+    } else {
+        format!("{}–{}", r.ranks.0, r.ranks.1)
+    };
+    println!(
+        "merged {} LoRAs into {}: {} modules ({} low-rank, rank {}; {} dense diff), {} LoRA",
+        loras.len(),
+        args.output.display(),
+        r.modules,
+        r.low_rank_modules,
+        ranks,
+        r.dense_modules,
+        r.family.map(|f| f.name()).unwrap_or("unknown")
     );
     Ok(0)
 }
