@@ -1,6 +1,7 @@
 //! The command layer: clap definitions, turning flags into library options, and rendering.
 //! Nothing below this module knows clap exists.
 
+mod convert;
 mod inspect;
 mod merge;
 
@@ -23,6 +24,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Bake weighted LoRAs into a checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed, computed in f32.
     Merge(merge::MergeArgs),
+    /// Convert a LoRA between kohya and peft/diffusers dialects, or a pickle to safetensors.
+    Convert(convert::ConvertArgs),
 }
 
 /// Runs a command and returns the process exit code.
@@ -30,5 +33,6 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }

@@ -8,6 +8,7 @@
 //! are reported, never hidden.
 
 pub mod checkpoint;
+pub mod module_names;
 pub mod unet_names;
 
 use crate::adapter::{AdapterModule, Component};

@@ -1,6 +1,7 @@
 //! Whole operations over tensor files and adapters. Each is a pure library function returning a
 //! report; rendering belongs to the command layer.
 
+pub mod convert;
 pub mod inspect;
 pub mod merge;
 pub mod merge_loras;

@@ -1,0 +1,274 @@
+//! `loratool convert`: LoRA files between the kohya and peft/diffusers dialects with ΔW kept
+//! identical, and legacy pickles (`.ckpt`/`.pt`/`.bin`, LoRAs or checkpoints) to safetensors.
+
+use super::merge_loras::kohya_name;
+use crate::adapter::keys::Role;
+use crate::adapter::{Adapter, AdapterModule, Component, Format, ModuleKind};
+use crate::family::module_names::kohya_to_dotted;
+use crate::family::{self, BaseModel};
+use crate::tensors::writer::{write_all, SafetensorsWriter, TensorSpec, WriteOptions};
+use crate::tensors::{Dtype, Tensor, TensorFile};
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetFormat {
+    /// `lora_unet_…` / `lora_te…_` names, `.lora_down/.lora_up/.alpha` (A1111, ComfyUI, kohya).
+    Kohya,
+    /// diffusers `save_lora_weights` layout: `unet.…lora_A.weight` + `lora_adapter_metadata`.
+    Peft,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ConvertOptions {
+    pub dtype: Option<Dtype>,
+    pub force: bool,
+}
+
+/// Rewrites a tensor file as safetensors: every tensor kept (float tensors optionally cast),
+/// streamed one tensor at a time. This is how pickles become safetensors.
+pub fn convert_container(input: &Path, out: &Path, opts: &ConvertOptions) -> Result<usize> {
+    let file = TensorFile::open(input)?;
+    let specs: Vec<TensorSpec> = file
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: match opts.dtype {
+                Some(d) if t.dtype.is_float() => d,
+                _ => t.dtype,
+            },
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let write_opts = WriteOptions {
+        force: opts.force,
+        inputs: vec![input.to_path_buf()],
+    };
+    let mut w = SafetensorsWriter::create(out, file.metadata(), specs.clone(), &write_opts)?;
+    for (t, spec) in file.tensors().iter().zip(&specs) {
+        if spec.dtype == t.dtype {
+            w.write_tensor(&t.name, &file.raw_bytes(&t.name)?)?;
+        } else {
+            let v = file.read_f32(&t.name)?;
+            let bytes = spec.dtype.encode_f32(&v.data).expect("float dtype");
+            w.write_tensor(&t.name, &bytes)?;
+        }
+    }
+    w.finish()?;
+    Ok(specs.len())
+}
+
+/// kohya tensor suffix of each role.
+fn kohya_suffix(role: Role) -> &'static str {
+    match role {
+        Role::Down => "lora_down.weight",
+        Role::Up => "lora_up.weight",
+        Role::Mid => "lora_mid.weight",
+        Role::Alpha => "alpha",
+        Role::DoraScale => "dora_scale",
+        Role::UpBias => "lora_up.bias",
+        Role::HadaW1A => "hada_w1_a",
+        Role::HadaW1B => "hada_w1_b",
+        Role::HadaW2A => "hada_w2_a",
+        Role::HadaW2B => "hada_w2_b",
+        Role::HadaT1 => "hada_t1",
+        Role::HadaT2 => "hada_t2",
+        Role::LokrW1 => "lokr_w1",
+        Role::LokrW1A => "lokr_w1_a",
+        Role::LokrW1B => "lokr_w1_b",
+        Role::LokrW2 => "lokr_w2",
+        Role::LokrW2A => "lokr_w2_a",
+        Role::LokrW2B => "lokr_w2_b",
+        Role::LokrT2 => "lokr_t2",
+        Role::Ia3Weight => "weight",
+        Role::Ia3OnInput => "on_input",
+        Role::Diff => "diff",
+        Role::DiffBias => "diff_b",
+        Role::NormWeight => "w_norm",
+        Role::NormBias => "b_norm",
+        Role::OftBlocks => "oft_blocks",
+        Role::OftRescale => "rescale",
+        Role::GloraA1 => "a1.weight",
+        Role::GloraA2 => "a2.weight",
+        Role::GloraB1 => "b1.weight",
+        Role::GloraB2 => "b2.weight",
+    }
+}
+
+/// Converts a LoRA file to another dialect. The delta of every module is unchanged: alpha is
+/// rewritten so that the target's scale rule (alpha/rank; rsLoRA and peft configs folded in)
+/// gives the source's effective scale.
+pub fn convert_adapter(
+    input: &Path,
+    out: &Path,
+    to: TargetFormat,
+    opts: &ConvertOptions,
+) -> Result<usize> {
+    let adapter = Adapter::open(input)?;
+    let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
+    let file = &adapter.file;
+    let dtype_of = |d: Dtype| match opts.dtype {
+        Some(o) if d.is_float() => o,
+        _ => d,
+    };
+    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
+    let mut push = |name: String, t: &Tensor, dtype: Dtype| {
+        let dtype = if dtype.is_float() { dtype } else { Dtype::F32 };
+        tensors.push((
+            TensorSpec {
+                name,
+                dtype,
+                shape: t.shape.clone(),
+            },
+            dtype.encode_f32(&t.data).expect("float dtype"),
+        ));
+    };
+    let mut meta = adapter.file.metadata().clone();
+    match to {
+        TargetFormat::Kohya => {
+            for m in &adapter.modules {
+                let name = kohya_name(m, fam);
+                for (role, key) in &m.tensors {
+                    if *role == Role::Alpha {
+                        continue;
+                    }
+                    let t = file.read_f32(key)?;
+                    let t = if *role == Role::DoraScale && m.format != Format::Kohya {
+                        // peft's magnitude is [out]; LyCORIS stores [out, 1(, 1, 1)].
+                        let mut shape = vec![t.numel(), 1];
+                        shape.extend(std::iter::repeat_n(1, m.shape.len().saturating_sub(2)));
+                        t.reshaped(shape)
+                    } else {
+                        t
+                    };
+                    let dtype = dtype_of(file.get(key).expect("tensor").dtype);
+                    push(format!("{name}.{}", kohya_suffix(*role)), &t, dtype);
+                }
+                if let Some(alpha) = kohya_alpha(m) {
+                    push(
+                        format!("{name}.alpha"),
+                        &Tensor::new(vec![], vec![alpha]),
+                        dtype_of(m.dtype),
+                    );
+                }
+            }
+            meta.remove("lora_adapter_metadata");
+            if let Some((version, arch)) = match fam {
+                BaseModel::Sd1 => Some(("sd_v1", "stable-diffusion-v1/lora")),
+                BaseModel::Sd2 => Some(("sd_v2", "stable-diffusion-v2-512/lora")),
+                BaseModel::Sdxl => Some(("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")),
+                _ => None,
+            } {
+                meta.entry("ss_base_model_version".into())
+                    .or_insert(version.into());
+                meta.entry("modelspec.architecture".into())
+                    .or_insert(arch.into());
+            }
+            meta.entry("ss_network_module".into())
+                .or_insert("networks.lora".into());
+        }
+        TargetFormat::Peft => {
+            let names = kohya_to_dotted(fam);
+            let mut config: BTreeMap<Component, Vec<(String, usize, f32)>> = BTreeMap::new();
+            for m in &adapter.modules {
+                if m.kind != ModuleKind::Lora || m.dora || m.tensor(Role::Mid).is_some() {
+                    return Err(Error::Invalid(format!(
+                        "{}: module '{}' is {}; the peft format only holds plain LoRA modules (convert to kohya instead)",
+                        input.display(),
+                        m.name,
+                        if m.dora { "DoRA".into() } else if m.kind == ModuleKind::Lora { "a Tucker LoCon".to_string() } else { m.kind.name().to_string() }
+                    )));
+                }
+                let (component, path) = match m.format {
+                    Format::Kohya => names.get(&m.name).cloned().ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "{}: module '{}' is not a module of a known {} model, so its diffusers name is unknown",
+                            input.display(),
+                            m.name,
+                            fam.name()
+                        ))
+                    })?,
+                    _ => (m.component, m.path.clone()),
+                };
+                let r = m.rank.expect("LoRA rank");
+                let prefix = format!("{}.{path}", component.name());
+                let down = file.read_f32(m.tensor(Role::Down).expect("down"))?;
+                let up = file.read_f32(m.tensor(Role::Up).expect("up"))?;
+                push(format!("{prefix}.lora_A.weight"), &down, dtype_of(m.dtype));
+                push(format!("{prefix}.lora_B.weight"), &up, dtype_of(m.dtype));
+                config
+                    .entry(component)
+                    .or_default()
+                    .push((path, r, m.scale * r as f32));
+            }
+            meta.retain(|k, _| k.starts_with("ss_") || k.starts_with("modelspec."));
+            meta.insert("format".into(), "pt".into());
+            meta.insert("lora_adapter_metadata".into(), peft_metadata(&config));
+        }
+    }
+    let write_opts = WriteOptions {
+        force: opts.force,
+        inputs: vec![input.to_path_buf()],
+    };
+    write_all(out, &meta, &tensors, &write_opts)?;
+    Ok(adapter.modules.len())
+}
+
+/// The alpha that gives a module its effective scale under kohya's alpha/rank rule.
+fn kohya_alpha(m: &AdapterModule) -> Option<f32> {
+    match (m.kind, m.rank) {
+        (ModuleKind::Lora | ModuleKind::Loha | ModuleKind::Glora, Some(r)) => {
+            Some(m.scale * r as f32)
+        }
+        (ModuleKind::Lokr, Some(r))
+            if m.tensor(Role::LokrW1).is_none() || m.tensor(Role::LokrW2).is_none() =>
+        {
+            Some(m.scale * r as f32)
+        }
+        _ => m.alpha,
+    }
+}
+
+/// diffusers' `lora_adapter_metadata`: one LoraConfig per component, keys prefixed by component;
+/// the most common rank/alpha are `r`/`lora_alpha`, the rest go to `rank_pattern`/`alpha_pattern`.
+fn peft_metadata(config: &BTreeMap<Component, Vec<(String, usize, f32)>>) -> String {
+    fn most_common<T: PartialEq + Copy>(v: impl Iterator<Item = T>) -> Option<T> {
+        let mut counts: Vec<(T, usize)> = Vec::new();
+        for x in v {
+            match counts.iter_mut().find(|(k, _)| *k == x) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((x, 1)),
+            }
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k)
+    }
+    let mut obj = serde_json::Map::new();
+    for (component, modules) in config {
+        let c = component.name();
+        let r = most_common(modules.iter().map(|m| m.1)).unwrap_or(1);
+        let alpha = most_common(modules.iter().map(|m| m.2)).unwrap_or(r as f32);
+        let rank_pattern: serde_json::Map<String, serde_json::Value> = modules
+            .iter()
+            .filter(|m| m.1 != r)
+            .map(|m| (m.0.clone(), m.1.into()))
+            .collect();
+        let alpha_pattern: serde_json::Map<String, serde_json::Value> = modules
+            .iter()
+            .filter(|m| m.2 != alpha)
+            .map(|m| (m.0.clone(), (m.2 as f64).into()))
+            .collect();
+        let mut targets: Vec<&str> = modules.iter().map(|m| m.0.as_str()).collect();
+        targets.sort();
+        targets.dedup();
+        obj.insert(format!("{c}.r"), r.into());
+        obj.insert(format!("{c}.lora_alpha"), (alpha as f64).into());
+        obj.insert(format!("{c}.rank_pattern"), rank_pattern.into());
+        obj.insert(format!("{c}.alpha_pattern"), alpha_pattern.into());
+        obj.insert(format!("{c}.target_modules"), targets.into());
+        obj.insert(format!("{c}.use_rslora"), false.into());
+        obj.insert(format!("{c}.use_dora"), false.into());
+    }
+    serde_json::to_string(&obj).expect("json")
+}
