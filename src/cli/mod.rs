@@ -4,6 +4,7 @@
 mod convert;
 mod inspect;
 mod merge;
+mod resize;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Convert a LoRA between kohya and peft/diffusers dialects, or a pickle to safetensors.
     Convert(convert::ConvertArgs),
+    /// Lower a LoRA's rank exactly from its factors (fixed or per-module dynamic rank).
+    Resize(resize::ResizeArgs),
 }
 
 /// Runs a command and returns the process exit code.
@@ -34,5 +37,6 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Resize(args) => resize::run(args),
     }
 }

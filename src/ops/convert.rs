@@ -61,7 +61,7 @@ pub fn convert_container(input: &Path, out: &Path, opts: &ConvertOptions) -> Res
 }
 
 /// kohya tensor suffix of each role.
-fn kohya_suffix(role: Role) -> &'static str {
+pub(crate) fn kohya_suffix(role: Role) -> &'static str {
     match role {
         Role::Down => "lora_down.weight",
         Role::Up => "lora_up.weight",

@@ -5,3 +5,4 @@ pub mod convert;
 pub mod inspect;
 pub mod merge;
 pub mod merge_loras;
+pub mod resize;
