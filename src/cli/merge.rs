@@ -37,7 +37,7 @@ pub struct MergeArgs {
     pub rank: Option<usize>,
 }
 
-pub fn parse_dtype(name: &str) -> Dtype {
+pub(crate) fn parse_dtype(name: &str) -> Dtype {
     match name {
         "f32" => Dtype::F32,
         "bf16" => Dtype::BF16,

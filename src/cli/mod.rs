@@ -2,6 +2,7 @@
 //! Nothing below this module knows clap exists.
 
 mod convert;
+mod extract;
 mod inspect;
 mod merge;
 mod resize;
@@ -29,6 +30,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Lower a LoRA's rank exactly from its factors (fixed or per-module dynamic rank).
     Resize(resize::ResizeArgs),
+    /// Make a LoRA from the difference between a fine-tuned checkpoint and its base, by SVD.
+    Extract(extract::ExtractArgs),
 }
 
 /// Runs a command and returns the process exit code.
@@ -38,5 +41,6 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
         Command::Merge(args) => merge::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
+        Command::Extract(args) => extract::run(args),
     }
 }

@@ -35,9 +35,19 @@ pub struct Target {
     pub component: Component,
 }
 
+/// A module of the checkpoint under the name loratool writes for it (kohya's own spelling for the
+/// family) and its dotted path (diffusers / HF CLIP / BFL names), used to decide what to extract.
+#[derive(Debug, Clone)]
+pub struct CheckpointModule {
+    pub kohya_name: String,
+    pub path: String,
+    pub target: Target,
+}
+
 #[derive(Debug, Default)]
 pub struct KeyMap {
     by_name: HashMap<String, Target>,
+    modules: Vec<CheckpointModule>,
 }
 
 /// The family of a checkpoint, from the keys only it has.
@@ -222,6 +232,7 @@ impl KeyMap {
             };
             let bias = names.contains(bias_key.as_str()).then_some(bias_key);
             let rows = t.shape.first().copied().unwrap_or(0);
+            let mut primary: Vec<(String, String, Component, Option<Range<usize>>)> = Vec::new();
             let mut add = |name: String, component: Component, slice: Option<Range<usize>>| {
                 map.by_name.entry(name).or_insert(Target {
                     weight: t.name.clone(),
@@ -258,7 +269,20 @@ impl KeyMap {
                             }
                         }
                     } else if let Some(p) = module_key.strip_prefix("model.diffusion_model.") {
-                        register_unet(&mut add, p, ldm_to_diffusers(p).as_deref());
+                        let diff = ldm_to_diffusers(p);
+                        register_unet(&mut add, p, diff.as_deref());
+                        let path = diff.clone().unwrap_or_else(|| p.to_string());
+                        let name = if family == BaseModel::Sdxl {
+                            p
+                        } else {
+                            path.as_str()
+                        };
+                        primary.push((
+                            format!("lora_unet_{}", underscored(name)),
+                            path.clone(),
+                            Component::Unet,
+                            None,
+                        ));
                     } else if let Some(p) = module_key
                         .strip_prefix("cond_stage_model.transformer.")
                         .or_else(|| module_key.strip_prefix("conditioner.embedders.0.transformer."))
@@ -269,6 +293,17 @@ impl KeyMap {
                             format!("text_model.{p}")
                         };
                         register_text_encoder(&mut add, &p, Component::TextEncoder, None);
+                        let prefix = if family == BaseModel::Sdxl {
+                            "lora_te1"
+                        } else {
+                            "lora_te"
+                        };
+                        primary.push((
+                            format!("{prefix}_{}", underscored(&p)),
+                            p.clone(),
+                            Component::TextEncoder,
+                            None,
+                        ));
                     } else if let Some((p, component)) = module_key
                         .strip_prefix("cond_stage_model.model.")
                         .map(|p| (p, Component::TextEncoder))
@@ -280,13 +315,34 @@ impl KeyMap {
                     {
                         for (hf, chunk) in openclip_to_hf(p) {
                             let slice = chunk.map(|c| c * rows / 3..(c + 1) * rows / 3);
-                            register_text_encoder(&mut add, &hf, component, slice);
+                            register_text_encoder(&mut add, &hf, component, slice.clone());
+                            let prefix = if component == Component::TextEncoder2 {
+                                "lora_te2"
+                            } else {
+                                "lora_te"
+                            };
+                            primary.push((
+                                format!("{prefix}_{}", underscored(&hf)),
+                                hf.clone(),
+                                component,
+                                slice,
+                            ));
                         }
                     }
                 }
                 Layout::DiffusersComponent(Component::Unet) => {
                     let ldm = diffusers_to_ldm(module_key, |i| up_attn.contains(&i));
                     register_unet(&mut add, ldm.as_deref().unwrap_or(""), Some(module_key));
+                    let name = match (&ldm, family) {
+                        (Some(l), BaseModel::Sdxl) => l.as_str(),
+                        _ => module_key,
+                    };
+                    primary.push((
+                        format!("lora_unet_{}", underscored(name)),
+                        module_key.to_string(),
+                        Component::Unet,
+                        None,
+                    ));
                 }
                 Layout::DiffusersComponent(Component::Transformer) => {
                     add(
@@ -302,7 +358,30 @@ impl KeyMap {
                 }
                 Layout::DiffusersComponent(c) => {
                     register_text_encoder(&mut add, module_key, c, None);
+                    let prefix = match c {
+                        Component::TextEncoder2 => "lora_te2",
+                        Component::TextEncoder3 => "lora_te3",
+                        _ => "lora_te",
+                    };
+                    primary.push((
+                        format!("{prefix}_{}", underscored(module_key)),
+                        module_key.to_string(),
+                        c,
+                        None,
+                    ));
                 }
+            }
+            for (kohya_name, path, component, slice) in primary {
+                map.modules.push(CheckpointModule {
+                    kohya_name,
+                    path,
+                    target: Target {
+                        weight: t.name.clone(),
+                        bias: bias.clone(),
+                        rows: slice,
+                        component,
+                    },
+                });
             }
         }
         map
@@ -315,6 +394,11 @@ impl KeyMap {
             Format::Peft | Format::DiffusersOld => format!("{}:{}", m.component.name(), m.path),
         };
         self.by_name.get(&key)
+    }
+
+    /// Every module of the checkpoint, in file order, under the names loratool writes.
+    pub fn modules(&self) -> &[CheckpointModule] {
+        &self.modules
     }
 
     pub fn len(&self) -> usize {

@@ -264,3 +264,90 @@ mod svd_tests {
         assert!(err.sqrt() < 1e-4);
     }
 }
+
+/// Randomized truncated SVD (Halko–Martinsson–Tropp range finder) of a dense row-major `m×n`
+/// matrix: `Y = A Ω` with `k + oversample` Gaussian-like probe columns, `power_iterations` rounds of
+/// `Y ← A (Aᵀ Y)` with re-orthonormalization, `Q = qr(Y)`, then the exact SVD of the small
+/// `Qᵀ A`. The big products run in f32 through faer; the small factorizations in f64.
+/// `singular_values` holds the `k + oversample` values found (not the whole spectrum).
+pub fn truncate_randomized(
+    a: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    oversample: usize,
+    power_iterations: usize,
+    seed: u64,
+) -> Result<LowRank, String> {
+    let l = (k + oversample).min(m.min(n));
+    // Deterministic pseudo-Gaussian probes (sum of uniforms), so runs are reproducible.
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let omega: Vec<f32> = (0..n * l)
+        .map(|_| (0..4).map(|_| next()).sum::<f32>() - 2.0)
+        .collect();
+    let orthonormal = |y: &[f32], rows: usize| -> Vec<f32> {
+        let q = to_mat(y, rows, l).qr().compute_thin_Q();
+        let cols = q.ncols();
+        let mut out = vec![0f32; rows * l];
+        for i in 0..rows {
+            for j in 0..cols.min(l) {
+                out[i * l + j] = q[(i, j)] as f32;
+            }
+        }
+        out
+    };
+    let at = transpose(a, m, n);
+    let mut q = orthonormal(&matmul(a, m, n, &omega, l), m);
+    for _ in 0..power_iterations {
+        let z = orthonormal(&matmul(&at, n, m, &q, l), n);
+        q = orthonormal(&matmul(a, m, n, &z, l), m);
+    }
+    // B = Qᵀ A (l×n), small.
+    let b = matmul(&transpose(&q, m, l), l, m, a, n);
+    let svd = to_mat(&b, l, n)
+        .thin_svd()
+        .map_err(|e| format!("SVD did not converge: {e:?}"))?;
+    let s: Vec<f64> = (0..l.min(n)).map(|i| svd.S()[i]).collect();
+    let left = to_mat(&q, m, l) * svd.U();
+    Ok(truncate_svd(left.as_ref(), &s, svd.V(), k))
+}
+
+#[cfg(test)]
+mod randomized_tests {
+    use super::*;
+
+    #[test]
+    fn randomized_matches_full_svd_on_low_rank_plus_noise() {
+        let (m, n, r) = (300, 200, 8);
+        let mut x = 7u64;
+        let mut rnd = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let u: Vec<f32> = (0..m * r).map(|_| rnd()).collect();
+        let d: Vec<f32> = (0..r * n).map(|_| rnd()).collect();
+        let mut a = matmul(&u, m, r, &d, n);
+        a.iter_mut().for_each(|v| *v += 0.01 * rnd());
+        let k = 8;
+        let exact = truncate_dense(&a, m, n, k).unwrap();
+        let approx = truncate_randomized(&a, m, n, k, 10, 2, 1).unwrap();
+        let err = |lr: &LowRank| -> f64 {
+            let p = matmul(&lr.up, m, lr.rank, &lr.down, n);
+            p.iter()
+                .zip(&a)
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let (e_exact, e_approx) = (err(&exact), err(&approx));
+        assert!(e_approx <= 1.01 * e_exact, "{e_approx} vs {e_exact}");
+    }
+}

@@ -106,6 +106,11 @@ pub fn convert_adapter(
     to: TargetFormat,
     opts: &ConvertOptions,
 ) -> Result<usize> {
+    let write_opts = WriteOptions {
+        force: opts.force,
+        inputs: vec![input.to_path_buf()],
+    };
+    crate::tensors::writer::check_output_path(out, &write_opts)?;
     let adapter = Adapter::open(input)?;
     let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
     let file = &adapter.file;

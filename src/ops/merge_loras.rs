@@ -254,6 +254,11 @@ pub fn merge_loras(
     if let LoraMergeMethod::Svd { rank: 0 } = opts.method {
         return Err(Error::Invalid("--rank must be at least 1".into()));
     }
+    let write_opts = WriteOptions {
+        force: opts.force,
+        inputs: loras.iter().map(|l| l.path.clone()).collect(),
+    };
+    crate::tensors::writer::check_output_path(out, &write_opts)?;
     let adapters: Vec<Adapter> = loras
         .iter()
         .map(|l| Adapter::open(&l.path))
@@ -420,10 +425,6 @@ pub fn merge_loras(
     let hash: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     meta.insert("sshs_model_hash".into(), hash);
 
-    let write_opts = WriteOptions {
-        force: opts.force,
-        inputs: loras.iter().map(|l| l.path.clone()).collect(),
-    };
     write_all(out, &meta, &tensors, &write_opts)?;
     if report.ranks.0 == usize::MAX {
         report.ranks = (0, 0);

@@ -2,6 +2,7 @@
 //! report; rendering belongs to the command layer.
 
 pub mod convert;
+pub mod extract;
 pub mod inspect;
 pub mod merge;
 pub mod merge_loras;

@@ -156,6 +156,11 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
     if opts.max_rank == Some(0) {
         return Err(Error::Invalid("--rank must be at least 1".into()));
     }
+    let write_opts = WriteOptions {
+        force: opts.force,
+        inputs: vec![input.to_path_buf()],
+    };
+    crate::tensors::writer::check_output_path(out, &write_opts)?;
     let adapter = Adapter::open(input)?;
     let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
     let file = &adapter.file;

@@ -1,0 +1,118 @@
+//! `loratool extract`: flags and per-component report.
+
+use crate::cli::merge::parse_dtype;
+use clap::Args;
+use loratool::ops::convert::{convert_adapter, ConvertOptions, TargetFormat};
+use loratool::ops::extract::{extract_lora, ExtractOptions};
+use loratool::ops::resize::RankRule;
+use loratool::Result;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    /// The original checkpoint.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The fine-tuned checkpoint (same family and layout as the base).
+    #[arg(long)]
+    pub tuned: PathBuf,
+    /// Rank of linear modules (and, with --dynamic, the largest rank allowed).
+    #[arg(long)]
+    pub rank: usize,
+    /// Rank of 3×3 convolutions; without it convolutions are left out (as kohya does).
+    #[arg(long)]
+    pub conv_rank: Option<usize>,
+    /// Rank of text-encoder modules (default: --rank).
+    #[arg(long)]
+    pub te_rank: Option<usize>,
+    /// Skip modules whose largest absolute difference is at most this.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_diff: f32,
+    /// Per-module rank from the spectrum: sv_ratio:X, sv_fro:X or sv_cumulative:X.
+    #[arg(long)]
+    pub dynamic: Option<String>,
+    /// Clamp both factors to ± this quantile of their values (kohya's 0.99; off by default).
+    #[arg(long)]
+    pub clamp_quantile: Option<f64>,
+    /// Output dialect.
+    #[arg(long, value_parser = ["kohya", "peft"], default_value = "kohya")]
+    pub format: String,
+    /// Storage dtype of the LoRA.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"], default_value = "f16")]
+    pub dtype: String,
+    /// Output file.
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// Write a LoRA even when the checkpoints do not differ.
+    #[arg(long)]
+    pub allow_empty: bool,
+    /// Overwrite an existing output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(args: ExtractArgs) -> Result<i32> {
+    let opts = ExtractOptions {
+        rank: args.rank,
+        conv_rank: args.conv_rank,
+        te_rank: args.te_rank,
+        min_diff: args.min_diff,
+        dynamic: args
+            .dynamic
+            .as_deref()
+            .map(RankRule::parse_dynamic)
+            .transpose()?,
+        clamp_quantile: args.clamp_quantile,
+        dtype: parse_dtype(&args.dtype),
+        force: args.force,
+        allow_empty: args.allow_empty,
+    };
+    let report = if args.format == "peft" {
+        // Extract to kohya beside the target, then convert; the temp file never outlives us.
+        let tmp = args.output.with_extension("loratool-kohya.tmp.safetensors");
+        let r = extract_lora(
+            &args.base,
+            &args.tuned,
+            &tmp,
+            &ExtractOptions {
+                force: true,
+                ..opts.clone()
+            },
+        );
+        let converted = r.and_then(|r| {
+            convert_adapter(
+                &tmp,
+                &args.output,
+                TargetFormat::Peft,
+                &ConvertOptions {
+                    dtype: None,
+                    force: args.force,
+                },
+            )
+            .map(|_| r)
+        });
+        let _ = std::fs::remove_file(&tmp);
+        converted?
+    } else {
+        extract_lora(&args.base, &args.tuned, &args.output, &opts)?
+    };
+    for (component, s) in &report.components {
+        let retained = if s.total_energy > 0.0 {
+            (s.kept_energy / s.total_energy).sqrt()
+        } else {
+            1.0
+        };
+        println!(
+            "{component}: {} modules extracted, {} skipped (no difference), {:.2}% of the difference's Frobenius norm kept{}",
+            s.extracted,
+            s.skipped,
+            100.0 * retained,
+            s.worst
+                .as_ref()
+                .map(|(n, r)| format!("; worst {n} ({:.2}%)", 100.0 * r))
+                .unwrap_or_default()
+        );
+    }
+    println!("wrote {}", args.output.display());
+    Ok(0)
+}
