@@ -212,19 +212,38 @@ pub fn merge_into_checkpoint(
         .iter()
         .map(|a| vec![false; a.modules.len()])
         .collect();
-    let mut base_family = BaseModel::Unknown;
-    for (source, relative, layout) in files {
-        let base = TensorFile::open(&source)?;
+    let opened: Vec<(PathBuf, PathBuf, Layout, TensorFile)> = files
+        .into_iter()
+        .map(|(s, r, l)| TensorFile::open(&s).map(|f| (s, r, l, f)))
+        .collect::<Result<_>>()?;
+    let base_family = opened
+        .iter()
+        .map(|(_, _, l, f)| checkpoint_family(f.tensors(), *l))
+        .find(|f| *f != BaseModel::Unknown)
+        .unwrap_or(BaseModel::Unknown);
+    for (adapter, lw) in adapters.iter().zip(loras) {
+        let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
+        if fam != BaseModel::Unknown
+            && base_family != BaseModel::Unknown
+            && fam != base_family
+            && !opts.force
+        {
+            return Err(Error::Invalid(format!(
+                "{}: this is a {} LoRA but {} is a {} checkpoint (use --force to merge anyway)",
+                lw.path.display(),
+                fam.name(),
+                base_path.display(),
+                base_family.name()
+            )));
+        }
+    }
+    for (source, relative, layout, base) in opened {
         let keymap = KeyMap::build(base.tensors(), layout);
         if keymap.is_empty() || crate::adapter::keys::classify(&base.tensors()[0].name).is_some() {
             return Err(Error::bad_file(
                 &source,
                 "not a model checkpoint: no UNet, transformer or text-encoder weights found",
             ));
-        }
-        let fam = checkpoint_family(base.tensors(), layout);
-        if base_family == BaseModel::Unknown {
-            base_family = fam;
         }
         let mut patches: BTreeMap<String, Vec<Patch>> = BTreeMap::new();
         for (li, (adapter, lw)) in adapters.iter().zip(loras).enumerate() {
@@ -285,20 +304,6 @@ pub fn merge_into_checkpoint(
         ..Default::default()
     };
     for (li, (adapter, lw)) in adapters.iter().zip(loras).enumerate() {
-        let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
-        if fam != BaseModel::Unknown
-            && base_family != BaseModel::Unknown
-            && fam != base_family
-            && !opts.force
-        {
-            return Err(Error::Invalid(format!(
-                "{}: this is a {} LoRA but {} is a {} checkpoint (use --force to merge anyway)",
-                lw.path.display(),
-                fam.name(),
-                base_path.display(),
-                base_family.name()
-            )));
-        }
         let unmatched: Vec<String> = adapter
             .modules
             .iter()
