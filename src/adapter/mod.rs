@@ -316,6 +316,37 @@ fn build_module(
             .map(|s| s.to_vec())
             .ok_or_else(|| ModuleProblem::Skip(format!("{what} is missing")))
     };
+    // Factor shapes come from the file: check their ranks (number of dims) before indexing them,
+    // and refuse empty tensors, whose dimensions could be anything.
+    let need_nd =
+        |role: Role, what: &str, min: usize| -> std::result::Result<Vec<usize>, ModuleProblem> {
+            let s = need(role, what)?;
+            if s.len() < min {
+                return Err(ModuleProblem::Skip(format!(
+                    "{what} has shape {s:?}, expected at least {min} dimensions"
+                )));
+            }
+            Ok(s)
+        };
+    let opt_nd = |role: Role,
+                  what: &str,
+                  min: usize|
+     -> std::result::Result<Option<Vec<usize>>, ModuleProblem> {
+        if has(role) {
+            need_nd(role, what, min).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    for (role, key) in &tensors {
+        if matches!(role, Role::Alpha | Role::Ia3OnInput) {
+            continue;
+        }
+        if file.get(key).is_some_and(|t| t.numel() == 0) {
+            return skip(format!("tensor '{key}' is empty"));
+        }
+    }
+    let overflow = || ModuleProblem::Skip("factor dimensions overflow".into());
     let main_role;
     let (rank, shape): (Option<usize>, Vec<usize>) = match kind {
         ModuleKind::Lora => {
@@ -333,7 +364,7 @@ fn build_module(
                 ));
             }
             let mut shape = vec![up[0], down[1]];
-            if let Some(mid) = shape_of(Role::Mid) {
+            if let Some(mid) = opt_nd(Role::Mid, "lora_mid", 2)? {
                 shape.extend_from_slice(&mid[2..]);
             } else {
                 shape.extend_from_slice(&down[2..]);
@@ -342,18 +373,22 @@ fn build_module(
         }
         ModuleKind::Loha => {
             main_role = Role::HadaW1A;
-            let w1a = need(Role::HadaW1A, "hada_w1_a")?;
-            let w1b = need(Role::HadaW1B, "hada_w1_b")?;
-            need(Role::HadaW2A, "hada_w2_a")?;
-            need(Role::HadaW2B, "hada_w2_b")?;
+            let w1a = need_nd(Role::HadaW1A, "hada_w1_a", 2)?;
+            let w1b = need_nd(Role::HadaW1B, "hada_w1_b", 2)?;
+            need_nd(Role::HadaW2A, "hada_w2_a", 2)?;
+            need_nd(Role::HadaW2B, "hada_w2_b", 2)?;
             let r = w1b[0];
-            if let Some(t1) = shape_of(Role::HadaT1) {
+            if let Some(t1) = opt_nd(Role::HadaT1, "hada_t1", 2)? {
                 // Tucker: w_a [r, out], w_b [r, in], t [r, r, kh, kw].
                 let mut s = vec![w1a[1], w1b[1]];
                 s.extend_from_slice(&t1[2..]);
                 (Some(r), s)
             } else {
-                (Some(r), vec![w1a[0], w1b[1..].iter().product()])
+                let cols = w1b[1..]
+                    .iter()
+                    .try_fold(1usize, |a, d| a.checked_mul(*d))
+                    .ok_or_else(overflow)?;
+                (Some(r), vec![w1a[0], cols])
             }
         }
         ModuleKind::Lokr => {
@@ -362,30 +397,34 @@ fn build_module(
             } else {
                 Role::LokrW1A
             };
-            let (a, c) = if let Some(w1) = shape_of(Role::LokrW1) {
+            let (a, c) = if let Some(w1) = opt_nd(Role::LokrW1, "lokr_w1", 2)? {
                 (w1[0], w1[1])
             } else {
-                let w1a = need(Role::LokrW1A, "lokr_w1_a")?;
-                let w1b = need(Role::LokrW1B, "lokr_w1_b")?;
+                let w1a = need_nd(Role::LokrW1A, "lokr_w1_a", 2)?;
+                let w1b = need_nd(Role::LokrW1B, "lokr_w1_b", 2)?;
                 (w1a[0], w1b[1])
             };
-            let (b, rest): (usize, Vec<usize>) = if let Some(w2) = shape_of(Role::LokrW2) {
-                (w2[0], w2[1..].to_vec())
-            } else {
-                let w2a = need(Role::LokrW2A, "lokr_w2_a")?;
-                let w2b = need(Role::LokrW2B, "lokr_w2_b")?;
-                if let Some(t2) = shape_of(Role::LokrT2) {
-                    let mut rest = vec![w2b[1]];
-                    rest.extend_from_slice(&t2[2..]);
-                    (w2a[1], rest)
+            let (b, rest): (usize, Vec<usize>) =
+                if let Some(w2) = opt_nd(Role::LokrW2, "lokr_w2", 2)? {
+                    (w2[0], w2[1..].to_vec())
                 } else {
-                    (w2a[0], vec![w2b[1]])
-                }
-            };
+                    let w2a = need_nd(Role::LokrW2A, "lokr_w2_a", 2)?;
+                    let w2b = need_nd(Role::LokrW2B, "lokr_w2_b", 2)?;
+                    if let Some(t2) = opt_nd(Role::LokrT2, "lokr_t2", 2)? {
+                        let mut rest = vec![w2b[1]];
+                        rest.extend_from_slice(&t2[2..]);
+                        (w2a[1], rest)
+                    } else {
+                        (w2a[0], vec![w2b[1]])
+                    }
+                };
             let rank = shape_of(Role::LokrW1B)
                 .or_else(|| shape_of(Role::LokrW2B))
-                .map(|s| s[0]);
-            let mut shape = vec![a * b, c * rest[0]];
+                .and_then(|s| s.first().copied());
+            let mut shape = vec![
+                a.checked_mul(b).ok_or_else(overflow)?,
+                c.checked_mul(rest[0]).ok_or_else(overflow)?,
+            ];
             shape.extend_from_slice(&rest[1..]);
             (rank, shape)
         }
@@ -407,16 +446,19 @@ fn build_module(
         }
         ModuleKind::Oft | ModuleKind::Boft => {
             main_role = Role::OftBlocks;
-            let b = need(Role::OftBlocks, "oft_blocks")?;
+            let b = need_nd(Role::OftBlocks, "oft_blocks", 3)?;
             // Output rows = blocks × block size (the last two dims are square blocks).
             let n = b.len();
-            (None, vec![b[n - 3] * b[n - 1]])
+            (
+                None,
+                vec![b[n - 3].checked_mul(b[n - 1]).ok_or_else(overflow)?],
+            )
         }
         ModuleKind::Glora => {
             main_role = Role::GloraA1;
-            let a2 = need(Role::GloraA2, "a2.weight")?;
-            let b1 = need(Role::GloraB1, "b1.weight")?;
-            need(Role::GloraB2, "b2.weight")?;
+            let a2 = need_nd(Role::GloraA2, "a2.weight", 2)?;
+            let b1 = need_nd(Role::GloraB1, "b1.weight", 2)?;
+            need_nd(Role::GloraB2, "b2.weight", 2)?;
             (Some(a2[0]), vec![b1[0], a2[1]])
         }
     };
