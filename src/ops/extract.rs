@@ -280,38 +280,47 @@ pub fn extract_lora(
         )));
     }
 
-    let results: Vec<Extracted> = jobs
-        .par_iter()
-        .enumerate()
-        .map(|(i, (m, tm, rank))| -> Result<Extracted> {
-            let b = read_slice(&base, m)?;
-            let t = read_slice(&tuned, tm)?;
-            let d: Vec<f32> = t.data.iter().zip(&b.data).map(|(x, y)| x - y).collect();
-            let max = d.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = Tensor::new(b.shape.clone(), d);
-            let energy = d.data.iter().map(|v| (*v as f64).powi(2)).sum();
-            let component = m.target.component.name();
-            if max <= opts.min_diff {
-                return Ok(Extracted {
+    // Windows of modules: parallel inside a window, mapped input pages released after each, so
+    // resident memory stays near one window's tensors instead of growing to both checkpoints.
+    let mut results: Vec<Extracted> = Vec::with_capacity(jobs.len());
+    for (w, window) in jobs.chunks(16).enumerate() {
+        let part: Vec<Extracted> = window
+            .par_iter()
+            .enumerate()
+            .map(|(j, (m, tm, rank))| -> Result<Extracted> {
+                let i = w * 16 + j;
+                let b = read_slice(&base, m)?;
+                let t = read_slice(&tuned, tm)?;
+                let d: Vec<f32> = t.data.iter().zip(&b.data).map(|(x, y)| x - y).collect();
+                let max = d.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = Tensor::new(b.shape.clone(), d);
+                let energy = d.data.iter().map(|v| (*v as f64).powi(2)).sum();
+                let component = m.target.component.name();
+                if max <= opts.min_diff {
+                    return Ok(Extracted {
+                        name: m.kohya_name.clone(),
+                        component,
+                        factors: None,
+                        energy,
+                    });
+                }
+                let mut lr = truncated_svd(&d, *rank, opts.dynamic, i as u64)?;
+                if let Some(q) = opts.clamp_quantile {
+                    let (up, down) = (&mut lr.up, &mut lr.down);
+                    clamp_quantile(up, down, q);
+                }
+                Ok(Extracted {
                     name: m.kohya_name.clone(),
                     component,
-                    factors: None,
+                    factors: Some((lr, d.shape.clone())),
                     energy,
-                });
-            }
-            let mut lr = truncated_svd(&d, *rank, opts.dynamic, i as u64)?;
-            if let Some(q) = opts.clamp_quantile {
-                let (up, down) = (&mut lr.up, &mut lr.down);
-                clamp_quantile(up, down, q);
-            }
-            Ok(Extracted {
-                name: m.kohya_name.clone(),
-                component,
-                factors: Some((lr, d.shape.clone())),
-                energy,
+                })
             })
-        })
-        .collect::<Result<_>>()?;
+            .collect::<Result<_>>()?;
+        results.extend(part);
+        base.release_pages();
+        tuned.release_pages();
+    }
 
     let mut report = ExtractReport {
         family: Some(fb),

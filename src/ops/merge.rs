@@ -580,6 +580,31 @@ fn apply_patch(w: &mut Tensor, p: &Patch, m: &AdapterModule, adapter: &Adapter) 
         }
         return Ok(());
     }
+    // Kinds that only add to the weight are applied in place, without copying the weight.
+    let additive = matches!(
+        m.kind,
+        ModuleKind::Lora
+            | ModuleKind::Loha
+            | ModuleKind::Lokr
+            | ModuleKind::Full
+            | ModuleKind::Norm
+    ) && !m.dora;
+    if additive {
+        let d = delta::delta(m, file)?;
+        if d.numel() != range.len() {
+            return Err(Error::Invalid(format!(
+                "module '{}' of {} has shape {:?}, which does not fit the weight's shape {:?}",
+                m.name,
+                file.path().display(),
+                d.shape,
+                slice_shape
+            )));
+        }
+        for (x, dx) in w.data[range].iter_mut().zip(&d.data) {
+            *x += p.multiplier * dx;
+        }
+        return Ok(());
+    }
     let slice = Tensor::new(slice_shape, w.data[range.clone()].to_vec());
     let merged = delta::apply(m, file, &slice, p.multiplier)?;
     w.data[range].copy_from_slice(&merged.data);

@@ -3,6 +3,7 @@
 //! All math is done in f32; a value is rounded once, when it is encoded back to its storage type
 //! (round-to-nearest-even, as torch does).
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::fmt;
 
@@ -109,7 +110,21 @@ impl Dtype {
         }
         Some(match self {
             Dtype::F32 => each(bytes, f32::from_le_bytes),
-            Dtype::F16 => each(bytes, |b| f16::from_le_bytes(b).to_f32()),
+            Dtype::F16 => {
+                // half's slice conversion uses F16C when the CPU has it (runtime detection).
+                #[cfg(target_endian = "little")]
+                if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f16>()) {
+                    let n = bytes.len() / 2;
+                    // SAFETY: f16 is a plain 2-byte value, the pointer is aligned, n·2 bytes are
+                    // in bounds, and the host is little-endian like the file.
+                    let src: &[f16] =
+                        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n) };
+                    let mut out = vec![0f32; n];
+                    src.convert_to_f32_slice(&mut out);
+                    return Some(out);
+                }
+                each(bytes, |b| f16::from_le_bytes(b).to_f32())
+            }
             Dtype::BF16 => each(bytes, |b| bf16::from_le_bytes(b).to_f32()),
             Dtype::F64 => each(bytes, |b| f64::from_le_bytes(b) as f32),
             Dtype::I64 => each(bytes, |b| i64::from_le_bytes(b) as f32),
@@ -129,9 +144,12 @@ impl Dtype {
             Dtype::F32 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            Dtype::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            Dtype::F16 => {
+                let mut h = vec![f16::ZERO; values.len()];
+                h.convert_from_f32_slice(values);
+                h.iter()
+                    .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
             Dtype::BF16 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
