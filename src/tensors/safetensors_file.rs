@@ -131,7 +131,104 @@ struct Parsed {
 }
 
 /// Checks a whole safetensors buffer and returns its table of contents, or the reason it is bad.
+///
+/// Fast path: the `safetensors` crate parses and validates the header (dtypes, sizes, contiguous
+/// offsets, data length) and a key-only scan adds the duplicate-name check it lacks. Only when
+/// something is wrong does the slower diagnostic parse run, to name the offending tensor.
 fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
+    fast_parse(buf).ok_or(()).or_else(|_| parse_diagnostic(buf))
+}
+
+/// One typed pass over the header with the crate's `TensorInfo` deserializer (dtype names,
+/// shapes, offsets), plus the checks: unique names, known dtypes, sizes matching shapes,
+/// contiguous offsets covering exactly the data section. `None` on any problem.
+fn fast_parse(buf: &[u8]) -> Option<Parsed> {
+    struct Entries(
+        Option<BTreeMap<String, String>>,
+        Vec<(String, safetensors::tensor::TensorInfo)>,
+    );
+    struct EntryVisitor;
+    impl<'de> Visitor<'de> for EntryVisitor {
+        type Value = Entries;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Entries, A::Error> {
+            let mut meta = None;
+            let mut tensors = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "__metadata__" {
+                    if meta.is_some() {
+                        return Err(serde::de::Error::custom("duplicate __metadata__"));
+                    }
+                    meta = Some(map.next_value()?);
+                } else {
+                    tensors.push((key, map.next_value()?));
+                }
+            }
+            Ok(Entries(meta, tensors))
+        }
+    }
+    let header_len = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?);
+    if header_len > MAX_HEADER_LEN || header_len > (buf.len() as u64).saturating_sub(8) {
+        return None;
+    }
+    let text = std::str::from_utf8(&buf[8..8 + header_len as usize]).ok()?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let Entries(meta, entries) = de.deserialize_map(EntryVisitor).ok()?;
+    de.end().ok()?;
+    let data_len = buf.len() - 8 - header_len as usize;
+    let mut infos: Vec<(TensorInfo, (usize, usize))> = Vec::with_capacity(entries.len());
+    for (name, info) in entries {
+        let dtype = Dtype::from_safetensors_name(&format!("{:?}", info.dtype))?;
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, d| a.checked_mul(*d))?
+            .checked_mul(info.dtype.bitsize())?;
+        let (s, e) = info.data_offsets;
+        if !bits.is_multiple_of(8) || e < s || e - s != bits / 8 || e > data_len {
+            return None;
+        }
+        infos.push((
+            TensorInfo {
+                name,
+                dtype,
+                shape: info.shape,
+            },
+            (s, e),
+        ));
+    }
+    infos.sort_by_key(|(_, r)| *r);
+    let mut expected = 0;
+    for (_, (s, e)) in &infos {
+        if *s != expected {
+            return None;
+        }
+        expected = *e;
+    }
+    if expected != data_len {
+        return None;
+    }
+    let mut names: Vec<&str> = infos.iter().map(|(t, _)| t.name.as_str()).collect();
+    names.sort_unstable();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        return None;
+    }
+    let (tensors, ranges) = infos.into_iter().unzip();
+    Some(Parsed {
+        header_len,
+        tensors,
+        ranges,
+        metadata: meta.unwrap_or_default(),
+    })
+}
+
+/// The full, slow validation that names what is wrong.
+fn parse_diagnostic(buf: &[u8]) -> std::result::Result<Parsed, String> {
     if buf.len() < 8 {
         return Err(format!(
             "not a safetensors file: {} bytes is shorter than the 8-byte header length",
