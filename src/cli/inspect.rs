@@ -36,18 +36,20 @@ pub fn run(args: InspectArgs) -> loratool::Result<i32> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if args.json {
-        let items: Vec<serde_json::Value> = results
-            .iter()
-            .zip(&args.files)
-            .map(|(r, path)| match r {
-                Ok(rep) => serde_json::to_value(rep).expect("report serializes"),
-                Err(e) => {
-                    serde_json::json!({"path": path.display().to_string(), "error": e.to_string()})
-                }
-            })
-            .collect();
-        let text = serde_json::to_string_pretty(&items).expect("json");
-        let _ = writeln!(out, "{text}");
+        // Streamed: one object at a time into a buffered stdout.
+        let mut w = std::io::BufWriter::new(&mut out);
+        let _ = w.write_all(b"[");
+        for (i, (r, path)) in results.iter().zip(&args.files).enumerate() {
+            let _ = w.write_all(if i == 0 { b"\n" } else { b",\n" });
+            let _ = match r {
+                Ok(rep) => serde_json::to_writer_pretty(&mut w, rep),
+                Err(e) => serde_json::to_writer_pretty(
+                    &mut w,
+                    &serde_json::json!({"path": path.display().to_string(), "error": e.to_string()}),
+                ),
+            };
+        }
+        let _ = w.write_all(b"\n]\n");
     } else {
         for (i, r) in results.iter().enumerate() {
             if i > 0 {

@@ -22,24 +22,53 @@ pub struct FileHashes {
 }
 
 /// Computes every hash in one read of the file. `data_start` is 8+N for safetensors files.
-/// The whole-file and data-section digests run on two threads over the same mapping, so the
-/// wall time is that of one sha256 pass.
+/// The whole-file and data-section digests run on two threads over the same mapped chunk, so the
+/// wall time is that of one sha256 pass; each chunk's pages are released once hashed, so resident
+/// memory stays at one chunk whatever the file size.
 pub fn hash_file(path: &Path, data_start: Option<u64>) -> Result<FileHashes> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let map;
-    let bytes: &[u8] = if len == 0 {
-        &[]
-    } else {
-        // SAFETY: read-only map of an input file, never written by loratool.
-        map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    if len == 0 {
+        return Ok(hash_bytes(&[], data_start));
+    }
+    // SAFETY: read-only map of an input file, never written by loratool.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    #[cfg(unix)]
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let start = data_start.map(|s| s as usize).filter(|s| *s <= map.len());
+    let mut full = Sha256::new();
+    let mut data = start.map(|_| Sha256::new());
+    const CHUNK: usize = 64 << 20;
+    let mut at = 0;
+    while at < map.len() {
+        let end = (at + CHUNK).min(map.len());
+        let chunk = &map[at..end];
+        let data_part = start.map(|s| &map[s.clamp(at, end)..end]);
+        rayon::join(
+            || full.update(chunk),
+            || {
+                if let (Some(h), Some(part)) = (data.as_mut(), data_part) {
+                    h.update(part);
+                }
+            },
+        );
         #[cfg(unix)]
-        let _ = map.advise(memmap2::Advice::Sequential);
-        &map
-    };
-    Ok(hash_bytes(bytes, data_start))
+        // SAFETY: read-only shared file mapping; dropped pages are re-read from the file if touched.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - at) };
+        at = end;
+    }
+    let full = hex(&full.finalize());
+    let addnet = data.map(|h| hex(&h.finalize()));
+    Ok(FileHashes {
+        autov2: full[..10].to_uppercase(),
+        autov3: addnet.as_ref().map(|h| h[..12].to_uppercase()),
+        sha256: full,
+        addnet,
+    })
 }
 
+/// The same hashes of bytes in memory.
 pub fn hash_bytes(bytes: &[u8], data_start: Option<u64>) -> FileHashes {
     let data = data_start
         .map(|s| s as usize)
@@ -54,13 +83,8 @@ pub fn hash_bytes(bytes: &[u8], data_start: Option<u64>) -> FileHashes {
     }
 }
 
-/// sha256 in chunks, so a memory-mapped input is paged in progressively.
 fn sha256_hex(bytes: &[u8]) -> String {
-    let mut h = Sha256::new();
-    for chunk in bytes.chunks(8 << 20) {
-        h.update(chunk);
-    }
-    hex(&h.finalize())
+    hex(&Sha256::digest(bytes))
 }
 
 #[cfg(test)]
