@@ -141,12 +141,26 @@ impl Dtype {
     pub fn encode_f32(self, values: &[f32]) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(values.len() * self.size()?);
         match self {
+            #[cfg(target_endian = "little")]
+            Dtype::F32 => {
+                // SAFETY: f32 has no padding; viewing it as bytes is valid (LE host, LE file).
+                out.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4)
+                });
+            }
+            #[cfg(not(target_endian = "little"))]
             Dtype::F32 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             Dtype::F16 => {
                 let mut h = vec![f16::ZERO; values.len()];
                 h.convert_from_f32_slice(values);
+                #[cfg(target_endian = "little")]
+                // SAFETY: f16 is a plain 2-byte value; viewing it as bytes is valid (LE host).
+                out.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(h.as_ptr().cast::<u8>(), h.len() * 2)
+                });
+                #[cfg(not(target_endian = "little"))]
                 h.iter()
                     .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
             }

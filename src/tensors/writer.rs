@@ -43,8 +43,9 @@ pub struct WriteOptions {
 pub struct WriteSummary {
     pub path: PathBuf,
     pub bytes: u64,
-    /// sha256 of the data section: kohya's `sshs_model_hash`, A1111's addnet hash, Civitai AutoV3.
-    pub data_sha256: String,
+    /// sha256 of the data section (kohya's `sshs_model_hash`, A1111's addnet hash, Civitai AutoV3),
+    /// when the writer was asked to compute it.
+    pub data_sha256: Option<String>,
 }
 
 pub struct SafetensorsWriter {
@@ -54,7 +55,8 @@ pub struct SafetensorsWriter {
     specs: Vec<TensorSpec>,
     next: usize,
     written: u64,
-    data_hash: Sha256,
+    /// sha256 of the data section, only when asked for (it costs a pass over every byte).
+    data_hash: Option<Sha256>,
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -189,7 +191,7 @@ impl SafetensorsWriter {
             specs,
             next: 0,
             written: 0,
-            data_hash: Sha256::new(),
+            data_hash: None,
         };
         let header = build_header(metadata, &writer.specs);
         writer.put(&(header.len() as u64).to_le_bytes())?;
@@ -203,6 +205,12 @@ impl SafetensorsWriter {
             .map_err(|e| Error::io(&self.target, e))?;
         self.written += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Also hash the data section while writing (see [`WriteSummary::data_sha256`]).
+    pub fn with_data_hash(mut self) -> Self {
+        self.data_hash = Some(Sha256::new());
+        self
     }
 
     /// The spec of the next tensor to write, if any remain.
@@ -227,7 +235,9 @@ impl SafetensorsWriter {
                 bytes.len()
             )));
         }
-        self.data_hash.update(bytes);
+        if let Some(h) = self.data_hash.as_mut() {
+            h.update(bytes);
+        }
         self.put(bytes)?;
         self.next += 1;
         Ok(())
@@ -254,11 +264,11 @@ impl SafetensorsWriter {
         if let Ok(dir) = File::open(parent_dir(&self.target)) {
             let _ = dir.sync_all();
         }
-        let hash = std::mem::take(&mut self.data_hash).finalize();
+        let hash = self.data_hash.take().map(|h| hex(&h.finalize()));
         Ok(WriteSummary {
             path: self.target.clone(),
             bytes: self.written,
-            data_sha256: hex(&hash),
+            data_sha256: hash,
         })
     }
 }
@@ -283,7 +293,7 @@ pub fn write_all(
     opts: &WriteOptions,
 ) -> Result<WriteSummary> {
     let specs = tensors.iter().map(|(s, _)| s.clone()).collect();
-    let mut w = SafetensorsWriter::create(target, metadata, specs, opts)?;
+    let mut w = SafetensorsWriter::create(target, metadata, specs, opts)?.with_data_hash();
     for (s, bytes) in tensors {
         w.write_tensor(&s.name, bytes)?;
     }
@@ -320,8 +330,8 @@ mod tests {
         let bytes = fs::read(&out).unwrap();
         assert_eq!(bytes.len(), 112);
         assert_eq!(
-            s.data_sha256,
-            "b9c80b5adeca450753a16950c3cc655d271f7bef7a485bc83f112b72fef21d37"
+            s.data_sha256.as_deref(),
+            Some("b9c80b5adeca450753a16950c3cc655d271f7bef7a485bc83f112b72fef21d37")
         );
         let f = SafetensorsFile::open(&out).unwrap();
         assert_eq!(f.metadata()["ss_network_dim"], "4");
