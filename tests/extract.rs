@@ -282,3 +282,65 @@ fn bad_input_is_refused_before_anything_is_written() {
     assert!(e.contains("refusing to write over an input file"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn diffusers_pipeline_folders_extract_like_single_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = LoraWeight {
+        path: fx("loras/sd1_kohya_lora.safetensors"),
+        text_encoder: 0.8,
+        unet: 0.8,
+    };
+    let mopts = MergeOptions {
+        dtype: Some(Dtype::F32),
+        force: true,
+        window_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let tuned_dir = dir.path().join("tuned_pipeline");
+    merge_into_checkpoint(
+        &fx("models/sd1_diffusers"),
+        std::slice::from_ref(&lora),
+        &tuned_dir,
+        &mopts,
+    )
+    .unwrap();
+    let tuned_ldm = dir.path().join("tuned.safetensors");
+    merge_into_checkpoint(
+        &fx("models/sd1_ldm.safetensors"),
+        &[lora],
+        &tuned_ldm,
+        &mopts,
+    )
+    .unwrap();
+    let a = dir.path().join("a.safetensors");
+    let b = dir.path().join("b.safetensors");
+    extract_lora(&fx("models/sd1_diffusers"), &tuned_dir, &a, &opts(4)).unwrap();
+    extract_lora(&fx("models/sd1_ldm.safetensors"), &tuned_ldm, &b, &opts(4)).unwrap();
+    let (a, b) = (Adapter::open(&a).unwrap(), Adapter::open(&b).unwrap());
+    assert_eq!(a.modules.len(), b.modules.len());
+    for m in &b.modules {
+        let other = a
+            .modules
+            .iter()
+            .find(|x| x.name == m.name)
+            .unwrap_or_else(|| panic!("{} missing", m.name));
+        let (x, y) = (
+            delta::delta(other, &a.file).unwrap(),
+            delta::delta(m, &b.file).unwrap(),
+        );
+        assert!(x.relative_error(&y) <= 1e-5, "{}", m.name);
+    }
+    let e = extract_lora(
+        &fx("models/sd1_diffusers"),
+        &tuned_ldm,
+        &dir.path().join("c.safetensors"),
+        &opts(4),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("must both be files or both be diffusers folders"),
+        "{e}"
+    );
+}

@@ -8,10 +8,11 @@
 //! worker, so neither checkpoint is ever held in f32.
 
 use super::resize::RankRule;
+use crate::family::checkpoint::Layout;
 use crate::family::checkpoint::{checkpoint_family, CheckpointModule, KeyMap};
 use crate::family::BaseModel;
 use crate::linalg::{self, LowRank};
-use crate::ops::merge::layout_of;
+use crate::ops::merge::{layout_of, PIPELINE_COMPONENTS};
 use crate::tensors::hash::hash_file;
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
@@ -114,6 +115,83 @@ fn classify(m: &CheckpointModule, shape: &[usize]) -> Option<Class> {
     }
 }
 
+/// One checkpoint file of the base and its counterpart in the fine-tune.
+struct Pair {
+    base: TensorFile,
+    tuned: TensorFile,
+    layout: Layout,
+    base_map: KeyMap,
+    tuned_map: KeyMap,
+}
+
+impl Pair {
+    fn open(base: &Path, tuned: &Path, layout: Layout) -> Result<Pair> {
+        let (b, t) = (TensorFile::open(base)?, TensorFile::open(tuned)?);
+        Ok(Pair {
+            base_map: KeyMap::build(b.tensors(), layout),
+            tuned_map: KeyMap::build(t.tensors(), layout),
+            base: b,
+            tuned: t,
+            layout,
+        })
+    }
+}
+
+/// Single files (LDM, BFL, a diffusers component file) pair up directly; diffusers pipeline
+/// folders pair their component files by name.
+fn open_pairs(base: &Path, tuned: &Path) -> Result<Vec<Pair>> {
+    match (base.is_dir(), tuned.is_dir()) {
+        (false, false) => {
+            let (lb, lt) = (layout_of(base), layout_of(tuned));
+            if lb != lt {
+                return Err(Error::Invalid(format!(
+                    "{} and {} are different parts of a model",
+                    base.display(),
+                    tuned.display()
+                )));
+            }
+            Ok(vec![Pair::open(base, tuned, lb)?])
+        }
+        (true, true) => {
+            let mut pairs = Vec::new();
+            for (folder, component) in PIPELINE_COMPONENTS {
+                let Ok(entries) = std::fs::read_dir(base.join(folder)) else {
+                    continue;
+                };
+                let mut files: Vec<_> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                files.sort();
+                for f in files {
+                    let other = tuned.join(folder).join(f.file_name().expect("file"));
+                    if !other.is_file() {
+                        return Err(Error::Invalid(format!(
+                            "{}: missing (the base folder has {})",
+                            other.display(),
+                            f.display()
+                        )));
+                    }
+                    pairs.push(Pair::open(
+                        &f,
+                        &other,
+                        Layout::DiffusersComponent(*component),
+                    )?);
+                }
+            }
+            if pairs.is_empty() {
+                return Err(Error::bad_file(base, "not a diffusers pipeline folder"));
+            }
+            Ok(pairs)
+        }
+        _ => Err(Error::Invalid(format!(
+            "{} and {} must both be files or both be diffusers folders",
+            base.display(),
+            tuned.display()
+        ))),
+    }
+}
+
 /// The rows of a weight that a module covers (fused q/k/v slices), as an f32 tensor.
 fn read_slice(file: &TensorFile, m: &CheckpointModule) -> Result<Tensor> {
     let t = file.read_f32(&m.target.weight)?;
@@ -206,66 +284,71 @@ pub fn extract_lora(
         inputs: vec![base_path.to_path_buf(), tuned_path.to_path_buf()],
     };
     crate::tensors::writer::check_output_path(out, &write_opts)?;
-    let base = TensorFile::open(base_path)?;
-    let tuned = TensorFile::open(tuned_path)?;
-    let (lb, lt) = (layout_of(base_path), layout_of(tuned_path));
-    let (fb, ft) = (
-        checkpoint_family(base.tensors(), lb),
-        checkpoint_family(tuned.tensors(), lt),
-    );
-    if fb != ft {
-        return Err(Error::Invalid(format!(
-            "{} is a {} checkpoint but {} is a {} checkpoint",
-            base_path.display(),
-            fb.name(),
-            tuned_path.display(),
-            ft.name()
-        )));
-    }
-    let keymap = KeyMap::build(base.tensors(), lb);
-    let tuned_map = KeyMap::build(tuned.tensors(), lt);
-    let tuned_targets: BTreeMap<&str, &CheckpointModule> = tuned_map
-        .modules()
-        .iter()
-        .map(|m| (m.kohya_name.as_str(), m))
-        .collect();
-
-    // Targets and their ranks; shapes checked up front.
-    let mut jobs: Vec<(&CheckpointModule, &CheckpointModule, usize)> = Vec::new();
-    let mut largest_min_dim = 0;
-    for m in keymap.modules() {
-        let info = base.get(&m.target.weight).expect("module of this file");
-        let Some(class) = classify(m, &info.shape) else {
-            continue;
-        };
-        let rank = match class {
-            Class::Linear => Some(opts.rank),
-            Class::ResnetLinear => opts.conv_rank.map(|_| opts.rank),
-            Class::Conv => opts.conv_rank,
-            Class::TextEncoder => Some(opts.te_rank.unwrap_or(opts.rank)),
-        };
-        let Some(rank) = rank else { continue };
-        let Some(tm) = tuned_targets.get(m.kohya_name.as_str()) else {
+    let pairs = open_pairs(base_path, tuned_path)?;
+    let mut fb = BaseModel::Unknown;
+    for p in &pairs {
+        let (b, t) = (
+            checkpoint_family(p.base.tensors(), p.layout),
+            checkpoint_family(p.tuned.tensors(), p.layout),
+        );
+        if b != t {
             return Err(Error::Invalid(format!(
-                "{}: has no '{}' (the checkpoints differ in structure)",
-                tuned_path.display(),
-                m.target.weight
-            )));
-        };
-        let tinfo = tuned.get(&tm.target.weight).expect("module of this file");
-        if tinfo.shape != info.shape || tm.target.rows != m.target.rows {
-            return Err(Error::Invalid(format!(
-                "'{}' has shape {:?} in {} but {:?} in {}",
-                m.target.weight,
-                info.shape,
+                "{} is a {} checkpoint but {} is a {} checkpoint",
                 base_path.display(),
-                tinfo.shape,
-                tuned_path.display()
+                b.name(),
+                tuned_path.display(),
+                t.name()
             )));
         }
-        let rows = m.target.rows.as_ref().map_or(info.shape[0], |r| r.len());
-        largest_min_dim = largest_min_dim.max(rows.min(info.numel() / info.shape[0]));
-        jobs.push((m, *tm, rank));
+        if fb == BaseModel::Unknown {
+            fb = b;
+        }
+    }
+
+    // Targets and their ranks; shapes checked up front.
+    let mut jobs: Vec<(usize, &CheckpointModule, &CheckpointModule, usize)> = Vec::new();
+    let mut largest_min_dim = 0;
+    for (pi, p) in pairs.iter().enumerate() {
+        let tuned_targets: BTreeMap<&str, &CheckpointModule> = p
+            .tuned_map
+            .modules()
+            .iter()
+            .map(|m| (m.kohya_name.as_str(), m))
+            .collect();
+        for m in p.base_map.modules() {
+            let info = p.base.get(&m.target.weight).expect("module of this file");
+            let Some(class) = classify(m, &info.shape) else {
+                continue;
+            };
+            let rank = match class {
+                Class::Linear => Some(opts.rank),
+                Class::ResnetLinear => opts.conv_rank.map(|_| opts.rank),
+                Class::Conv => opts.conv_rank,
+                Class::TextEncoder => Some(opts.te_rank.unwrap_or(opts.rank)),
+            };
+            let Some(rank) = rank else { continue };
+            let Some(tm) = tuned_targets.get(m.kohya_name.as_str()) else {
+                return Err(Error::Invalid(format!(
+                    "{}: has no '{}' (the checkpoints differ in structure)",
+                    p.tuned.path().display(),
+                    m.target.weight
+                )));
+            };
+            let tinfo = p.tuned.get(&tm.target.weight).expect("module of this file");
+            if tinfo.shape != info.shape || tm.target.rows != m.target.rows {
+                return Err(Error::Invalid(format!(
+                    "'{}' has shape {:?} in {} but {:?} in {}",
+                    m.target.weight,
+                    info.shape,
+                    p.base.path().display(),
+                    tinfo.shape,
+                    p.tuned.path().display()
+                )));
+            }
+            let rows = m.target.rows.as_ref().map_or(info.shape[0], |r| r.len());
+            largest_min_dim = largest_min_dim.max(rows.min(info.numel() / info.shape[0]));
+            jobs.push((pi, m, *tm, rank));
+        }
     }
     if jobs.is_empty() {
         return Err(Error::Invalid(format!(
@@ -287,10 +370,10 @@ pub fn extract_lora(
         let part: Vec<Extracted> = window
             .par_iter()
             .enumerate()
-            .map(|(j, (m, tm, rank))| -> Result<Extracted> {
+            .map(|(j, (pi, m, tm, rank))| -> Result<Extracted> {
                 let i = w * 16 + j;
-                let b = read_slice(&base, m)?;
-                let t = read_slice(&tuned, tm)?;
+                let b = read_slice(&pairs[*pi].base, m)?;
+                let t = read_slice(&pairs[*pi].tuned, tm)?;
                 let d: Vec<f32> = t.data.iter().zip(&b.data).map(|(x, y)| x - y).collect();
                 let max = d.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let d = Tensor::new(b.shape.clone(), d);
@@ -318,8 +401,10 @@ pub fn extract_lora(
             })
             .collect::<Result<_>>()?;
         results.extend(part);
-        base.release_pages();
-        tuned.release_pages();
+        for p in &pairs {
+            p.base.release_pages();
+            p.tuned.release_pages();
+        }
     }
 
     let mut report = ExtractReport {
@@ -430,7 +515,16 @@ pub fn extract_lora(
         );
     }
     let mut record = serde_json::Map::new();
-    for (role, path, file) in [("base", base_path, &base), ("tuned", tuned_path, &tuned)] {
+    for (role, path, file) in [
+        ("base", base_path, &pairs[0].base),
+        ("tuned", tuned_path, &pairs[0].tuned),
+    ] {
+        // A pipeline folder is identified by its first weight file (the UNet's, when present).
+        let (path, file) = if path.is_dir() {
+            (file.path(), file)
+        } else {
+            (path, file)
+        };
         let h = hash_file(path, file.as_safetensors().map(|s| s.data_start()))?;
         record.insert(
             role.into(),

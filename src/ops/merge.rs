@@ -143,7 +143,7 @@ fn component_of(layout: Layout) -> Option<Component> {
 }
 
 /// Component folders of a diffusers pipeline that LoRAs patch; every other file is copied.
-const PIPELINE_COMPONENTS: &[(&str, Component)] = &[
+pub(crate) const PIPELINE_COMPONENTS: &[(&str, Component)] = &[
     ("unet", Component::Unet),
     ("transformer", Component::Transformer),
     ("text_encoder", Component::TextEncoder),
