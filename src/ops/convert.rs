@@ -33,14 +33,7 @@ pub fn convert_container(input: &Path, out: &Path, opts: &ConvertOptions) -> Res
     let specs: Vec<TensorSpec> = file
         .tensors()
         .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: match opts.dtype {
-                Some(d) if t.dtype.is_float() => d,
-                _ => t.dtype,
-            },
-            shape: t.shape.clone(),
-        })
+        .map(|t| TensorSpec::cast_from(t, opts.dtype))
         .collect();
     let write_opts = WriteOptions {
         force: opts.force,
@@ -119,17 +112,8 @@ pub fn convert_adapter(
         _ => d,
     };
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
-    let mut push = |name: String, t: &Tensor, dtype: Dtype| {
-        let dtype = if dtype.is_float() { dtype } else { Dtype::F32 };
-        tensors.push((
-            TensorSpec {
-                name,
-                dtype,
-                shape: t.shape.clone(),
-            },
-            dtype.encode_f32(&t.data).expect("float dtype"),
-        ));
-    };
+    let mut push =
+        |name: String, t: &Tensor, dtype: Dtype| tensors.push(TensorSpec::encode(name, t, dtype));
     let mut meta = adapter.file.metadata().clone();
     match to {
         TargetFormat::Kohya => {

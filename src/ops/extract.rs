@@ -413,17 +413,7 @@ pub fn extract_lora(
     };
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
     let dtype = opts.dtype;
-    let mut push = |name: String, t: Tensor| {
-        let bytes = dtype.encode_f32(&t.data).expect("float dtype");
-        tensors.push((
-            TensorSpec {
-                name,
-                dtype,
-                shape: t.shape,
-            },
-            bytes,
-        ));
-    };
+    let mut push = |name: String, t: Tensor| tensors.push(TensorSpec::encode(name, &t, dtype));
     let mut conv_used = None;
     for e in results {
         let stats = report.components.entry(e.component).or_default();

@@ -386,14 +386,7 @@ fn write_merged(
     let specs: Vec<TensorSpec> = base
         .tensors()
         .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: match opts.dtype {
-                Some(d) if t.dtype.is_float() => d,
-                _ => t.dtype,
-            },
-            shape: t.shape.clone(),
-        })
+        .map(|t| TensorSpec::cast_from(t, opts.dtype))
         .collect();
     let mut metadata = base.metadata().clone();
     metadata.insert("loratool.merged_loras".into(), record.to_string());

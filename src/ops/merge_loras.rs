@@ -318,17 +318,7 @@ pub fn merge_loras(
         })
         .unwrap_or(Dtype::F16);
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
-    let mut push = |name: String, t: &Tensor| {
-        let bytes = dtype.encode_f32(&t.data).expect("float dtype");
-        tensors.push((
-            TensorSpec {
-                name,
-                dtype,
-                shape: t.shape.clone(),
-            },
-            bytes,
-        ));
-    };
+    let mut push = |name: String, t: &Tensor| tensors.push(TensorSpec::encode(name, t, dtype));
     let mut report = LoraMergeReport {
         family: Some(fam),
         ranks: (usize::MAX, 0),

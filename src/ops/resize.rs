@@ -166,17 +166,8 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
     let file = &adapter.file;
     let mut report = ResizeReport::default();
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
-    let mut push = |name: String, t: &Tensor, dtype: Dtype| {
-        let dtype = if dtype.is_float() { dtype } else { Dtype::F32 };
-        tensors.push((
-            TensorSpec {
-                name,
-                dtype,
-                shape: t.shape.clone(),
-            },
-            dtype.encode_f32(&t.data).expect("float dtype"),
-        ));
-    };
+    let mut push =
+        |name: String, t: &Tensor, dtype: Dtype| tensors.push(TensorSpec::encode(name, t, dtype));
     for m in &adapter.modules {
         let name = kohya_name(m, fam);
         let dtype = opts.dtype.unwrap_or(if m.dtype.is_float() {

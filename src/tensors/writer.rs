@@ -6,7 +6,7 @@
 //! or if the writer is dropped unfinished, the temp file is removed and nothing appears at the
 //! target.
 
-use super::Dtype;
+use super::{Dtype, Tensor, TensorInfo};
 use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -24,6 +24,33 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
+    /// An input tensor's spec for an output that stores floats as `cast` (when given); non-float
+    /// tensors keep their dtype.
+    pub fn cast_from(info: &TensorInfo, cast: Option<Dtype>) -> TensorSpec {
+        TensorSpec {
+            name: info.name.clone(),
+            dtype: match cast {
+                Some(d) if info.dtype.is_float() => d,
+                _ => info.dtype,
+            },
+            shape: info.shape.clone(),
+        }
+    }
+
+    /// A computed tensor encoded as `dtype` (f32 when `dtype` is not a float type): spec and bytes.
+    pub fn encode(name: String, t: &Tensor, dtype: Dtype) -> (TensorSpec, Vec<u8>) {
+        let dtype = if dtype.is_float() { dtype } else { Dtype::F32 };
+        let bytes = dtype.encode_f32(&t.data).expect("float dtypes encode");
+        (
+            TensorSpec {
+                name,
+                dtype,
+                shape: t.shape.clone(),
+            },
+            bytes,
+        )
+    }
+
     pub fn byte_len(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size().unwrap_or(1)
     }
