@@ -18,7 +18,6 @@ use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
 use crate::{Error, Result};
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -525,13 +524,9 @@ pub fn extract_lora(
         "loratool.extracted_from".into(),
         serde_json::Value::Object(record).to_string(),
     );
-    let mut h = Sha256::new();
-    for (_, b) in &tensors {
-        h.update(b);
-    }
     meta.insert(
         "sshs_model_hash".into(),
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+        crate::tensors::writer::sshs_model_hash(&tensors),
     );
     write_all(out, &meta, &tensors, &write_opts)?;
     Ok(report)

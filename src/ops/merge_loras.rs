@@ -19,7 +19,6 @@ use crate::linalg;
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor};
 use crate::{Error, Result};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -408,12 +407,10 @@ pub fn merge_loras(
         format!("merged by loratool ({method}): {}", parts.join(", ")),
     );
     // kohya's sshs_model_hash: sha256 of the data section, which is these bytes in this order.
-    let mut h = Sha256::new();
-    for (_, b) in &tensors {
-        h.update(b);
-    }
-    let hash: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    meta.insert("sshs_model_hash".into(), hash);
+    meta.insert(
+        "sshs_model_hash".into(),
+        crate::tensors::writer::sshs_model_hash(&tensors),
+    );
 
     write_all(out, &meta, &tensors, &write_opts)?;
     if report.ranks.0 == usize::MAX {

@@ -15,7 +15,6 @@ use crate::linalg::{self, LowRank};
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor};
 use crate::{Error, Result};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 
 /// How the new rank of each module is chosen.
@@ -280,13 +279,9 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
         _ => what,
     };
     meta.insert("ss_training_comment".into(), comment);
-    let mut h = Sha256::new();
-    for (_, b) in &tensors {
-        h.update(b);
-    }
     meta.insert(
         "sshs_model_hash".into(),
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+        crate::tensors::writer::sshs_model_hash(&tensors),
     );
     meta.remove("sshs_legacy_hash");
     let write_opts = WriteOptions {

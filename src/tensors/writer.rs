@@ -312,6 +312,16 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// kohya's `sshs_model_hash` of an in-memory output: sha256 of its data section, i.e. of these
+/// tensors' bytes in write order (independent of the header, so it can go into the metadata).
+pub fn sshs_model_hash(tensors: &[(TensorSpec, Vec<u8>)]) -> String {
+    let mut h = Sha256::new();
+    for (_, b) in tensors {
+        h.update(b);
+    }
+    hex(&h.finalize())
+}
+
 /// Writes whole in-memory tensors (small outputs such as LoRA files) through the streaming writer.
 pub fn write_all(
     target: &Path,
