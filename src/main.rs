@@ -10,6 +10,15 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // Streaming commands allocate and free tensor-sized buffers over and over. glibc hands large
+    // blocks straight back to the kernel, so every tensor paid for fresh zeroed pages (measured:
+    // 10 s of system time in a 2 GB merge). Keeping freed blocks in the heap reuses them instead.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any allocation-heavy work.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(code) => std::process::exit(code),

@@ -63,7 +63,7 @@ pub fn run(args: MergeArgs) -> Result<i32> {
         dtype: args.dtype.as_deref().map(parse_dtype),
         strict: args.strict,
         force: args.force,
-        window_bytes: 256 << 20,
+        window_bytes: 96 << 20,
     };
     let report = merge_into_checkpoint(&base, &loras, &args.output, &opts)?;
     for (path, matched, unmatched) in &report.loras {

@@ -429,7 +429,7 @@ fn write_merged(
                 }
             }
         }
-        base.release_pages();
+        base.release_tensor_pages(start, end - 1);
         start = end;
     }
     let summary = writer.finish()?;

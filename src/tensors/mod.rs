@@ -160,6 +160,13 @@ impl TensorFile {
         }
     }
 
+    /// Lets go of the mapped pages of tensors `first..=last` (indices of [`Self::tensors`]).
+    pub fn release_tensor_pages(&self, first: usize, last: usize) {
+        if let Inner::Safetensors(f) = &self.inner {
+            f.release_tensor_pages(first, last);
+        }
+    }
+
     /// Raw little-endian, row-major bytes of a tensor in its stored dtype.
     pub fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let i = self.index_of(name)?;

@@ -115,6 +115,25 @@ impl SafetensorsFile {
         }
     }
 
+    /// Drops the mapped pages of tensors `first..=last` (in data order) — the part of the file a
+    /// streaming window has finished with — without touching the rest of the mapping.
+    pub fn release_tensor_pages(&self, first: usize, last: usize) {
+        #[cfg(unix)]
+        if let (Buffer::Mapped(m), Some(a), Some(b)) =
+            (&self.buffer, self.ranges.get(first), self.ranges.get(last))
+        {
+            let page = 4096;
+            let start = (self.data_start() as usize + a.0) / page * page;
+            let end = (self.data_start() as usize + b.1).min(m.len());
+            if end > start {
+                // SAFETY: as in `release_pages`.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
+    }
+
     /// The stored bytes of the tensor at `index` of [`Self::tensors`].
     pub fn tensor_bytes(&self, index: usize) -> &[u8] {
         let (s, e) = self.ranges[index];
