@@ -250,3 +250,31 @@ fn bad_input_gets_one_line_errors_and_the_rest_is_still_reported() {
     assert!(arr[0]["error"].as_str().unwrap().contains("file is empty"));
     assert_eq!(arr.last().unwrap()["network"], "loha");
 }
+
+#[test]
+fn flux_loras_from_the_merge_fixtures() {
+    // fixtures/merge/manifest.json documents these two (made by fixtures/generate_merge.py).
+    let files = [
+        fixtures().join("loras/flux_kohya.safetensors"),
+        fixtures().join("loras/flux_peft.safetensors"),
+    ];
+    let (code, json, _) = run_json(&[], &files);
+    assert_eq!(code, 0);
+    let (k, p) = (&json[0], &json[1]);
+    assert_eq!(
+        (k["format"].as_str(), k["base_model"].as_str()),
+        (Some("kohya"), Some("flux"))
+    );
+    assert_eq!(k["module_count"], 26);
+    assert_eq!(k["modules_by_component"]["transformer"], 26);
+    assert_eq!(
+        (k["rank"].as_u64(), k["alpha"].as_f64()),
+        (Some(4), Some(2.0))
+    );
+    assert_eq!(
+        (p["format"].as_str(), p["base_model"].as_str()),
+        (Some("peft"), Some("flux"))
+    );
+    assert_eq!(p["module_count"], 24);
+    assert_eq!(p["alpha"], 8.0);
+}
