@@ -147,6 +147,19 @@ impl AdapterModule {
     }
 }
 
+/// kohya factor shapes for a LoRA of `rank` on a weight of `target` shape: `up` is
+/// `[out, rank]` (`[out, rank, 1, 1]` for convolutions), `down` is `[rank, in(, kh, kw)]`.
+pub fn lora_factor_shapes(target: &[usize], rank: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut down = vec![rank];
+    down.extend_from_slice(&target[1..]);
+    let up = if target.len() == 4 {
+        vec![target[0], rank, 1, 1]
+    } else {
+        vec![target[0], rank]
+    };
+    (up, down)
+}
+
 /// A parsed adapter file.
 pub struct Adapter {
     pub file: TensorFile,

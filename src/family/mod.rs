@@ -27,6 +27,23 @@ pub enum BaseModel {
 }
 
 impl BaseModel {
+    /// What kohya writes for a LoRA of this family: `ss_base_model_version`,
+    /// `modelspec.architecture` and `modelspec.resolution`. `None` for an unknown family.
+    pub fn kohya_lora_metadata(self) -> Option<(&'static str, &'static str, &'static str)> {
+        Some(match self {
+            BaseModel::Sd1 => ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
+            BaseModel::Sd2 => ("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
+            BaseModel::Sdxl => (
+                "sdxl_base_v1-0",
+                "stable-diffusion-xl-v1-base/lora",
+                "1024x1024",
+            ),
+            BaseModel::Sd3 => ("sd3", "stable-diffusion-3-medium/lora", "1024x1024"),
+            BaseModel::Flux => ("flux1", "flux-1-dev/lora", "1024x1024"),
+            BaseModel::Unknown => return None,
+        })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             BaseModel::Sd1 => "sd1",

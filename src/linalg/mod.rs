@@ -152,6 +152,25 @@ pub struct LowRank {
     pub singular_values: Vec<f64>,
 }
 
+impl LowRank {
+    /// The first `k` components (all of them when `k` ≥ the rank).
+    pub fn keep(self, k: usize) -> LowRank {
+        if k >= self.rank {
+            return self;
+        }
+        let mut up = vec![0f32; self.rows * k];
+        for i in 0..self.rows {
+            up[i * k..(i + 1) * k].copy_from_slice(&self.up[i * self.rank..i * self.rank + k]);
+        }
+        LowRank {
+            up,
+            down: self.down[..k * self.cols].to_vec(),
+            rank: k,
+            ..self
+        }
+    }
+}
+
 fn to_mat(a: &[f32], m: usize, n: usize) -> faer::Mat<f64> {
     faer::Mat::from_fn(m, n, |i, j| a[i * n + j] as f64)
 }

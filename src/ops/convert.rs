@@ -4,8 +4,8 @@
 use super::merge_loras::kohya_name;
 use crate::adapter::keys::Role;
 use crate::adapter::{Adapter, AdapterModule, Component, Format, ModuleKind};
+use crate::family;
 use crate::family::module_names::kohya_to_dotted;
-use crate::family::{self, BaseModel};
 use crate::tensors::writer::{write_all, SafetensorsWriter, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
 use crate::{Error, Result};
@@ -144,12 +144,7 @@ pub fn convert_adapter(
                 }
             }
             meta.remove("lora_adapter_metadata");
-            if let Some((version, arch)) = match fam {
-                BaseModel::Sd1 => Some(("sd_v1", "stable-diffusion-v1/lora")),
-                BaseModel::Sd2 => Some(("sd_v2", "stable-diffusion-v2-512/lora")),
-                BaseModel::Sdxl => Some(("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")),
-                _ => None,
-            } {
+            if let Some((version, arch, _)) = fam.kohya_lora_metadata() {
                 meta.entry("ss_base_model_version".into())
                     .or_insert(version.into());
                 meta.entry("modelspec.architecture".into())

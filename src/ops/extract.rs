@@ -249,24 +249,7 @@ fn truncated_svd(d: &Tensor, rank: usize, dynamic: Option<RankRule>, seed: u64) 
         Some(rule) => rule.rank_for(&lr.singular_values).min(k),
         None => k,
     };
-    Ok(cut(lr, keep.max(1)))
-}
-
-/// Keeps the first `k` columns of `up` / rows of `down`.
-fn cut(lr: LowRank, k: usize) -> LowRank {
-    if k >= lr.rank {
-        return lr;
-    }
-    let mut up = vec![0f32; lr.rows * k];
-    for i in 0..lr.rows {
-        up[i * k..(i + 1) * k].copy_from_slice(&lr.up[i * lr.rank..i * lr.rank + k]);
-    }
-    LowRank {
-        up,
-        down: lr.down[..k * lr.cols].to_vec(),
-        rank: k,
-        ..lr
-    }
+    Ok(lr.keep(keep.max(1)))
 }
 
 pub fn extract_lora(
@@ -435,13 +418,7 @@ pub fn extract_lora(
         if stats.worst.as_ref().is_none_or(|w| retained < w.1) {
             stats.worst = Some((e.name.clone(), retained));
         }
-        let mut down_shape = vec![k];
-        down_shape.extend_from_slice(&shape[1..]);
-        let up_shape = if shape.len() == 4 {
-            vec![shape[0], k, 1, 1]
-        } else {
-            vec![shape[0], k]
-        };
+        let (up_shape, down_shape) = crate::adapter::lora_factor_shapes(&shape, k);
         if shape.len() == 4 && shape[2] * shape[3] > 1 {
             conv_used = Some(k);
         }
@@ -468,14 +445,9 @@ pub fn extract_lora(
     }
 
     let mut meta = BTreeMap::new();
-    let (version, arch) = match fb {
-        BaseModel::Sd1 => ("sd_v1", "stable-diffusion-v1/lora"),
-        BaseModel::Sd2 => ("sd_v2", "stable-diffusion-v2-512/lora"),
-        BaseModel::Sdxl => ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
-        BaseModel::Flux => ("flux1", "flux-1-dev/lora"),
-        BaseModel::Sd3 => ("sd3", "stable-diffusion-3-medium/lora"),
-        BaseModel::Unknown => ("unknown", "unknown/lora"),
-    };
+    let (version, arch, _) = fb
+        .kohya_lora_metadata()
+        .unwrap_or(("unknown", "unknown/lora", ""));
     meta.insert("ss_base_model_version".to_string(), version.to_string());
     meta.insert(
         "ss_v2".into(),

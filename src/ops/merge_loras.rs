@@ -215,34 +215,12 @@ fn merge_module(parts: &[Part], method: LoraMergeMethod) -> Result<Merged> {
 }
 
 fn low_rank_tensors(shape: &[usize], up: Vec<f32>, down: Vec<f32>, rank: usize) -> Merged {
-    let mut down_shape = vec![rank];
-    down_shape.extend_from_slice(&shape[1..]);
-    let up_shape = if shape.len() == 4 {
-        vec![shape[0], rank, 1, 1]
-    } else {
-        vec![shape[0], rank]
-    };
+    let (up_shape, down_shape) = crate::adapter::lora_factor_shapes(shape, rank);
     Merged::LowRank {
         up: Tensor::new(up_shape, up),
         down: Tensor::new(down_shape, down),
         rank,
     }
-}
-
-/// kohya's `ss_base_model_version` and modelspec architecture for a family.
-fn family_metadata(f: BaseModel) -> Option<(&'static str, &'static str, &'static str)> {
-    Some(match f {
-        BaseModel::Sd1 => ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
-        BaseModel::Sd2 => ("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
-        BaseModel::Sdxl => (
-            "sdxl_base_v1-0",
-            "stable-diffusion-xl-v1-base/lora",
-            "1024x1024",
-        ),
-        BaseModel::Sd3 => ("sd3", "stable-diffusion-3-medium/lora", "1024x1024"),
-        BaseModel::Flux => ("flux1", "flux-1-dev/lora", "1024x1024"),
-        BaseModel::Unknown => return None,
-    })
 }
 
 pub fn merge_loras(
@@ -365,7 +343,7 @@ pub fn merge_loras(
             serde_json::json!({"conv_dim": c.to_string(), "conv_alpha": c.to_string()}).to_string(),
         );
     }
-    if let Some((version, arch, res)) = family_metadata(fam) {
+    if let Some((version, arch, res)) = fam.kohya_lora_metadata() {
         meta.insert("ss_base_model_version".into(), version.into());
         meta.insert(
             "ss_v2".into(),

@@ -206,19 +206,9 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
         };
         // up = U_k Σ_k (already folded by truncate), down = V_kᵀ; alpha = k keeps scale 1 since
         // the old scale is inside the singular values.
-        let (out_rows, cols) = (lr.rows, lr.cols);
-        let mut up = vec![0f32; out_rows * k];
-        for i in 0..out_rows {
-            up[i * k..(i + 1) * k].copy_from_slice(&lr.up[i * lr.rank..i * lr.rank + k]);
-        }
-        let down = lr.down[..k * cols].to_vec();
-        let mut down_shape = vec![k];
-        down_shape.extend_from_slice(&shape[1..]);
-        let up_shape = if shape.len() == 4 {
-            vec![shape[0], k, 1, 1]
-        } else {
-            vec![shape[0], k]
-        };
+        let lr = lr.keep(k);
+        let (up, down) = (lr.up, lr.down);
+        let (up_shape, down_shape) = crate::adapter::lora_factor_shapes(&shape, k);
         push(
             format!("{name}.alpha"),
             &Tensor::new(vec![], vec![k as f32]),
