@@ -63,7 +63,8 @@ pub fn run(args: MergeArgs) -> Result<i32> {
         dtype: args.dtype.as_deref().map(parse_dtype),
         strict: args.strict,
         force: args.force,
-        window_bytes: 96 << 20,
+        // Working memory of one window (mapped input + encoded output); see docs/DECISIONS.md.
+        window_bytes: 32 << 20,
     };
     let report = merge_into_checkpoint(&base, &loras, &args.output, &opts)?;
     for (path, matched, unmatched) in &report.loras {

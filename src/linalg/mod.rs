@@ -29,6 +29,21 @@ pub fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
+/// `C += alpha · A (m×k) · B (k×n)` in place, all row-major, on the calling thread (streaming
+/// callers run many of these in parallel on cache-sized row blocks).
+pub fn add_matmul(c: &mut [f32], a: &[f32], m: usize, k: usize, b: &[f32], n: usize, alpha: f32) {
+    assert_eq!(a.len(), m * k, "lhs size");
+    assert_eq!(b.len(), k * n, "rhs size");
+    assert_eq!(c.len(), m * n, "dst size");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let lhs = MatRef::from_row_major_slice(a, m, k);
+    let rhs = MatRef::from_row_major_slice(b, k, n);
+    let dst = MatMut::from_row_major_slice_mut(c, m, n);
+    faer_matmul(dst, Accum::Add, lhs, rhs, alpha, Par::Seq);
+}
+
 /// `Aᵀ A` for a row-major `m×k` matrix: the `k×k` Gram matrix of its columns.
 pub fn gram_of_columns(a: &[f32], m: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0f32; k * k];

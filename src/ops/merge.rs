@@ -15,7 +15,7 @@ use crate::family::{self, BaseModel};
 use crate::tensors::hash::hash_file;
 use crate::tensors::writer::{SafetensorsWriter, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
-use crate::{Error, Result};
+use crate::{linalg, Error, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -172,6 +172,10 @@ pub fn merge_into_checkpoint(
         .iter()
         .map(|l| Adapter::open(&l.path))
         .collect::<Result<_>>()?;
+    let record = spawn_merge_record(loras, &adapters);
+    for a in &adapters {
+        a.file.release_pages(); // parsing touched alphas all over the file
+    }
 
     // The files to patch: the base itself, or each weight file of a pipeline's component folders.
     let mut files: Vec<(PathBuf, PathBuf, Layout)> = Vec::new();
@@ -344,7 +348,7 @@ pub fn merge_into_checkpoint(
         force: opts.force,
         inputs,
     };
-    let record = merge_record(loras, &adapters)?;
+    let record = record.join().expect("hashing thread does not panic")?;
     if pipeline {
         let staging = StagingDir::create(out, &write_opts)?;
         copy_tree(base_path, staging.path(), &plans)?;
@@ -373,7 +377,78 @@ pub fn merge_into_checkpoint(
     Ok(report)
 }
 
+/// How one output tensor is produced.
+enum Production<'a> {
+    /// Untouched and stored as in the base: its bytes are copied (inside the kernel when it can).
+    Copy,
+    /// Decoded in cache-sized row blocks, each plain LoRA patch added as `up·down` on the block,
+    /// and encoded: no full-size f32 copy or dense delta ever exists. Also the path of a tensor
+    /// that is only cast to another dtype (no patches).
+    Blocks(Vec<&'a Patch>),
+    /// Every other case (DoRA, OFT, IA3, LoHa, LoKr, Tucker cores, biases): the whole tensor in
+    /// f32 through [`delta::apply`].
+    Whole(&'a [Patch]),
+}
+
+/// f32 elements per row block of [`Production::Blocks`] (1 MiB): large enough for the
+/// matrix-product kernel to run near its peak, small enough to stay in a core's cache
+/// (measured in docs/BENCHMARKS.md: 2^16 and 2^20 were slower).
+const BLOCK_ELEMS: usize = 1 << 18;
+
+thread_local! {
+    /// Each worker thread's f32 row-block buffer, reused for every block it computes.
+    static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// True for a patch the row-block path can apply: a plain low-rank LoRA/LoCon without a Tucker
+/// core or DoRA magnitude.
+fn is_plain_low_rank(p: &Patch, adapters: &[Adapter]) -> bool {
+    let m = &adapters[p.lora].modules[p.module];
+    !p.bias
+        && m.kind == ModuleKind::Lora
+        && !m.dora
+        && m.tensor(Role::Mid).is_none()
+        && m.tensor(Role::Up).is_some()
+        && m.tensor(Role::Down).is_some()
+}
+
+fn production<'a>(
+    info: &crate::tensors::TensorInfo,
+    spec: &TensorSpec,
+    patches: Option<&'a Vec<Patch>>,
+    adapters: &[Adapter],
+) -> Production<'a> {
+    let floats = info.dtype.is_float() && spec.dtype.is_float();
+    match patches {
+        None if spec.dtype == info.dtype => Production::Copy,
+        None if floats => Production::Blocks(Vec::new()),
+        Some(ps) if floats && ps.iter().all(|p| is_plain_low_rank(p, adapters)) => {
+            Production::Blocks(ps.iter().collect())
+        }
+        Some(ps) => Production::Whole(ps),
+        None => Production::Whole(&[]),
+    }
+}
+
+/// Bytes of working memory a tensor takes while its window is computed (mapped input pages plus
+/// the encoded output; the whole-tensor path adds an f32 copy and a delta).
+fn working_bytes(p: &Production, info: &crate::tensors::TensorInfo, spec: &TensorSpec) -> usize {
+    let stored = info.numel() * info.dtype.size().unwrap_or(1);
+    match p {
+        Production::Copy => 0,
+        Production::Blocks(_) => stored + spec.byte_len(),
+        Production::Whole(_) => stored + spec.byte_len() + info.numel() * 8,
+    }
+}
+
+/// A computed window on its way to the writer thread: per tensor, its bytes or `None` (copied).
+type Batch = Vec<(usize, Option<Vec<u8>>)>;
+
 /// Streams one patched file: returns (bytes written, tensors changed).
+///
+/// Windows of consecutive tensors, bounded by [`MergeOptions::window_bytes`], are computed in
+/// parallel while a writer thread writes the previous window, so computation, the copy into the
+/// page cache and (through the writer's early writeback) the disk writes overlap.
 fn write_merged(
     plan: &FilePlan,
     out: &Path,
@@ -383,57 +458,193 @@ fn write_merged(
     write_opts: &WriteOptions,
 ) -> Result<(u64, usize)> {
     let base = &plan.base;
-    let specs: Vec<TensorSpec> = base
-        .tensors()
+    let infos = base.tensors();
+    let specs: Vec<TensorSpec> = infos
         .iter()
         .map(|t| TensorSpec::cast_from(t, opts.dtype))
         .collect();
+    let productions: Vec<Production> = infos
+        .iter()
+        .zip(&specs)
+        .map(|(info, spec)| production(info, spec, plan.patches.get(&info.name), adapters))
+        .collect();
     let mut metadata = base.metadata().clone();
     metadata.insert("loratool.merged_loras".into(), record.to_string());
-    let mut writer = SafetensorsWriter::create(out, &metadata, specs.clone(), write_opts)?;
-    let window = opts.window_bytes.max(64 << 20);
-    let infos = base.tensors();
-    let mut start = 0;
-    while start < infos.len() {
-        // A window: consecutive tensors whose f32 working size fits the budget (at least one).
-        let mut end = start;
-        let mut bytes = 0usize;
-        while end < infos.len() {
-            let touched =
-                plan.patches.contains_key(&infos[end].name) || specs[end].dtype != infos[end].dtype;
-            let cost = if touched { infos[end].numel() * 8 } else { 0 };
-            if end > start && bytes + cost > window {
-                break;
-            }
-            bytes += cost;
-            end += 1;
-        }
-        let produced: Vec<Option<Vec<u8>>> = (start..end)
-            .into_par_iter()
-            .map(|i| {
-                produce(
-                    base,
-                    i,
-                    &specs[i],
-                    plan.patches.get(&infos[i].name),
-                    adapters,
-                )
-            })
-            .collect::<Result<_>>()?;
-        for (i, bytes) in (start..end).zip(produced) {
-            match bytes {
-                Some(b) => writer.write_tensor(&infos[i].name, &b)?,
-                None => {
-                    let raw = base.raw_bytes(&infos[i].name)?;
-                    writer.write_tensor(&infos[i].name, &raw)?;
+    let writer = SafetensorsWriter::create(out, &metadata, specs.clone(), write_opts)?;
+    let window = opts.window_bytes.max(1);
+
+    let (written, computed) = std::thread::scope(|scope| {
+        // One window in the channel, one being written, one being computed.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
+        let writer_thread = scope.spawn(move || -> Result<SafetensorsWriter> {
+            let mut writer = writer;
+            for batch in rx {
+                for (i, bytes) in batch {
+                    let name = &infos[i].name;
+                    match (
+                        bytes,
+                        base.as_safetensors().and_then(|s| s.tensor_location(i)),
+                    ) {
+                        (Some(b), _) => {
+                            writer.write_tensor(name, &b)?;
+                        }
+                        (None, Some((file, offset, len))) => {
+                            writer.copy_tensor(name, file, offset, len)?
+                        }
+                        (None, None) => writer.write_tensor(name, &base.raw_bytes(name)?)?,
+                    }
                 }
             }
-        }
-        base.release_tensor_pages(start, end - 1);
-        start = end;
-    }
+            Ok(writer)
+        });
+        let computed = (|| -> Result<()> {
+            let mut start = 0;
+            while start < infos.len() {
+                // A window: consecutive tensors whose working memory fits the budget (at least one).
+                let mut end = start;
+                let mut bytes = 0usize;
+                while end < infos.len() {
+                    let cost = working_bytes(&productions[end], &infos[end], &specs[end]);
+                    if end > start && bytes + cost > window {
+                        break;
+                    }
+                    bytes += cost;
+                    end += 1;
+                }
+                let batch: Batch = (start..end)
+                    .into_par_iter()
+                    .map(|i| {
+                        let bytes = match &productions[i] {
+                            Production::Copy => None,
+                            Production::Blocks(ps) => {
+                                Some(produce_blocks(base, i, &specs[i], ps, adapters)?)
+                            }
+                            Production::Whole(ps) => {
+                                Some(produce_whole(base, i, &specs[i], ps, adapters)?)
+                            }
+                        };
+                        Ok((i, bytes))
+                    })
+                    .collect::<Result<_>>()?;
+                // The window's input pages are done with; the writer copies untouched tensors
+                // by file offset, not through the mapping.
+                base.release_tensor_pages(start, end - 1);
+                for a in adapters {
+                    a.file.release_pages();
+                }
+                if tx.send(batch).is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+                start = end;
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer_thread.join().expect("writer thread does not panic");
+        (written, computed)
+    });
+    let writer = written?;
+    computed?;
     let summary = writer.finish()?;
     Ok((summary.bytes, plan.patches.len()))
+}
+
+/// One plain LoRA patch ready for row blocks: the factors in f32, the rows it covers.
+struct LowRankPatch {
+    /// `up` rows of the covered range, `[rows.len(), rank]`.
+    up: Vec<f32>,
+    /// `down` as `[rank, cols]`.
+    down: Vec<f32>,
+    rank: usize,
+    rows: std::ops::Range<usize>,
+    /// User multiplier × the module's scale.
+    alpha: f32,
+}
+
+fn low_rank_patch(
+    p: &Patch,
+    adapters: &[Adapter],
+    rows: usize,
+    cols: usize,
+) -> Result<LowRankPatch> {
+    let adapter = &adapters[p.lora];
+    let m = &adapter.modules[p.module];
+    let file = &adapter.file;
+    let up_key = m.tensor(Role::Up).expect("checked by is_plain_low_rank");
+    let down_key = m.tensor(Role::Down).expect("checked by is_plain_low_rank");
+    let up = file.read_f32(up_key)?;
+    let down = file.read_f32(down_key)?;
+    let range = p.rows.clone().unwrap_or(0..rows);
+    let rank = up.numel() / range.len().max(1);
+    if up.numel() != range.len() * rank || down.numel() != rank * cols {
+        return Err(Error::bad_tensor(
+            file.path(),
+            &m.name,
+            format!(
+                "factors {:?} and {:?} do not give the {} × {} rows this module patches",
+                up.shape,
+                down.shape,
+                range.len(),
+                cols
+            ),
+        ));
+    }
+    Ok(LowRankPatch {
+        up: up.data,
+        down: down.data,
+        rank,
+        rows: range,
+        alpha: p.multiplier * m.scale,
+    })
+}
+
+/// The new bytes of tensor `i` through row blocks (see [`Production::Blocks`]).
+fn produce_blocks(
+    base: &TensorFile,
+    i: usize,
+    spec: &TensorSpec,
+    patches: &[&Patch],
+    adapters: &[Adapter],
+) -> Result<Vec<u8>> {
+    let info = &base.tensors()[i];
+    let rows = info.shape.first().copied().unwrap_or(1).max(1);
+    let cols = info.numel() / rows;
+    let patches: Vec<LowRankPatch> = patches
+        .iter()
+        .map(|p| low_rank_patch(p, adapters, rows, cols))
+        .collect::<Result<_>>()?;
+    let input = base.raw_bytes(&info.name)?;
+    let in_size = info.dtype.size().expect("float dtype");
+    let out_size = spec.dtype.size().expect("float dtype");
+    let mut output = vec![0u8; spec.byte_len()];
+    let block_rows = (BLOCK_ELEMS / cols.max(1)).max(1);
+    output
+        .par_chunks_mut(block_rows * cols * out_size)
+        .enumerate()
+        .for_each(|(b, out)| {
+            BLOCK.with_borrow_mut(|scratch| {
+                let r0 = b * block_rows;
+                let n = out.len() / out_size;
+                let r1 = r0 + n / cols.max(1);
+                if scratch.len() < n {
+                    scratch.resize(n, 0.0);
+                }
+                let block = &mut scratch[..n];
+                let src = &input[r0 * cols * in_size..r1 * cols * in_size];
+                info.dtype.decode_into(src, block).expect("float dtype");
+                for p in &patches {
+                    let (a, e) = (r0.max(p.rows.start), r1.min(p.rows.end));
+                    if a >= e {
+                        continue;
+                    }
+                    let up = &p.up[(a - p.rows.start) * p.rank..(e - p.rows.start) * p.rank];
+                    let dst = &mut block[(a - r0) * cols..(e - r0) * cols];
+                    linalg::add_matmul(dst, up, e - a, p.rank, &p.down, cols, p.alpha);
+                }
+                spec.dtype.encode_into(block, out).expect("float dtype");
+            })
+        });
+    Ok(output)
 }
 
 /// A folder output assembled beside its target and renamed into place only when complete.
@@ -516,20 +727,18 @@ fn copy_tree(from: &Path, to: &Path, plans: &[FilePlan]) -> Result<()> {
     Ok(())
 }
 
-/// The new bytes of tensor `i`, or `None` when it is copied unchanged.
-fn produce(
+/// The new bytes of tensor `i` through one f32 copy of the whole tensor (see
+/// [`Production::Whole`]).
+fn produce_whole(
     base: &TensorFile,
     i: usize,
     spec: &TensorSpec,
-    patches: Option<&Vec<Patch>>,
+    patches: &[Patch],
     adapters: &[Adapter],
-) -> Result<Option<Vec<u8>>> {
+) -> Result<Vec<u8>> {
     let info = &base.tensors()[i];
-    if patches.is_none() && spec.dtype == info.dtype {
-        return Ok(None);
-    }
     let mut w = base.read_f32(&info.name)?;
-    for p in patches.into_iter().flatten() {
+    for p in patches {
         let adapter = &adapters[p.lora];
         let m = &adapter.modules[p.module];
         apply_patch(&mut w, p, m, adapter)?;
@@ -541,7 +750,7 @@ fn produce(
             format!("cannot store as {}", spec.dtype),
         )
     })?;
-    Ok(Some(bytes))
+    Ok(bytes)
 }
 
 fn apply_patch(w: &mut Tensor, p: &Patch, m: &AdapterModule, adapter: &Adapter) -> Result<()> {
@@ -641,27 +850,165 @@ fn check_fits(base: &TensorFile, target: &Target, m: &AdapterModule, lora: &Path
 }
 
 /// What was merged (file names, weights, AutoV3 hashes), recorded in the output's metadata
-/// under `loratool.merged_loras`.
-fn merge_record(loras: &[LoraWeight], adapters: &[Adapter]) -> Result<String> {
-    let mut record = Vec::new();
-    for (lw, a) in loras.iter().zip(adapters) {
-        let autov3 = match a.file.as_safetensors() {
-            Some(s) => hash_file(&lw.path, Some(s.data_start()))?.autov3,
-            None => None,
-        };
-        record.push(serde_json::json!({
-            "file": lw.path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "text_encoder_weight": lw.text_encoder,
-            "unet_weight": lw.unet,
-            "autov3": autov3,
-        }));
-    }
-    Ok(serde_json::to_string(&record).expect("json"))
+/// under `loratool.merged_loras`. Hashing reads every LoRA once, so it runs on its own thread
+/// while the checkpoint is matched (see [`merge_into_checkpoint`]).
+fn spawn_merge_record(
+    loras: &[LoraWeight],
+    adapters: &[Adapter],
+) -> std::thread::JoinHandle<Result<String>> {
+    let jobs: Vec<(LoraWeight, Option<u64>)> = loras
+        .iter()
+        .zip(adapters)
+        .map(|(lw, a)| (lw.clone(), a.file.as_safetensors().map(|s| s.data_start())))
+        .collect();
+    std::thread::spawn(move || {
+        let mut record = Vec::new();
+        for (lw, data_start) in jobs {
+            let autov3 = match data_start {
+                Some(start) => hash_file(&lw.path, Some(start))?.autov3,
+                None => None,
+            };
+            record.push(serde_json::json!({
+                "file": lw.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "text_encoder_weight": lw.text_encoder,
+                "unet_weight": lw.unet,
+                "autov3": autov3,
+            }));
+        }
+        Ok(serde_json::to_string(&record).expect("json"))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensors::writer::build_header;
+
+    /// A safetensors image of f32 values stored as `dtype`.
+    fn safetensors(tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+        let specs: Vec<TensorSpec> = tensors
+            .iter()
+            .map(|(n, d, s, _)| TensorSpec {
+                name: n.to_string(),
+                dtype: *d,
+                shape: s.clone(),
+            })
+            .collect();
+        let header = build_header(&BTreeMap::new(), &specs);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        for (_, d, _, v) in tensors {
+            bytes.extend(d.encode_f32(v).unwrap());
+        }
+        bytes
+    }
+
+    fn pseudo_random(n: usize, seed: u32, amplitude: f32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761).max(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32 - 0.5) * amplitude
+            })
+            .collect()
+    }
+
+    /// The row-block path (several blocks per tensor, patches on row slices that start and end
+    /// inside blocks, two LoRAs on the same rows) gives the whole-tensor path's result, for f16
+    /// and bf16 storage and a cast to f32.
+    #[test]
+    fn row_blocks_match_the_whole_tensor_path() {
+        let (rows, cols, rank) = (900, 700, 4); // 630,000 elements: 3 blocks of 374 rows
+        let base_vals = pseudo_random(rows * cols, 1, 0.1);
+        let slices = [100..500, 0..rows, 374..375];
+        let mut lora_tensors = Vec::new();
+        for (k, r) in slices.iter().enumerate() {
+            let name = format!("lora_unet_m{k}");
+            lora_tensors.push((
+                format!("{name}.lora_up.weight"),
+                vec![r.len(), rank],
+                pseudo_random(r.len() * rank, 10 + k as u32, 0.5),
+            ));
+            lora_tensors.push((
+                format!("{name}.lora_down.weight"),
+                vec![rank, cols],
+                pseudo_random(rank * cols, 20 + k as u32, 0.5),
+            ));
+            lora_tensors.push((format!("{name}.alpha"), vec![], vec![2.0]));
+        }
+        let lora_bytes = safetensors(
+            &lora_tensors
+                .iter()
+                .map(|(n, s, v)| (n.as_str(), Dtype::F32, s.clone(), v.clone()))
+                .collect::<Vec<_>>(),
+        );
+        let adapter = Adapter::from_file(
+            TensorFile::from_safetensors_bytes(Path::new("lora"), lora_bytes).unwrap(),
+        )
+        .unwrap();
+        let adapters = [adapter];
+        let module = |k: usize| {
+            adapters[0]
+                .modules
+                .iter()
+                .position(|m| m.name == format!("lora_unet_m{k}"))
+                .unwrap()
+        };
+        let patches: Vec<Patch> = slices
+            .iter()
+            .enumerate()
+            .map(|(k, r)| Patch {
+                lora: 0,
+                module: module(k),
+                rows: (r.len() != rows).then(|| r.clone()),
+                multiplier: [0.8, -0.5, 1.3][k],
+                bias: false,
+            })
+            .collect();
+        assert!(patches.iter().all(|p| is_plain_low_rank(p, &adapters)));
+        for (stored, out) in [
+            (Dtype::F16, Dtype::F16),
+            (Dtype::BF16, Dtype::BF16),
+            (Dtype::F16, Dtype::F32),
+        ] {
+            let base = TensorFile::from_safetensors_bytes(
+                Path::new("base"),
+                safetensors(&[("w", stored, vec![rows, cols], base_vals.clone())]),
+            )
+            .unwrap();
+            let spec = TensorSpec {
+                name: "w".into(),
+                dtype: out,
+                shape: vec![rows, cols],
+            };
+            let refs: Vec<&Patch> = patches.iter().collect();
+            let blocks = produce_blocks(&base, 0, &spec, &refs, &adapters).unwrap();
+            let whole = produce_whole(&base, 0, &spec, &patches, &adapters).unwrap();
+            let (b, w) = (
+                out.decode_f32(&blocks).unwrap(),
+                out.decode_f32(&whole).unwrap(),
+            );
+            // Both round once from f32 sums that differ only in summation order.
+            let ulp = if out == Dtype::BF16 {
+                1.0 / 128.0
+            } else {
+                1.0 / 1024.0
+            };
+            let worst = b
+                .iter()
+                .zip(&w)
+                .map(|(x, y)| (x - y).abs() / (y.abs().max(1e-3) * ulp))
+                .fold(0f32, f32::max);
+            assert!(worst <= 1.01, "{stored}->{out}: {worst} ulp apart");
+            let changed = b.iter().zip(&base_vals).filter(|(x, y)| x != y).count();
+            assert!(
+                changed > rows * cols / 2,
+                "{stored}->{out}: patches were applied"
+            );
+        }
+    }
 
     #[test]
     fn lora_weights_parse_like_a1111() {

@@ -102,77 +102,126 @@ impl Dtype {
 
     /// Decodes little-endian bytes of this type into f32 values. `None` if the type has no f32 view.
     pub fn decode_f32(self, bytes: &[u8]) -> Option<Vec<f32>> {
-        fn each<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
-            bytes
-                .chunks_exact(N)
-                .map(|c| f(c.try_into().expect("chunk of N bytes")))
-                .collect()
+        let mut out = vec![0f32; bytes.len() / self.size()?];
+        self.decode_into(bytes, &mut out)?;
+        Some(out)
+    }
+
+    /// Decodes little-endian bytes of this type into `out` (exactly `bytes.len() / size` values),
+    /// so streaming code can reuse one buffer. `None` if the type has no f32 view.
+    pub fn decode_into(self, bytes: &[u8], out: &mut [f32]) -> Option<()> {
+        fn each<const N: usize>(bytes: &[u8], out: &mut [f32], f: impl Fn([u8; N]) -> f32) {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+                *o = f(c.try_into().expect("chunk of N bytes"));
+            }
         }
-        Some(match self {
-            Dtype::F32 => each(bytes, f32::from_le_bytes),
+        let size = self.size()?;
+        assert_eq!(
+            bytes.len(),
+            out.len() * size,
+            "decode_into: length mismatch"
+        );
+        match self {
+            Dtype::F32 => each(bytes, out, f32::from_le_bytes),
             Dtype::F16 => {
                 // half's slice conversion uses F16C when the CPU has it (runtime detection).
-                #[cfg(target_endian = "little")]
-                if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f16>()) {
-                    let n = bytes.len() / 2;
-                    // SAFETY: f16 is a plain 2-byte value, the pointer is aligned, n·2 bytes are
-                    // in bounds, and the host is little-endian like the file.
-                    let src: &[f16] =
-                        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n) };
-                    let mut out = vec![0f32; n];
-                    src.convert_to_f32_slice(&mut out);
-                    return Some(out);
+                if let Some(src) = as_halves::<f16>(bytes) {
+                    src.convert_to_f32_slice(out);
+                } else {
+                    each(bytes, out, |b| f16::from_le_bytes(b).to_f32());
                 }
-                each(bytes, |b| f16::from_le_bytes(b).to_f32())
             }
-            Dtype::BF16 => each(bytes, |b| bf16::from_le_bytes(b).to_f32()),
-            Dtype::F64 => each(bytes, |b| f64::from_le_bytes(b) as f32),
-            Dtype::I64 => each(bytes, |b| i64::from_le_bytes(b) as f32),
-            Dtype::I32 => each(bytes, |b| i32::from_le_bytes(b) as f32),
-            Dtype::I16 => each(bytes, |b| i16::from_le_bytes(b) as f32),
-            Dtype::I8 => each(bytes, |b: [u8; 1]| b[0] as i8 as f32),
-            Dtype::U8 | Dtype::Bool => each(bytes, |b: [u8; 1]| b[0] as f32),
+            Dtype::BF16 => {
+                if let Some(src) = as_halves::<bf16>(bytes) {
+                    src.convert_to_f32_slice(out);
+                } else {
+                    each(bytes, out, |b| bf16::from_le_bytes(b).to_f32());
+                }
+            }
+            Dtype::F64 => each(bytes, out, |b| f64::from_le_bytes(b) as f32),
+            Dtype::I64 => each(bytes, out, |b| i64::from_le_bytes(b) as f32),
+            Dtype::I32 => each(bytes, out, |b| i32::from_le_bytes(b) as f32),
+            Dtype::I16 => each(bytes, out, |b| i16::from_le_bytes(b) as f32),
+            Dtype::I8 => each(bytes, out, |b: [u8; 1]| b[0] as i8 as f32),
+            Dtype::U8 | Dtype::Bool => each(bytes, out, |b: [u8; 1]| b[0] as f32),
             Dtype::Other(..) => return None,
-        })
+        }
+        Some(())
     }
 
     /// Encodes f32 values as little-endian bytes of this float type, rounding to nearest even.
     /// `None` for non-float targets: loratool only writes float tensors from math.
     pub fn encode_f32(self, values: &[f32]) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(values.len() * self.size()?);
-        match self {
-            #[cfg(target_endian = "little")]
-            Dtype::F32 => {
-                // SAFETY: f32 has no padding; viewing it as bytes is valid (LE host, LE file).
-                out.extend_from_slice(unsafe {
-                    std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4)
-                });
-            }
-            #[cfg(not(target_endian = "little"))]
-            Dtype::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            Dtype::F16 => {
-                let mut h = vec![f16::ZERO; values.len()];
-                h.convert_from_f32_slice(values);
-                #[cfg(target_endian = "little")]
-                // SAFETY: f16 is a plain 2-byte value; viewing it as bytes is valid (LE host).
-                out.extend_from_slice(unsafe {
-                    std::slice::from_raw_parts(h.as_ptr().cast::<u8>(), h.len() * 2)
-                });
-                #[cfg(not(target_endian = "little"))]
-                h.iter()
-                    .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
-            }
-            Dtype::BF16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
-            Dtype::F64 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&(*v as f64).to_le_bytes())),
-            _ => return None,
-        }
+        let mut out = vec![0u8; values.len() * self.size()?];
+        self.encode_into(values, &mut out)?;
         Some(out)
+    }
+
+    /// Encodes `values` into `out` (exactly `values.len() × size` bytes) as [`Self::encode_f32`].
+    pub fn encode_into(self, values: &[f32], out: &mut [u8]) -> Option<()> {
+        if !self.is_float() {
+            return None;
+        }
+        assert_eq!(
+            out.len(),
+            values.len() * self.size()?,
+            "encode_into: length mismatch"
+        );
+        match self {
+            Dtype::F32 => {
+                for (o, v) in out.chunks_exact_mut(4).zip(values) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            Dtype::F16 => match as_halves_mut::<f16>(out) {
+                Some(dst) => dst.convert_from_f32_slice(values),
+                None => {
+                    for (o, v) in out.chunks_exact_mut(2).zip(values) {
+                        o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+                    }
+                }
+            },
+            Dtype::BF16 => match as_halves_mut::<bf16>(out) {
+                Some(dst) => dst.convert_from_f32_slice(values),
+                None => {
+                    for (o, v) in out.chunks_exact_mut(2).zip(values) {
+                        o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+                    }
+                }
+            },
+            Dtype::F64 => {
+                for (o, v) in out.chunks_exact_mut(8).zip(values) {
+                    o.copy_from_slice(&(*v as f64).to_le_bytes());
+                }
+            }
+            _ => unreachable!("float types only"),
+        }
+        Some(())
+    }
+}
+
+/// Little-endian 16-bit floats viewed in place, when the host is little-endian and the bytes are
+/// aligned (then half's vectorised slice conversions apply).
+trait Half16: Sized {}
+impl Half16 for f16 {}
+impl Half16 for bf16 {}
+
+fn as_halves<T: Half16>(bytes: &[u8]) -> Option<&[T]> {
+    if cfg!(target_endian = "little") && (bytes.as_ptr() as usize).is_multiple_of(2) {
+        // SAFETY: T is a plain 2-byte value with alignment 2, the pointer is aligned, len/2
+        // values are in bounds, and the host is little-endian like the file.
+        Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 2) })
+    } else {
+        None
+    }
+}
+
+fn as_halves_mut<T: Half16>(bytes: &mut [u8]) -> Option<&mut [T]> {
+    if cfg!(target_endian = "little") && (bytes.as_ptr() as usize).is_multiple_of(2) {
+        // SAFETY: as in `as_halves`; every bit pattern is a valid T.
+        Some(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len() / 2) })
+    } else {
+        None
     }
 }
 

@@ -20,7 +20,8 @@ const MAX_HEADER_LEN: u64 = 100_000_000;
 
 /// The bytes of a file: mapped from disk, or owned (in-memory data, fuzzing, tests).
 enum Buffer {
-    Mapped(Mmap),
+    /// The mapping and the open file (kept for in-kernel copies of whole tensors).
+    Mapped(Mmap, File),
     Owned(Vec<u8>),
 }
 
@@ -45,7 +46,7 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; loratool never writes to its inputs. A file truncated by
         // another process while mapped is the one hazard mmap brings, as with every mmap reader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::from_mapped(path, mmap)
+        Self::from_buffer(path, Buffer::Mapped(mmap, file))
     }
 
     /// Validates an in-memory safetensors image; `label` names it in errors.
@@ -53,13 +54,9 @@ impl SafetensorsFile {
         Self::from_buffer(label, Buffer::Owned(bytes))
     }
 
-    fn from_mapped(path: &Path, mmap: Mmap) -> Result<Self> {
-        Self::from_buffer(path, Buffer::Mapped(mmap))
-    }
-
     fn from_buffer(path: &Path, buffer: Buffer) -> Result<Self> {
         let bytes: &[u8] = match &buffer {
-            Buffer::Mapped(m) => m,
+            Buffer::Mapped(m, _) => m,
             Buffer::Owned(v) => v,
         };
         let parsed = parse(bytes).map_err(|reason| Error::bad_file(path, reason))?;
@@ -99,7 +96,7 @@ impl SafetensorsFile {
     /// The whole mapped file.
     pub fn bytes(&self) -> &[u8] {
         match &self.buffer {
-            Buffer::Mapped(m) => m,
+            Buffer::Mapped(m, _) => m,
             Buffer::Owned(v) => v,
         }
     }
@@ -108,7 +105,7 @@ impl SafetensorsFile {
     /// after each window so that reading a large input does not grow the resident set.
     pub fn release_pages(&self) {
         #[cfg(unix)]
-        if let Buffer::Mapped(m) = &self.buffer {
+        if let Buffer::Mapped(m, _) = &self.buffer {
             // SAFETY: the mapping is a read-only shared file mapping; dropping its pages only
             // makes later reads fault them in again from the file, with identical contents.
             let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
@@ -119,7 +116,7 @@ impl SafetensorsFile {
     /// streaming window has finished with — without touching the rest of the mapping.
     pub fn release_tensor_pages(&self, first: usize, last: usize) {
         #[cfg(unix)]
-        if let (Buffer::Mapped(m), Some(a), Some(b)) =
+        if let (Buffer::Mapped(m, _), Some(a), Some(b)) =
             (&self.buffer, self.ranges.get(first), self.ranges.get(last))
         {
             let page = 4096;
@@ -131,6 +128,16 @@ impl SafetensorsFile {
                     m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
                 };
             }
+        }
+    }
+
+    /// The open file and the byte range (offset, length) of the tensor at `index` in it, for
+    /// files read from disk.
+    pub fn tensor_location(&self, index: usize) -> Option<(&File, u64, usize)> {
+        let (s, e) = self.ranges[index];
+        match &self.buffer {
+            Buffer::Mapped(_, f) => Some((f, self.data_start() + s as u64, e - s)),
+            Buffer::Owned(_) => None,
         }
     }
 
