@@ -617,6 +617,9 @@ fn produce_blocks(
     let in_size = info.dtype.size().expect("float dtype");
     let out_size = spec.dtype.size().expect("float dtype");
     let mut output = vec![0u8; spec.byte_len()];
+    if output.is_empty() {
+        return Ok(output);
+    }
     let block_rows = (BLOCK_ELEMS / cols.max(1)).max(1);
     output
         .par_chunks_mut(block_rows * cols * out_size)

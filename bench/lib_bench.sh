@@ -1,0 +1,85 @@
+# Shared shell functions of the merge benchmarks (bench/merge_sd15.sh, bench/merge_sdxl.sh); source it.
+# The caller sets $data (data dir) and $logs (log dir) and defines before_run LABEL, run before every
+# timed run outside the timed region (keep the page cache warm, remove stale outputs, ...).
+
+# Wait until the machine is quiet: total CPU busy < 25% of all cores over 3 s, re-checking every
+# 60 s. The waiting is budgeted over the whole script: WAIT_BUDGET seconds in all (default 900 =
+# 15 min); once spent, runs are timed anyway and the numbers flagged (contended=1).
+# Prints the ps head it judged by.
+contended=0
+wait_left=${WAIT_BUDGET:-900}
+cpu_busy() {   # percent of all cores busy over 3 s
+    local a b
+    a=($(head -1 /proc/stat)); sleep 3; b=($(head -1 /proc/stat))
+    local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
+    for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
+    echo $(( total > 0 ? 100 * (total - idle) / total : 0 ))
+}
+wait_quiet() {
+    while :; do
+        local busy
+        busy=$(cpu_busy)
+        if [ "$busy" -lt 25 ]; then
+            echo "  [quiet] CPU busy ${busy}% over 3 s before: $1"
+            return 0
+        fi
+        echo "  [busy] CPU busy ${busy}% before $1 (wait budget left ${wait_left}s); top processes:"
+        ps aux --sort=-%cpu | head -5 | cut -c1-160 | sed 's/^/    /'
+        if [ "$wait_left" -le 0 ]; then
+            echo "  [busy] wait budget spent; timing anyway (numbers flagged)"
+            contended=1
+            return 0
+        fi
+        sleep 60; wait_left=$((wait_left - 63))
+    done
+}
+
+# After a timed run: was something else busy (e.g. a job that started meanwhile)? Status 1 if so.
+check_after() {
+    local busy
+    busy=$(cpu_busy)
+    if [ "$busy" -ge 25 ]; then
+        echo "  [busy] CPU busy ${busy}% right after $1 (it may have been contended); top processes:"
+        ps aux --sort=-%cpu | head -5 | cut -c1-160 | sed 's/^/    /'
+        return 1
+    fi
+    echo "  [quiet] CPU busy ${busy}% over 3 s after: $1"
+}
+
+# run_timed LABEL CMD...: one run; appends "secs rss_kib" to $logs/LABEL.times; output to $logs/LABEL.out
+run_timed() {
+    local label=$1; shift
+    local s e
+    s=$(date +%s.%N)
+    /usr/bin/time -f %M -o "$logs/$label.rss" "$@" >"$logs/$label.out" 2>&1 || {
+        echo "FAILED: $* (exit $?)"; cat "$logs/$label.out"; exit 1; }
+    e=$(date +%s.%N)
+    echo "$(echo "$e - $s" | bc -l) $(tail -1 "$logs/$label.rss")" >>"$logs/$label.times"
+}
+# best LABEL -> "secs rss" of the fastest run; maxrss LABEL -> largest peak RSS over the runs
+best() { sort -n "$logs/$1.times" | head -1 | awk '{printf "%.3f", $1}'; }
+maxrss() { sort -k2 -n "$logs/$1.times" | tail -1 | awk '{print $2}'; }
+mib() { awk -v k="$1" 'BEGIN{printf "%.0f MiB", k / 1024}'; }
+size() { du -sb "$1" | cut -f1 | awk '{printf "%.3f GB", $1 / 1e9}'; }
+
+# timed LABEL RUNS CMD...: RUNS accepted runs, each preceded by before_run + wait_quiet and followed by
+# check_after; a run after which the machine was busy is discarded and redone (at most 3 redos
+# per section, and only while wait budget is left; otherwise it is kept and the numbers flagged).
+timed() {
+    local label=$1 runs=$2 redo=0 done_=0; shift 2
+    while [ "$done_" -lt "$runs" ]; do
+        before_run "$label"
+        wait_quiet "$label run $((done_ + 1))/$runs"
+        run_timed "$label" "$@"
+        sync
+        rm -f "$data/copy.safetensors"; sync
+        if check_after "$label run $((done_ + 1))/$runs"; then
+            done_=$((done_ + 1))
+        elif [ "$redo" -lt 3 ] && [ "$wait_left" -gt 0 ]; then
+            redo=$((redo + 1)); sed -i '$d' "$logs/$label.times"
+            echo "  discarded that $label run (redo $redo of 3)"
+        else
+            contended=1; done_=$((done_ + 1))
+        fi
+    done
+}
