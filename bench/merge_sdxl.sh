@@ -5,7 +5,7 @@
 #   * the I/O floor: `cp` of the checkpoint, and `cp` + fsync of the copy (loratool fsyncs its output);
 #   * the peer: diffusers StableDiffusionXLPipeline load_lora_weights + fuse_lora(0.8) +
 #     unload_lora_weights on the same weights as a diffusers folder, then saving UNet + both text
-#     encoders (bench/peer_merge_sdxl.py).
+#     encoders (bench/peer_merge_diffusers.py).
 # SDXL twin of bench/merge_sd15.sh (same quiet-machine waiting, timing and RSS logic: bench/lib_bench.sh).
 # Wall time: best of 2 for cp, cp + fsync and loratool, 1 run for the peer; peak RSS from /usr/bin/time -f %M.
 # Page cache warm: base + LoRA cat'ed before cp/loratool runs, diffusers folder + LoRA before the peer
@@ -62,7 +62,7 @@ cp "$logs/loratool.out" "$logs/loratool.last.out"
 merged_size=$(size "$merged")
 "$py" bench/check_sdxl.py pick-ldm "$merged" "$lt_pick"
 rm -f "$merged"
-timed peer 1 "$py" bench/peer_merge_sdxl.py "$folder" "$lora" 0.8 "$peer_dir"
+timed peer 1 "$py" bench/peer_merge_diffusers.py "$folder" "$lora" 0.8 "$peer_dir"
 peer_size=$(size "$peer_dir")
 "$py" bench/check_sdxl.py pick-peer "$peer_dir" "$peer_pick"
 rm -f "$peer_dir"/*.safetensors
