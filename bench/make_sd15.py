@@ -107,6 +107,18 @@ def contiguous(sd):
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+def save_ldm(ldm, ldm_path):
+    """Write the f16 LDM state dict as a single file (through a temp name, renamed when complete)."""
+    for k, v in ldm.items():
+        assert v.dtype in (torch.float16, torch.int64), (k, v.dtype)
+    tmp = ldm_path.with_suffix(".tmp")
+    save_file(ldm, str(tmp), metadata={"format": "pt"})
+    tmp.rename(ldm_path)
+    n = sum(v.numel() for v in ldm.values())
+    print(f"  wrote {ldm_path}: {len(ldm)} tensors, {n / 1e6:.1f}M values, "
+          f"{ldm_path.stat().st_size / 1e9:.3f} GB")
+
+
 def make_model(data):
     folder = data / "sd15_diffusers"
     ldm_path = data / "sd15_ldm.safetensors"
@@ -144,14 +156,7 @@ def make_model(data):
         print(f"  wrote {folder}")
 
     if not ldm_path.exists():
-        for k, v in ldm.items():
-            assert v.dtype in (torch.float16, torch.int64), (k, v.dtype)
-        tmp = ldm_path.with_suffix(".tmp")
-        save_file(ldm, str(tmp), metadata={"format": "pt"})
-        tmp.rename(ldm_path)
-        n = sum(v.numel() for v in ldm.values())
-        print(f"  wrote {ldm_path}: {len(ldm)} tensors, {n / 1e6:.1f}M values, "
-              f"{ldm_path.stat().st_size / 1e9:.3f} GB")
+        save_ldm(ldm, ldm_path)
     del ldm
     gc.collect()
 
