@@ -12,7 +12,7 @@ use crate::adapter::keys::Role;
 use crate::adapter::{delta, Adapter, AdapterModule, Component, ModuleKind};
 use crate::family::checkpoint::{checkpoint_family, KeyMap, Layout, Target};
 use crate::family::{self, BaseModel};
-use crate::tensors::hash::hash_file;
+use crate::tensors::hash::autov3;
 use crate::tensors::writer::{SafetensorsWriter, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
 use crate::{linalg, Error, Result};
@@ -868,7 +868,7 @@ fn spawn_merge_record(
         let mut record = Vec::new();
         for (lw, data_start) in jobs {
             let autov3 = match data_start {
-                Some(start) => hash_file(&lw.path, Some(start))?.autov3,
+                Some(start) => Some(autov3(&lw.path, start)?),
                 None => None,
             };
             record.push(serde_json::json!({

@@ -26,17 +26,43 @@ pub struct FileHashes {
 /// wall time is that of one sha256 pass; each chunk's pages are released once hashed, so resident
 /// memory stays at one chunk whatever the file size.
 pub fn hash_file(path: &Path, data_start: Option<u64>) -> Result<FileHashes> {
+    let (full, addnet) = digest_file(path, data_start, true)?;
+    let full = full.expect("whole-file digest requested");
+    Ok(FileHashes {
+        autov2: full[..10].to_uppercase(),
+        autov3: addnet.as_ref().map(|h| h[..12].to_uppercase()),
+        sha256: full,
+        addnet,
+    })
+}
+
+/// Civitai's AutoV3 of a safetensors file (the first 12 hex of the data-section sha256, upper
+/// case) alone: one sequential pass on the calling thread, for commands that record their inputs
+/// while other threads compute.
+pub fn autov3(path: &Path, data_start: u64) -> Result<String> {
+    let (_, data) = digest_file(path, Some(data_start), false)?;
+    let data = data.ok_or_else(|| Error::bad_file(path, "shorter than its safetensors header"))?;
+    Ok(data[..12].to_uppercase())
+}
+
+/// sha256 of the whole file (when `whole`) and of the bytes from `data_start` on, as hex.
+fn digest_file(
+    path: &Path,
+    data_start: Option<u64>,
+    whole: bool,
+) -> Result<(Option<String>, Option<String>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
-        return Ok(hash_bytes(&[], data_start));
+        let h = hash_bytes(&[], data_start);
+        return Ok((whole.then_some(h.sha256), h.addnet));
     }
     // SAFETY: read-only map of an input file, never written by loratool.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     #[cfg(unix)]
     let _ = map.advise(memmap2::Advice::Sequential);
     let start = data_start.map(|s| s as usize).filter(|s| *s <= map.len());
-    let mut full = Sha256::new();
+    let mut full = whole.then(Sha256::new);
     let mut data = start.map(|_| Sha256::new());
     const CHUNK: usize = 64 << 20;
     let mut at = 0;
@@ -44,28 +70,27 @@ pub fn hash_file(path: &Path, data_start: Option<u64>) -> Result<FileHashes> {
         let end = (at + CHUNK).min(map.len());
         let chunk = &map[at..end];
         let data_part = start.map(|s| &map[s.clamp(at, end)..end]);
-        rayon::join(
-            || full.update(chunk),
-            || {
-                if let (Some(h), Some(part)) = (data.as_mut(), data_part) {
-                    h.update(part);
-                }
-            },
-        );
+        let hash_data = |data: &mut Option<Sha256>| {
+            if let (Some(h), Some(part)) = (data.as_mut(), data_part) {
+                h.update(part);
+            }
+        };
+        match full.as_mut() {
+            Some(f) => {
+                rayon::join(|| f.update(chunk), || hash_data(&mut data));
+            }
+            None => hash_data(&mut data),
+        }
         #[cfg(unix)]
         // SAFETY: read-only shared file mapping; dropped pages are re-read from the file if touched.
         let _ =
             unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - at) };
         at = end;
     }
-    let full = hex(&full.finalize());
-    let addnet = data.map(|h| hex(&h.finalize()));
-    Ok(FileHashes {
-        autov2: full[..10].to_uppercase(),
-        autov3: addnet.as_ref().map(|h| h[..12].to_uppercase()),
-        sha256: full,
-        addnet,
-    })
+    Ok((
+        full.map(|h| hex(&h.finalize())),
+        data.map(|h| hex(&h.finalize())),
+    ))
 }
 
 /// The same hashes of bytes in memory.
@@ -116,5 +141,10 @@ mod tests {
             Some("b9c80b5adeca450753a16950c3cc655d271f7bef7a485bc83f112b72fef21d37")
         );
         assert_eq!(h.autov3.as_deref(), Some("B9C80B5ADECA"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(hash_file(&path, Some(8 + 0x60)).unwrap(), h);
+        assert_eq!(autov3(&path, 8 + 0x60).unwrap(), "B9C80B5ADECA");
     }
 }
