@@ -147,3 +147,71 @@ fn merged_tensors_match_the_peers_in_the_base_dtype_and_the_rest_is_bit_identica
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `--dtype` rounds once: merging straight into f16 or bf16 gives exactly the f32 merge rounded to
+/// that type, for patched and untouched tensors alike; non-float tensors keep their bytes.
+#[test]
+fn every_output_dtype_is_the_f32_merge_rounded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::fixtures().join("models/sd1_ldm.safetensors");
+    let loras = vec![
+        LoraWeight::parse(&format!(
+            "{}:0.7",
+            common::fixtures()
+                .join("loras/sd1_kohya_lora.safetensors")
+                .display()
+        ))
+        .unwrap(),
+        LoraWeight::parse(&format!(
+            "{}:-0.5",
+            common::fixtures()
+                .join("loras/sd1_locon.safetensors")
+                .display()
+        ))
+        .unwrap(),
+        // Through the whole-tensor path (needs the base weight).
+        LoraWeight::parse(&format!(
+            "{}:0.4",
+            common::fixtures()
+                .join("loras/sd1_dora.safetensors")
+                .display()
+        ))
+        .unwrap(),
+    ];
+    let out = |dtype: Option<Dtype>| {
+        let path = dir.path().join(format!("{dtype:?}.safetensors"));
+        let opts = MergeOptions {
+            dtype,
+            window_bytes: 64 << 10, // many small windows
+            ..Default::default()
+        };
+        merge_into_checkpoint(&base, &loras, &path, &opts).unwrap();
+        TensorFile::open(&path).unwrap()
+    };
+    let (f32_out, f16_out, bf16_out) = (out(Some(Dtype::F32)), out(None), out(Some(Dtype::BF16)));
+    let base = TensorFile::open(&base).unwrap();
+    let mut patched = 0;
+    for info in base.tensors() {
+        let name = &info.name;
+        if !info.dtype.is_float() {
+            for o in [&f32_out, &f16_out, &bf16_out] {
+                assert_eq!(o.raw_bytes(name).unwrap(), base.raw_bytes(name).unwrap());
+            }
+            continue;
+        }
+        let exact = f32_out.read_f32(name).unwrap().data;
+        assert_eq!(f32_out.get(name).unwrap().dtype, Dtype::F32);
+        for (o, d) in [(&f16_out, Dtype::F16), (&bf16_out, Dtype::BF16)] {
+            assert_eq!(o.get(name).unwrap().dtype, d, "{name}");
+            assert_eq!(
+                o.raw_bytes(name).unwrap().as_ref(),
+                d.encode_f32(&exact).unwrap().as_slice(),
+                "{name} as {d}"
+            );
+        }
+        if f16_out.raw_bytes(name).unwrap() != base.raw_bytes(name).unwrap() {
+            patched += 1;
+        }
+    }
+    assert!(patched > 50, "only {patched} tensors changed");
+}
