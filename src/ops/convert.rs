@@ -99,11 +99,7 @@ pub fn convert_adapter(
     to: TargetFormat,
     opts: &ConvertOptions,
 ) -> Result<usize> {
-    let write_opts = WriteOptions {
-        force: opts.force,
-        inputs: vec![input.to_path_buf()],
-    };
-    crate::tensors::writer::check_output_path(out, &write_opts)?;
+    let write_opts = WriteOptions::checked(out, opts.force, vec![input.to_path_buf()])?;
     let adapter = Adapter::open(input)?;
     let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
     let file = &adapter.file;
@@ -192,10 +188,6 @@ pub fn convert_adapter(
             meta.insert("lora_adapter_metadata".into(), peft_metadata(&config));
         }
     }
-    let write_opts = WriteOptions {
-        force: opts.force,
-        inputs: vec![input.to_path_buf()],
-    };
     write_all(out, &meta, &tensors, &write_opts)?;
     Ok(adapter.modules.len())
 }

@@ -261,11 +261,11 @@ pub fn extract_lora(
     if opts.rank == 0 || opts.conv_rank == Some(0) || opts.te_rank == Some(0) {
         return Err(Error::Invalid("ranks must be at least 1".into()));
     }
-    let write_opts = WriteOptions {
-        force: opts.force,
-        inputs: vec![base_path.to_path_buf(), tuned_path.to_path_buf()],
-    };
-    crate::tensors::writer::check_output_path(out, &write_opts)?;
+    let write_opts = WriteOptions::checked(
+        out,
+        opts.force,
+        vec![base_path.to_path_buf(), tuned_path.to_path_buf()],
+    )?;
     let pairs = open_pairs(base_path, tuned_path)?;
     let mut fb = BaseModel::Unknown;
     for p in &pairs {

@@ -231,11 +231,11 @@ pub fn merge_loras(
     if let LoraMergeMethod::Svd { rank: 0 } = opts.method {
         return Err(Error::Invalid("--rank must be at least 1".into()));
     }
-    let write_opts = WriteOptions {
-        force: opts.force,
-        inputs: loras.iter().map(|l| l.path.clone()).collect(),
-    };
-    crate::tensors::writer::check_output_path(out, &write_opts)?;
+    let write_opts = WriteOptions::checked(
+        out,
+        opts.force,
+        loras.iter().map(|l| l.path.clone()).collect(),
+    )?;
     let adapters: Vec<Adapter> = loras
         .iter()
         .map(|l| Adapter::open(&l.path))

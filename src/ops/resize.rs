@@ -155,11 +155,7 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
     if opts.max_rank == Some(0) {
         return Err(Error::Invalid("--rank must be at least 1".into()));
     }
-    let write_opts = WriteOptions {
-        force: opts.force,
-        inputs: vec![input.to_path_buf()],
-    };
-    crate::tensors::writer::check_output_path(out, &write_opts)?;
+    let write_opts = WriteOptions::checked(out, opts.force, vec![input.to_path_buf()])?;
     let adapter = Adapter::open(input)?;
     let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
     let file = &adapter.file;
@@ -274,10 +270,6 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
         crate::tensors::writer::sshs_model_hash(&tensors),
     );
     meta.remove("sshs_legacy_hash");
-    let write_opts = WriteOptions {
-        force: opts.force,
-        inputs: vec![input.to_path_buf()],
-    };
     write_all(out, &meta, &tensors, &write_opts)?;
     Ok(report)
 }

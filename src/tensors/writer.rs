@@ -81,8 +81,6 @@ pub struct SafetensorsWriter {
     out: Option<BufWriter<File>>,
     specs: Vec<TensorSpec>,
     next: usize,
-    /// Bytes of the next tensor already written (tensors may arrive in parts).
-    next_done: usize,
     written: u64,
     /// sha256 of the data section, only when asked for (it costs a pass over every byte).
     data_hash: Option<Sha256>,
@@ -107,6 +105,16 @@ impl Writeback {
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl WriteOptions {
+    /// The options of a command that reads `inputs` and writes `target`, after checking that
+    /// `target` may be written (see [`check_output_path`]) — before any work is done.
+    pub fn checked(target: &Path, force: bool, inputs: Vec<PathBuf>) -> Result<WriteOptions> {
+        let opts = WriteOptions { force, inputs };
+        check_output_path(target, &opts)?;
+        Ok(opts)
+    }
+}
 
 /// Checks that `target` may be written: its folder exists, it is not an input, and it does not
 /// exist unless `force`. Shared by every command that writes a file.
@@ -237,7 +245,6 @@ impl SafetensorsWriter {
             out: Some(BufWriter::with_capacity(1 << 20, file)),
             specs,
             next: 0,
-            next_done: 0,
             written: 0,
             data_hash: None,
             writeback: Writeback::default(),
@@ -269,35 +276,20 @@ impl SafetensorsWriter {
 
     /// Writes the next tensor's bytes (stored dtype, little-endian). Tensors must come in spec order.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let spec = self.expect_next(name)?;
-        if self.next_done != 0 || spec.byte_len() != bytes.len() {
-            return Err(self.mismatch(name, bytes.len()));
-        }
-        self.write_part(name, bytes)
-    }
-
-    /// Writes the next part of the next tensor; the tensor is complete when its parts add up to
-    /// its byte length. Lets large tensors be produced and written in row blocks.
-    pub fn write_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let spec = self.expect_next(name)?;
-        if self.next_done + bytes.len() > spec.byte_len() {
-            return Err(self.mismatch(name, self.next_done + bytes.len()));
-        }
+        self.expect_next(name, bytes.len())?;
         if let Some(h) = self.data_hash.as_mut() {
             h.update(bytes);
         }
         self.put(bytes)?;
-        self.advance(bytes.len())
+        self.next += 1;
+        self.start_writeback()
     }
 
     /// Writes the next tensor by copying `len` bytes at `offset` of `src` inside the kernel
     /// (`copy_file_range` where available): untouched tensors of a large checkpoint never pass
     /// through this process's memory. Falls back to reading and writing.
     pub fn copy_tensor(&mut self, name: &str, src: &File, offset: u64, len: usize) -> Result<()> {
-        let spec = self.expect_next(name)?;
-        if self.next_done != 0 || spec.byte_len() != len {
-            return Err(self.mismatch(name, len));
-        }
+        self.expect_next(name, len)?;
         let mut copied = 0usize;
         if self.data_hash.is_none() {
             let out = self.out.as_mut().expect("writer is open");
@@ -317,46 +309,25 @@ impl SafetensorsWriter {
             self.put(&buf[..n])?;
             copied += n;
         }
-        self.next_done = 0;
         self.next += 1;
         self.start_writeback()
     }
 
-    fn expect_next(&self, name: &str) -> Result<&TensorSpec> {
-        let spec = self.specs.get(self.next).ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: tensor '{name}' written after the last one",
-                self.target.display()
-            ))
-        })?;
-        if spec.name != name {
-            return Err(self.mismatch(name, 0));
-        }
-        Ok(spec)
-    }
-
-    fn mismatch(&self, name: &str, len: usize) -> Error {
+    /// Checks that tensor `name` of `len` bytes is the one the header promised next.
+    fn expect_next(&self, name: &str, len: usize) -> Result<()> {
         match self.specs.get(self.next) {
-            Some(spec) => Error::Invalid(format!(
+            Some(spec) if spec.name == name && spec.byte_len() == len => Ok(()),
+            Some(spec) => Err(Error::Invalid(format!(
                 "{}: expected tensor '{}' of {} bytes next, got '{name}' of {len} bytes",
                 self.target.display(),
                 spec.name,
                 spec.byte_len(),
-            )),
-            None => Error::Invalid(format!(
+            ))),
+            None => Err(Error::Invalid(format!(
                 "{}: tensor '{name}' written after the last one",
                 self.target.display()
-            )),
+            ))),
         }
-    }
-
-    fn advance(&mut self, n: usize) -> Result<()> {
-        self.next_done += n;
-        if self.next_done == self.specs[self.next].byte_len() {
-            self.next_done = 0;
-            self.next += 1;
-        }
-        self.start_writeback()
     }
 
     fn start_writeback(&mut self) -> Result<()> {
@@ -557,7 +528,7 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp left");
     }
 
-    /// Tensors written in parts, copied from another file in the kernel, and copied through the
+    /// Tensors written from memory, copied from another file in the kernel, and copied through the
     /// read fallback (when hashing) all give the same bytes and the same data hash.
     #[test]
     fn parts_and_file_copies_give_identical_files() {
@@ -578,7 +549,7 @@ mod tests {
         };
         let b = Dtype::F32.encode_f32(&[1.0, -2.0]).unwrap();
         let mut outputs = Vec::new();
-        for (k, how) in ["whole", "parts", "copy", "copy_hashed"].iter().enumerate() {
+        for (k, how) in ["whole", "copy", "copy_hashed"].iter().enumerate() {
             let out = dir.path().join(format!("o{k}.safetensors"));
             let mut w = SafetensorsWriter::create(
                 &out,
@@ -589,22 +560,15 @@ mod tests {
             .unwrap();
             match *how {
                 "whole" => w.write_tensor("a", &payload).unwrap(),
-                "parts" => {
-                    for part in payload.chunks(999_999) {
-                        w.write_part("a", part).unwrap();
-                    }
-                }
                 "copy" => w.copy_tensor("a", &src, 4, payload.len()).unwrap(),
                 _ => {
                     w = w.with_data_hash();
                     w.copy_tensor("a", &src, 4, payload.len()).unwrap()
                 }
             }
-            // A part too many, or a whole tensor where a part was expected, is refused.
-            assert!(w.write_part("b", &[0; 12]).is_err());
-            w.write_part("b", &b[..4]).unwrap();
+            // A tensor of the wrong length is refused.
             assert!(w.write_tensor("b", &b[4..]).is_err());
-            w.write_part("b", &b[4..]).unwrap();
+            w.write_tensor("b", &b).unwrap();
             let summary = w.finish().unwrap();
             if *how == "copy_hashed" {
                 let mut h = Sha256::new();
@@ -615,7 +579,7 @@ mod tests {
             outputs.push(fs::read(&out).unwrap());
         }
         assert!(outputs.iter().all(|o| o == &outputs[0]));
-        let f = SafetensorsFile::open(&dir.path().join("o2.safetensors")).unwrap();
+        let f = SafetensorsFile::open(&dir.path().join("o1.safetensors")).unwrap();
         assert_eq!(f.tensor_bytes(0), payload.as_slice());
     }
 
