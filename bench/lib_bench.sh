@@ -83,3 +83,31 @@ timed() {
         fi
     done
 }
+
+# merge_summary TITLE RUNS FILES: the summary both merge benchmarks end with (best-of-RUNS wall time
+# and peak RSS of cp, cp + fsync, loratool and the peer, all runs, ratios). FILES is the sizes line.
+# Uses $bin, $py and the labels cp, cp_fsync, loratool, peer.
+merge_summary() {
+    local title=$1 runs=$2 files=$3 cpu t_cp t_cpf t_lt t_peer
+    cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+    t_cp=$(best cp); t_cpf=$(best cp_fsync); t_lt=$(best loratool); t_peer=$(best peer)
+    echo
+    echo "== loratool merge output (last timed run; stdout+stderr)"
+    cat "$logs/loratool.last.out"
+    echo
+    echo "== summary: $title"
+    echo "machine:  $(nproc) cores, $cpu, $(free -g | awk '/^Mem:/{print $2}') GiB RAM"
+    echo "versions: $("$bin" --version), $("$py" -c 'import diffusers, torch, peft; print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, peft {peft.__version__}")' 2>/dev/null)"
+    echo "files:    $files"
+    printf "%-48s %9s %12s\n" "" "wall (s)" "peak RSS"
+    printf "%-48s %9s %12s\n" "cp checkpoint (I/O floor, best of $runs)" "$t_cp" "$(mib "$(maxrss cp)")"
+    printf "%-48s %9s %12s\n" "cp + fsync of copy (durable floor, best of $runs)" "$t_cpf" "$(mib "$(maxrss cp_fsync)")"
+    printf "%-48s %9s %12s\n" "loratool merge (best of $runs)" "$t_lt" "$(mib "$(maxrss loratool)")"
+    printf "%-48s %9s %12s\n" "peer: diffusers load+fuse_lora+save (1 run)" "$t_peer" "$(mib "$(maxrss peer)")"
+    echo "all runs (s/KiB): cp: $(awk '{printf "%.3f/%s ", $1, $2}' "$logs/cp.times")| cp+fsync: $(awk '{printf "%.3f/%s ", $1, $2}' "$logs/cp_fsync.times")| loratool: $(awk '{printf "%.3f/%s ", $1, $2}' "$logs/loratool.times")"
+    grep '^peer' "$logs/peer.out" || true
+    echo "ratios:   loratool/cp = $(echo "$t_lt / $t_cp" | bc -l | xargs printf '%.2f'),  loratool/(cp+fsync) = $(echo "$t_lt / $t_cpf" | bc -l | xargs printf '%.2f'),  peer/loratool = $(echo "$t_peer / $t_lt" | bc -l | xargs printf '%.2f')"
+    if [ "$contended" = 1 ]; then
+        echo "WARNING: some timed runs were taken on a busy machine (wait budget spent or 3 redos; see [busy] lines above)"
+    fi
+}

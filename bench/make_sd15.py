@@ -161,6 +161,26 @@ def make_model(data):
     gc.collect()
 
 
+def random_lora_factors(mods, seed):
+    """kohya LoRA/LoCon tensors (rank LORA_RANK, alpha LORA_ALPHA, f16) for [(kohya key, module)],
+    drawn in order from one seeded generator; also returns how many modules are k×k convs, k > 1."""
+    g = torch.Generator().manual_seed(seed)
+    r = LORA_RANK
+    sd = {}
+    n_conv3 = 0
+    for key, m in mods:
+        if isinstance(m, nn.Linear):
+            down_shape, up_shape = (r, m.in_features), (m.out_features, r)
+        else:
+            kh, kw = m.kernel_size
+            n_conv3 += (kh, kw) != (1, 1)
+            down_shape, up_shape = (r, m.in_channels, kh, kw), (m.out_channels, r, 1, 1)
+        sd[key + ".lora_down.weight"] = torch.empty(down_shape).normal_(0, LORA_STD, generator=g).half()
+        sd[key + ".lora_up.weight"] = torch.empty(up_shape).normal_(0, LORA_STD, generator=g).half()
+        sd[key + ".alpha"] = torch.tensor(float(LORA_ALPHA)).half()
+    return sd, n_conv3
+
+
 def unet_lora_targets(unet):
     """kohya sd-scripts' SD1 targets with conv_dim: Linear/Conv2d inside Transformer2DModel,
     ResnetBlock2D, Downsample2D, Upsample2D (not time_embedding, conv_in, conv_out)."""
@@ -201,21 +221,8 @@ def make_lora(data):
         te = CLIPTextModel(CLIPTextConfig(**TE_CFG))
     mods = [("lora_unet_", n, m) for n, m in unet_lora_targets(unet)] + \
            [("lora_te_", n, m) for n, m in te_lora_targets(te)]
-    g = torch.Generator().manual_seed(1504)
+    sd, n_conv3 = random_lora_factors([(p + n.replace(".", "_"), m) for p, n, m in mods], 1504)
     r = LORA_RANK
-    sd = {}
-    n_conv3 = 0
-    for prefix, name, m in mods:
-        key = prefix + name.replace(".", "_")
-        if isinstance(m, nn.Linear):
-            down_shape, up_shape = (r, m.in_features), (m.out_features, r)
-        else:
-            kh, kw = m.kernel_size
-            n_conv3 += (kh, kw) != (1, 1)
-            down_shape, up_shape = (r, m.in_channels, kh, kw), (m.out_channels, r, 1, 1)
-        sd[key + ".lora_down.weight"] = torch.empty(down_shape).normal_(0, LORA_STD, generator=g).half()
-        sd[key + ".lora_up.weight"] = torch.empty(up_shape).normal_(0, LORA_STD, generator=g).half()
-        sd[key + ".alpha"] = torch.tensor(float(LORA_ALPHA)).half()
     meta = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora",
             "ss_network_dim": str(r), "ss_network_alpha": str(LORA_ALPHA),
             "ss_network_args": json.dumps({"conv_dim": str(r), "conv_alpha": str(LORA_ALPHA)}),

@@ -36,7 +36,6 @@ import generate as G  # noqa: E402  (key tables; main() is not run)
 import make_sd15 as S  # noqa: E402  (randomize, build_on_meta, save_component, LoRA target rules)
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
@@ -66,7 +65,7 @@ assert len(VAE_CFG["block_out_channels"]) == len(G.VAE_CFG["block_out_channels"]
 SEED = 2500
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
-LORA_RANK, LORA_ALPHA, LORA_STD = S.LORA_RANK, S.LORA_ALPHA, S.LORA_STD
+LORA_RANK, LORA_ALPHA = S.LORA_RANK, S.LORA_ALPHA
 
 
 def build_te(cls, cfg, seed):
@@ -165,20 +164,8 @@ def make_lora(data):
     mods += [("lora_te1_" + n.replace(".", "_"), m) for n, m in S.te_lora_targets(te1)]
     mods += [("lora_te2_" + n.replace(".", "_"), m) for n, m in S.te_lora_targets(te2)]
     assert len({k for k, _ in mods}) == len(mods)
-    g = torch.Generator().manual_seed(SEED + 5)
+    sd, n_conv3 = S.random_lora_factors(mods, SEED + 5)
     r = LORA_RANK
-    sd = {}
-    n_conv3 = 0
-    for key, m in mods:
-        if isinstance(m, nn.Linear):
-            down_shape, up_shape = (r, m.in_features), (m.out_features, r)
-        else:
-            kh, kw = m.kernel_size
-            n_conv3 += (kh, kw) != (1, 1)
-            down_shape, up_shape = (r, m.in_channels, kh, kw), (m.out_channels, r, 1, 1)
-        sd[key + ".lora_down.weight"] = torch.empty(down_shape).normal_(0, LORA_STD, generator=g).half()
-        sd[key + ".lora_up.weight"] = torch.empty(up_shape).normal_(0, LORA_STD, generator=g).half()
-        sd[key + ".alpha"] = torch.tensor(float(LORA_ALPHA)).half()
     meta = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora",
             "ss_network_dim": str(r), "ss_network_alpha": str(LORA_ALPHA),
             "ss_network_args": json.dumps({"conv_dim": str(r), "conv_alpha": str(LORA_ALPHA)}),

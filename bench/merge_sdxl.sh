@@ -72,25 +72,8 @@ correct=OK
 "$py" bench/check_sdxl.py compare "$base" "$lora" 0.8 "$lt_pick" "$peer_pick" || correct=FAILED
 rm -f "$lt_pick" "$peer_pick"
 
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-t_cp=$(best cp); t_cpf=$(best cp_fsync); t_lt=$(best loratool); t_peer=$(best peer)
-echo
-echo "== loratool merge output (last timed run; stdout+stderr)"
-cat "$logs/loratool.last.out"
-echo
-echo "== summary: merge SDXL base (LDM single file) + rank-32 kohya LoRA @0.8"
-echo "machine:  $(nproc) cores, $cpu, $(free -g | awk '/^Mem:/{print $2}') GiB RAM"
-echo "versions: $("$bin" --version), $("$py" -c 'import diffusers, torch, peft; print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, peft {peft.__version__}")' 2>/dev/null)"
-echo "files:    base $(size "$base"), LoRA $(size "$lora"), diffusers folder $(size "$folder"), merged $merged_size, peer output $peer_size"
-printf "%-48s %9s %12s\n" "" "wall (s)" "peak RSS"
-printf "%-48s %9s %12s\n" "cp checkpoint (I/O floor, best of 2)" "$t_cp" "$(mib "$(maxrss cp)")"
-printf "%-48s %9s %12s\n" "cp + fsync of copy (durable floor, best of 2)" "$t_cpf" "$(mib "$(maxrss cp_fsync)")"
-printf "%-48s %9s %12s\n" "loratool merge (best of 2)" "$t_lt" "$(mib "$(maxrss loratool)")"
-printf "%-48s %9s %12s\n" "peer: diffusers load+fuse_lora+save (1 run)" "$t_peer" "$(mib "$(maxrss peer)")"
-echo "all runs (s/KiB): cp: $(awk '{printf "%.3f/%s ", $1, $2}' "$logs/cp.times")| cp+fsync: $(awk '{printf "%.3f/%s ", $1, $2}' "$logs/cp_fsync.times")| loratool: $(awk '{printf "%.3f/%s ", $1, $2}' "$logs/loratool.times")"
-grep '^peer' "$logs/peer.out" || true
-echo "ratios:   loratool/cp = $(echo "$t_lt / $t_cp" | bc -l | xargs printf '%.2f'),  loratool/(cp+fsync) = $(echo "$t_lt / $t_cpf" | bc -l | xargs printf '%.2f'),  peer/loratool = $(echo "$t_peer / $t_lt" | bc -l | xargs printf '%.2f')"
+merge_summary "merge SDXL base (LDM single file) + rank-32 kohya LoRA @0.8" 2 \
+    "base $(size "$base"), LoRA $(size "$lora"), diffusers folder $(size "$folder"), merged $merged_size, peer output $peer_size"
 echo "correctness: $correct"
-[ "$contended" = 1 ] && echo "WARNING: some timed runs were taken on a busy machine (wait budget spent or 3 redos; see [busy] lines above)"
 rm -f "$data/copy.safetensors"
 [ "$correct" = OK ]
