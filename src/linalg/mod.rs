@@ -1,6 +1,8 @@
 //! Dense f32 linear algebra on row-major slices, backed by faer. The delta math and (later) the
 //! factor-space SVD of merge/extract/resize call these instead of touching faer directly.
 
+pub mod low_rank_add;
+
 use faer::linalg::matmul::matmul as faer_matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 

@@ -12,6 +12,7 @@ use crate::adapter::keys::Role;
 use crate::adapter::{delta, Adapter, AdapterModule, Component, ModuleKind};
 use crate::family::checkpoint::{checkpoint_family, KeyMap, Layout, Target};
 use crate::family::{self, BaseModel};
+use crate::linalg::low_rank_add::{self, PackedDown, Term};
 use crate::tensors::hash::autov3;
 use crate::tensors::writer::{SafetensorsWriter, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
@@ -549,16 +550,23 @@ fn write_merged(
     Ok((summary.bytes, plan.patches.len()))
 }
 
-/// One plain LoRA patch ready for row blocks: the factors in f32, the rows it covers.
+/// One plain LoRA patch ready for row blocks, in the form the block code uses.
 struct LowRankPatch {
-    /// `up` rows of the covered range, `[rows.len(), rank]`.
+    /// `up` rows of the covered range, `[rows.len(), rank]`; multiplied by `alpha` already when
+    /// `down` is packed for the fused kernel.
     up: Vec<f32>,
-    /// `down` as `[rank, cols]`.
-    down: Vec<f32>,
+    down: Factors,
     rank: usize,
     rows: std::ops::Range<usize>,
     /// User multiplier × the module's scale.
     alpha: f32,
+}
+
+enum Factors {
+    /// For [`low_rank_add::add_low_rank`] (`up` pre-scaled).
+    Packed(PackedDown),
+    /// `[rank, cols]` row-major, for decode → [`linalg::add_matmul`] → encode.
+    Plain(Vec<f32>),
 }
 
 fn low_rank_patch(
@@ -566,6 +574,7 @@ fn low_rank_patch(
     adapters: &[Adapter],
     rows: usize,
     cols: usize,
+    fused: bool,
 ) -> Result<LowRankPatch> {
     let adapter = &adapters[p.lora];
     let m = &adapter.modules[p.module];
@@ -589,12 +598,23 @@ fn low_rank_patch(
             ),
         ));
     }
-    Ok(LowRankPatch {
-        up: up.data,
-        down: down.data,
-        rank,
-        rows: range,
-        alpha: p.multiplier * m.scale,
+    let alpha = p.multiplier * m.scale;
+    Ok(if fused {
+        LowRankPatch {
+            up: up.data.iter().map(|u| u * alpha).collect(),
+            down: Factors::Packed(PackedDown::new(&down.data, rank, cols)),
+            rank,
+            rows: range,
+            alpha,
+        }
+    } else {
+        LowRankPatch {
+            up: up.data,
+            down: Factors::Plain(down.data),
+            rank,
+            rows: range,
+            alpha,
+        }
     })
 }
 
@@ -607,47 +627,157 @@ fn produce_blocks(
     adapters: &[Adapter],
 ) -> Result<Vec<u8>> {
     let info = &base.tensors()[i];
+    let fused = low_rank_add::supported(info.dtype, spec.dtype);
+    produce_blocks_with(base, i, spec, patches, adapters, fused)
+}
+
+/// [`produce_blocks`] through the fused kernel or (`fused` false) through faer.
+fn produce_blocks_with(
+    base: &TensorFile,
+    i: usize,
+    spec: &TensorSpec,
+    patches: &[&Patch],
+    adapters: &[Adapter],
+    fused: bool,
+) -> Result<Vec<u8>> {
+    let info = &base.tensors()[i];
     let rows = info.shape.first().copied().unwrap_or(1).max(1);
     let cols = info.numel() / rows;
     let patches: Vec<LowRankPatch> = patches
         .iter()
-        .map(|p| low_rank_patch(p, adapters, rows, cols))
+        .map(|p| low_rank_patch(p, adapters, rows, cols, fused))
         .collect::<Result<_>>()?;
     let input = base.raw_bytes(&info.name)?;
     let in_size = info.dtype.size().expect("float dtype");
     let out_size = spec.dtype.size().expect("float dtype");
-    let mut output = vec![0u8; spec.byte_len()];
-    if output.is_empty() {
+    let n = spec.byte_len();
+    let block_rows = (BLOCK_ELEMS / cols.max(1)).max(1);
+    let block_bytes = (block_rows * cols * out_size).max(1);
+    let source = |b: usize, len: usize| {
+        let r0 = b * block_rows;
+        let r1 = r0 + len / out_size / cols.max(1);
+        (&input[r0 * cols * in_size..r1 * cols * in_size], r0..r1)
+    };
+    if !fused {
+        let mut output = vec![0u8; n];
+        output
+            .par_chunks_mut(block_bytes)
+            .enumerate()
+            .for_each(|(b, out)| {
+                let (src, rows) = source(b, out.len());
+                faer_block(src, info.dtype, out, spec.dtype, rows, cols, &patches);
+            });
         return Ok(output);
     }
-    let block_rows = (BLOCK_ELEMS / cols.max(1)).max(1);
-    output
-        .par_chunks_mut(block_rows * cols * out_size)
+    // Left uninitialised: zeroing gigabytes of output buffers only to overwrite them cost ~5 % of
+    // a merge's CPU time (docs/BENCHMARKS.md).
+    let mut output = Vec::with_capacity(n);
+    output.spare_capacity_mut()[..n]
+        .par_chunks_mut(block_bytes)
         .enumerate()
         .for_each(|(b, out)| {
-            BLOCK.with_borrow_mut(|scratch| {
-                let r0 = b * block_rows;
-                let n = out.len() / out_size;
-                let r1 = r0 + n / cols.max(1);
-                if scratch.len() < n {
-                    scratch.resize(n, 0.0);
-                }
-                let block = &mut scratch[..n];
-                let src = &input[r0 * cols * in_size..r1 * cols * in_size];
-                info.dtype.decode_into(src, block).expect("float dtype");
-                for p in &patches {
-                    let (a, e) = (r0.max(p.rows.start), r1.min(p.rows.end));
-                    if a >= e {
-                        continue;
-                    }
-                    let up = &p.up[(a - p.rows.start) * p.rank..(e - p.rows.start) * p.rank];
-                    let dst = &mut block[(a - r0) * cols..(e - r0) * cols];
-                    linalg::add_matmul(dst, up, e - a, p.rank, &p.down, cols, p.alpha);
-                }
-                spec.dtype.encode_into(block, out).expect("float dtype");
-            })
+            let (src, rows) = source(b, out.len());
+            fused_block(src, info.dtype, out, spec.dtype, rows, cols, &patches);
         });
+    // SAFETY: fused_block writes every byte of every chunk, and the chunks cover 0..n.
+    unsafe { output.set_len(n) };
     Ok(output)
+}
+
+/// Rows `block` of a tensor through the fused kernel: the block is cut where the set of patches
+/// covering a row changes (row slices of fused q/k/v), and each piece gets its own terms.
+fn fused_block(
+    src: &[u8],
+    in_dtype: Dtype,
+    out: &mut [std::mem::MaybeUninit<u8>],
+    out_dtype: Dtype,
+    block: std::ops::Range<usize>,
+    cols: usize,
+    patches: &[LowRankPatch],
+) {
+    let (in_size, out_size) = (in_dtype.size().unwrap(), out_dtype.size().unwrap());
+    let mut cuts: Vec<usize> = patches
+        .iter()
+        .flat_map(|p| [p.rows.start, p.rows.end])
+        .filter(|r| block.contains(r))
+        .chain([block.start, block.end])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    for piece in cuts.windows(2) {
+        let (a, e) = (piece[0], piece[1]);
+        let terms: Vec<Term> = patches
+            .iter()
+            .filter(|p| p.rows.start <= a && e <= p.rows.end)
+            .map(|p| Term {
+                up: &p.up[(a - p.rows.start) * p.rank..(e - p.rows.start) * p.rank],
+                down: match &p.down {
+                    Factors::Packed(d) => d,
+                    Factors::Plain(_) => unreachable!("fused blocks pack their factors"),
+                },
+            })
+            .collect();
+        let (i0, i1) = ((a - block.start) * cols, (e - block.start) * cols);
+        let src = &src[i0 * in_size..i1 * in_size];
+        let dst = &mut out[i0 * out_size..i1 * out_size];
+        if terms.is_empty() {
+            // Untouched rows keep their exact bits (no `+ 0.0`, which would turn -0 into +0).
+            convert_rows(src, in_dtype, dst, out_dtype);
+        } else {
+            low_rank_add::add_low_rank(src, in_dtype, dst, out_dtype, cols, &terms);
+        }
+    }
+}
+
+/// Rows of a tensor decoded into a per-thread f32 buffer, patched by faer products, encoded.
+fn faer_block(
+    src: &[u8],
+    in_dtype: Dtype,
+    out: &mut [u8],
+    out_dtype: Dtype,
+    block: std::ops::Range<usize>,
+    cols: usize,
+    patches: &[LowRankPatch],
+) {
+    BLOCK.with_borrow_mut(|scratch| {
+        let n = block.len() * cols;
+        if scratch.len() < n {
+            scratch.resize(n, 0.0);
+        }
+        let values = &mut scratch[..n];
+        in_dtype.decode_into(src, values).expect("float dtype");
+        for p in patches {
+            let (a, e) = (block.start.max(p.rows.start), block.end.min(p.rows.end));
+            if a >= e {
+                continue;
+            }
+            let Factors::Plain(down) = &p.down else {
+                unreachable!("faer blocks keep plain factors")
+            };
+            let up = &p.up[(a - p.rows.start) * p.rank..(e - p.rows.start) * p.rank];
+            let dst = &mut values[(a - block.start) * cols..(e - block.start) * cols];
+            linalg::add_matmul(dst, up, e - a, p.rank, down, cols, p.alpha);
+        }
+        out_dtype.encode_into(values, out).expect("float dtype");
+    })
+}
+
+/// Stored values re-encoded as another float type (bytes copied when the type is the same).
+fn convert_rows(
+    src: &[u8],
+    in_dtype: Dtype,
+    dst: &mut [std::mem::MaybeUninit<u8>],
+    out_dtype: Dtype,
+) {
+    if in_dtype == out_dtype {
+        low_rank_add::write_bytes(dst, src);
+        return;
+    }
+    let n = dst.len() / out_dtype.size().expect("float dtype");
+    let mut values = vec![0f32; n];
+    in_dtype.decode_into(src, &mut values).expect("float dtype");
+    let encoded = out_dtype.encode_f32(&values).expect("float dtype");
+    low_rank_add::write_bytes(dst, &encoded);
 }
 
 /// A folder output assembled beside its target and renamed into place only when complete.
@@ -987,29 +1117,86 @@ mod tests {
                 shape: vec![rows, cols],
             };
             let refs: Vec<&Patch> = patches.iter().collect();
-            let blocks = produce_blocks(&base, 0, &spec, &refs, &adapters).unwrap();
             let whole = produce_whole(&base, 0, &spec, &patches, &adapters).unwrap();
-            let (b, w) = (
-                out.decode_f32(&blocks).unwrap(),
-                out.decode_f32(&whole).unwrap(),
-            );
-            // Both round once from f32 sums that differ only in summation order.
-            let ulp = if out == Dtype::BF16 {
-                1.0 / 128.0
+            let w = out.decode_f32(&whole).unwrap();
+            let kernels = if low_rank_add::supported(stored, out) {
+                vec![true, false]
             } else {
-                1.0 / 1024.0
+                vec![false]
             };
-            let worst = b
-                .iter()
-                .zip(&w)
-                .map(|(x, y)| (x - y).abs() / (y.abs().max(1e-3) * ulp))
-                .fold(0f32, f32::max);
-            assert!(worst <= 1.01, "{stored}->{out}: {worst} ulp apart");
-            let changed = b.iter().zip(&base_vals).filter(|(x, y)| x != y).count();
-            assert!(
-                changed > rows * cols / 2,
-                "{stored}->{out}: patches were applied"
-            );
+            for fused in kernels {
+                let blocks = produce_blocks_with(&base, 0, &spec, &refs, &adapters, fused).unwrap();
+                let b = out.decode_f32(&blocks).unwrap();
+                // Both round once from f32 sums that differ only in summation order.
+                let ulp = if out == Dtype::BF16 {
+                    1.0 / 128.0
+                } else {
+                    1.0 / 1024.0
+                };
+                let worst = b
+                    .iter()
+                    .zip(&w)
+                    .map(|(x, y)| (x - y).abs() / (y.abs().max(1e-3) * ulp))
+                    .fold(0f32, f32::max);
+                assert!(worst <= 1.01, "{stored}->{out} fused={fused}: {worst} ulp");
+                let changed = b.iter().zip(&base_vals).filter(|(x, y)| x != y).count();
+                assert!(
+                    changed > rows * cols / 2,
+                    "{stored}->{out} fused={fused}: patches were applied"
+                );
+            }
+        }
+    }
+
+    /// Rows outside a patch's row slice keep their exact bytes (-0.0 included) on both kernels.
+    #[test]
+    fn rows_outside_a_slice_keep_their_bytes() {
+        let (rows, cols, rank) = (5, 20, 2);
+        let mut base_vals = pseudo_random(rows * cols, 3, 0.1);
+        base_vals[3 * cols + 1] = -0.0;
+        let lora = safetensors(&[
+            (
+                "lora_unet_q.lora_up.weight",
+                Dtype::F32,
+                vec![2, rank],
+                pseudo_random(2 * rank, 4, 0.5),
+            ),
+            (
+                "lora_unet_q.lora_down.weight",
+                Dtype::F32,
+                vec![rank, cols],
+                pseudo_random(rank * cols, 5, 0.5),
+            ),
+        ]);
+        let adapters = [Adapter::from_file(
+            TensorFile::from_safetensors_bytes(Path::new("lora"), lora).unwrap(),
+        )
+        .unwrap()];
+        let patch = Patch {
+            lora: 0,
+            module: 0,
+            rows: Some(0..2),
+            multiplier: 1.0,
+            bias: false,
+        };
+        let base = TensorFile::from_safetensors_bytes(
+            Path::new("base"),
+            safetensors(&[("w", Dtype::F16, vec![rows, cols], base_vals)]),
+        )
+        .unwrap();
+        let spec = TensorSpec {
+            name: "w".into(),
+            dtype: Dtype::F16,
+            shape: vec![rows, cols],
+        };
+        let stored = base.raw_bytes("w").unwrap();
+        for fused in [true, false] {
+            if fused && !low_rank_add::supported(Dtype::F16, Dtype::F16) {
+                continue;
+            }
+            let out = produce_blocks_with(&base, 0, &spec, &[&patch], &adapters, fused).unwrap();
+            assert_eq!(out[2 * cols * 2..], stored[2 * cols * 2..], "fused={fused}");
+            assert_ne!(out[..2 * cols * 2], stored[..2 * cols * 2], "fused={fused}");
         }
     }
 

@@ -181,14 +181,12 @@ impl Dtype {
                     }
                 }
             },
-            Dtype::BF16 => match as_halves_mut::<bf16>(out) {
-                Some(dst) => dst.convert_from_f32_slice(values),
-                None => {
-                    for (o, v) in out.chunks_exact_mut(2).zip(values) {
-                        o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
-                    }
+            // Not half's conversion: it rounds bf16 ties away from zero, torch to even.
+            Dtype::BF16 => {
+                for (o, v) in out.chunks_exact_mut(2).zip(values) {
+                    o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
                 }
-            },
+            }
             Dtype::F64 => {
                 for (o, v) in out.chunks_exact_mut(8).zip(values) {
                     o.copy_from_slice(&(*v as f64).to_le_bytes());
@@ -198,6 +196,15 @@ impl Dtype {
         }
         Some(())
     }
+}
+
+/// The bf16 nearest to `v`, ties to even (as torch rounds); NaNs stay NaN (quiet, sign kept).
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    if x & 0x7FFF_FFFF > 0x7F80_0000 {
+        return ((x >> 16) | 0x40) as u16;
+    }
+    (x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16) as u16
 }
 
 /// Little-endian 16-bit floats viewed in place, when the host is little-endian and the bytes are
@@ -251,6 +258,28 @@ mod tests {
         let bytes = Dtype::BF16.encode_f32(&[3.140625]).unwrap();
         assert_eq!(bytes, vec![0x49, 0x40]);
         assert_eq!(Dtype::BF16.decode_f32(&bytes).unwrap(), vec![3.140625]);
+    }
+
+    #[test]
+    fn bf16_ties_round_to_even() {
+        // 1 + 2^-8 and 1 + 3·2^-8 lie halfway between bf16 values: ties go to the even mantissa
+        // (torch's rounding), also for negatives; one bit past a tie rounds up.
+        let v = [
+            0x3F80_8000u32,
+            0x3F81_8000,
+            0xBF80_8000,
+            0x3F80_8001,
+            0x7F7F_FFFF,
+        ]
+        .map(f32::from_bits);
+        let bytes = Dtype::BF16.encode_f32(&v).unwrap();
+        let bits: Vec<u16> = bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(bits, [0x3F80, 0x3F82, 0xBF80, 0x3F81, 0x7F80]);
+        let nan = Dtype::BF16.encode_f32(&[f32::NAN]).unwrap();
+        assert!(Dtype::BF16.decode_f32(&nan).unwrap()[0].is_nan());
     }
 
     #[test]
