@@ -193,7 +193,10 @@ fn open_pairs(base: &Path, tuned: &Path) -> Result<Vec<Pair>> {
 
 /// The rows of a weight that a module covers (fused q/k/v slices), as an f32 tensor.
 fn read_slice(file: &TensorFile, m: &CheckpointModule) -> Result<Tensor> {
-    let t = file.read_f32(&m.target.weight)?;
+    let t = match &m.target.rows {
+        None => file.read_f32(&m.target.weight)?,
+        Some(r) => file.read_f32_rows(&m.target.weight, r.clone())?,
+    };
     if t.has_non_finite() {
         return Err(Error::bad_tensor(
             file.path(),
@@ -201,15 +204,7 @@ fn read_slice(file: &TensorFile, m: &CheckpointModule) -> Result<Tensor> {
             "contains NaN or Inf values",
         ));
     }
-    Ok(match &m.target.rows {
-        None => t,
-        Some(r) => {
-            let cols = t.cols();
-            let mut shape = t.shape.clone();
-            shape[0] = r.len();
-            Tensor::new(shape, t.data[r.start * cols..r.end * cols].to_vec())
-        }
-    })
+    Ok(t)
 }
 
 /// kohya's clamp: both factors limited to ± the q-quantile of their concatenated values.
