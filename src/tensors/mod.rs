@@ -256,6 +256,9 @@ mod tests {
         assert_eq!(rows.shape, vec![2, 3]);
         assert_eq!(rows.data, values[3..9]);
         let err = file.read_f32_rows("w", 3..5).unwrap_err().to_string();
-        assert!(err.contains("t.safetensors") && err.contains("rows 3..5"), "{err}");
+        assert!(
+            err.contains("t.safetensors") && err.contains("rows 3..5"),
+            "{err}"
+        );
     }
 }
