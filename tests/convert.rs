@@ -18,6 +18,7 @@ fn bake(base: &Path, lora: &Path, out: &Path) -> TensorFile {
         strict: true,
         force: true,
         window_bytes: 1 << 20,
+        ..Default::default()
     };
     merge_into_checkpoint(
         base,

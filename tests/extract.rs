@@ -92,6 +92,7 @@ fn opts(rank: usize) -> ExtractOptions {
         dtype: Dtype::F32,
         force: true,
         allow_empty: false,
+        progress: Default::default(),
     }
 }
 
@@ -189,6 +190,7 @@ fn extraction_is_near_optimal_and_exact_when_the_rank_suffices() {
                 strict: true,
                 force: true,
                 window_bytes: 1 << 20,
+                ..Default::default()
             };
             merge_into_checkpoint(
                 &base_path,
@@ -343,4 +345,62 @@ fn diffusers_pipeline_folders_extract_like_single_files() {
         e.contains("must both be files or both be diffusers folders"),
         "{e}"
     );
+}
+
+/// Counts what an extraction reports through `ExtractOptions::progress`.
+#[derive(Default)]
+struct Counted {
+    starts: std::sync::Mutex<Vec<u64>>,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl loratool::ops::progress::Progress for Counted {
+    fn start(&self, total: u64) {
+        self.starts.lock().unwrap().push(total);
+    }
+    fn advance(&self, done: u64) {
+        self.done
+            .fetch_add(done, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Progress announces every module the extraction considers, extracted or skipped, once each.
+#[test]
+fn progress_counts_every_module_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fx("models/sd1_ldm.safetensors");
+    let tuned = dir.path().join("tuned.safetensors");
+    make_tuned(&base, "loras/sd1_kohya_lora.safetensors", 0.8, 0.0, &tuned);
+    // Once with every module factorized, once with every module skipped as unchanged.
+    for (min_diff, allow_empty) in [(0.0, false), (f32::MAX, true)] {
+        let counted = std::sync::Arc::new(Counted::default());
+        let report = extract_lora(
+            &base,
+            &tuned,
+            &dir.path().join("out.safetensors"),
+            &ExtractOptions {
+                progress: loratool::ops::progress::ProgressSink::new(counted.clone()),
+                min_diff,
+                allow_empty,
+                ..opts(2)
+            },
+        )
+        .unwrap();
+        let (extracted, skipped) = report
+            .components
+            .values()
+            .fold((0, 0), |(e, k), s| (e + s.extracted, k + s.skipped));
+        assert!(if allow_empty {
+            extracted == 0
+        } else {
+            extracted > 0
+        });
+        let modules = (extracted + skipped) as u64;
+        assert!(modules > 0);
+        assert_eq!(*counted.starts.lock().unwrap(), vec![modules]);
+        assert_eq!(
+            counted.done.load(std::sync::atomic::Ordering::Relaxed),
+            modules
+        );
+    }
 }

@@ -215,3 +215,83 @@ fn every_output_dtype_is_the_f32_merge_rounded_once() {
     }
     assert!(patched > 50, "only {patched} tensors changed");
 }
+
+/// Counts what a merge reports through `MergeOptions::progress`.
+#[derive(Default)]
+struct Counted {
+    starts: std::sync::Mutex<Vec<u64>>,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl loratool::ops::progress::Progress for Counted {
+    fn start(&self, total: u64) {
+        self.starts.lock().unwrap().push(total);
+    }
+    fn advance(&self, done: u64) {
+        self.done
+            .fetch_add(done, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Progress is announced once with the output's data bytes (after a dtype change, and summed over
+/// a pipeline folder's files) and then advanced by exactly that much.
+#[test]
+fn progress_counts_every_output_data_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = LoraWeight::parse(
+        &common::fixtures()
+            .join("loras/sd1_kohya_lora.safetensors")
+            .display()
+            .to_string(),
+    )
+    .unwrap();
+    for (base, out) in [
+        ("models/sd1_ldm.safetensors", "single.safetensors"),
+        ("models/sd1_diffusers", "folder"),
+    ] {
+        let counted = std::sync::Arc::new(Counted::default());
+        let opts = MergeOptions {
+            dtype: Some(Dtype::F32),
+            window_bytes: 64 << 10,
+            progress: loratool::ops::progress::ProgressSink::new(counted.clone()),
+            ..Default::default()
+        };
+        let out = dir.path().join(out);
+        merge_into_checkpoint(
+            &common::fixtures().join(base),
+            std::slice::from_ref(&lora),
+            &out,
+            &opts,
+        )
+        .unwrap();
+        let files: Vec<PathBuf> = if out.is_dir() {
+            [
+                "unet/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors",
+            ]
+            .iter()
+            .map(|f| out.join(f))
+            .filter(|p| p.exists())
+            .collect()
+        } else {
+            vec![out.clone()]
+        };
+        let data_bytes: u64 = files
+            .iter()
+            .map(|f| {
+                let t = TensorFile::open(f).unwrap();
+                t.tensors()
+                    .iter()
+                    .map(|i| (i.numel() * i.dtype.size().unwrap()) as u64)
+                    .sum::<u64>()
+            })
+            .sum();
+        assert!(data_bytes > 0);
+        assert_eq!(*counted.starts.lock().unwrap(), vec![data_bytes], "{base}");
+        assert_eq!(
+            counted.done.load(std::sync::atomic::Ordering::Relaxed),
+            data_bytes,
+            "{base}"
+        );
+    }
+}

@@ -52,6 +52,7 @@ pub struct ExtractArgs {
 }
 
 pub fn run(args: ExtractArgs) -> Result<i32> {
+    let (bar, progress) = super::progress::count_bar("extracting", "modules");
     let opts = ExtractOptions {
         rank: args.rank,
         conv_rank: args.conv_rank,
@@ -66,6 +67,7 @@ pub fn run(args: ExtractArgs) -> Result<i32> {
         dtype: parse_dtype(&args.dtype),
         force: args.force,
         allow_empty: args.allow_empty,
+        progress,
     };
     let report = if args.format == "peft" {
         // Extract to kohya beside the target, then convert; the temp file never outlives us.
@@ -92,9 +94,12 @@ pub fn run(args: ExtractArgs) -> Result<i32> {
             .map(|_| r)
         });
         let _ = std::fs::remove_file(&tmp);
+        bar.finish_and_clear();
         converted?
     } else {
-        extract_lora(&args.base, &args.tuned, &args.output, &opts)?
+        let r = extract_lora(&args.base, &args.tuned, &args.output, &opts);
+        bar.finish_and_clear();
+        r?
     };
     for (component, s) in &report.components {
         let retained = if s.total_energy > 0.0 {

@@ -59,14 +59,18 @@ pub fn run(args: MergeArgs) -> Result<i32> {
             "--method and --rank apply to LoRA+LoRA merges (without --base)".into(),
         ));
     }
+    let (bar, progress) = super::progress::bytes_bar("merging");
     let opts = MergeOptions {
         dtype: args.dtype.as_deref().map(parse_dtype),
         strict: args.strict,
         force: args.force,
         // Working memory of one window (mapped input + encoded output); see docs/DECISIONS.md.
         window_bytes: 32 << 20,
+        progress,
     };
-    let report = merge_into_checkpoint(&base, &loras, &args.output, &opts)?;
+    let report = merge_into_checkpoint(&base, &loras, &args.output, &opts);
+    bar.finish_and_clear();
+    let report = report?;
     for (path, matched, unmatched) in &report.loras {
         if !unmatched.is_empty() {
             let first: Vec<&str> = unmatched.iter().take(3).map(String::as_str).collect();

@@ -5,6 +5,7 @@ mod convert;
 mod extract;
 mod inspect;
 mod merge;
+mod progress;
 mod resize;
 
 use clap::{Parser, Subcommand};

@@ -13,6 +13,7 @@ use crate::family::checkpoint::{checkpoint_family, CheckpointModule, KeyMap};
 use crate::family::BaseModel;
 use crate::linalg::{self, LowRank};
 use crate::ops::merge::{layout_of, PIPELINE_COMPONENTS};
+use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::hash_file;
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
@@ -37,6 +38,8 @@ pub struct ExtractOptions {
     pub dtype: Dtype,
     pub force: bool,
     pub allow_empty: bool,
+    /// Told the number of modules to factorize, then each one as it is done.
+    pub progress: ProgressSink,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -343,6 +346,7 @@ pub fn extract_lora(
     // Windows of modules: parallel inside a window, mapped input pages released after each, so
     // resident memory stays near one window's tensors instead of growing to both checkpoints.
     let mut results: Vec<Extracted> = Vec::with_capacity(jobs.len());
+    opts.progress.start(jobs.len() as u64);
     for (w, window) in jobs.chunks(16).enumerate() {
         let part: Vec<Extracted> = window
             .par_iter()
@@ -357,6 +361,7 @@ pub fn extract_lora(
                 let energy = d.data.iter().map(|v| (*v as f64).powi(2)).sum();
                 let component = m.target.component.name();
                 if max <= opts.min_diff {
+                    opts.progress.advance(1);
                     return Ok(Extracted {
                         name: m.kohya_name.clone(),
                         component,
@@ -369,6 +374,7 @@ pub fn extract_lora(
                     let (up, down) = (&mut lr.up, &mut lr.down);
                     clamp_quantile(up, down, q);
                 }
+                opts.progress.advance(1);
                 Ok(Extracted {
                     name: m.kohya_name.clone(),
                     component,

@@ -13,6 +13,7 @@ use crate::adapter::{delta, Adapter, AdapterModule, Component, ModuleKind};
 use crate::family::checkpoint::{checkpoint_family, KeyMap, Layout, Target};
 use crate::family::{self, BaseModel};
 use crate::linalg::low_rank_add::{self, PackedDown, Term};
+use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::autov3;
 use crate::tensors::writer::{SafetensorsWriter, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
@@ -96,6 +97,8 @@ pub struct MergeOptions {
     pub force: bool,
     /// Bytes of f32 working memory per parallel window.
     pub window_bytes: usize,
+    /// Told the output's data bytes up front, then each tensor's bytes as it is written.
+    pub progress: ProgressSink,
 }
 
 /// What a merge did, for the summary line and the output metadata.
@@ -350,6 +353,13 @@ pub fn merge_into_checkpoint(
         inputs,
     };
     let record = record.join().expect("hashing thread does not panic")?;
+    opts.progress.start(
+        plans
+            .iter()
+            .flat_map(|p| p.base.tensors())
+            .map(|t| TensorSpec::cast_from(t, opts.dtype).byte_len() as u64)
+            .sum(),
+    );
     if pipeline {
         let staging = StagingDir::create(out, &write_opts)?;
         copy_tree(base_path, staging.path(), &plans)?;
@@ -477,6 +487,7 @@ fn write_merged(
     let (written, computed) = std::thread::scope(|scope| {
         // One window in the channel, one being written, one being computed.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
+        let (progress, specs) = (&opts.progress, &specs);
         let writer_thread = scope.spawn(move || -> Result<SafetensorsWriter> {
             let mut writer = writer;
             for batch in rx {
@@ -494,6 +505,7 @@ fn write_merged(
                         }
                         (None, None) => writer.write_tensor(name, &base.raw_bytes(name)?)?,
                     }
+                    progress.advance(specs[i].byte_len() as u64);
                 }
             }
             Ok(writer)

@@ -6,4 +6,5 @@ pub mod extract;
 pub mod inspect;
 pub mod merge;
 pub mod merge_loras;
+pub mod progress;
 pub mod resize;
