@@ -158,6 +158,30 @@ fn refusals() {
         "{stderr}"
     );
     std::fs::remove_file(&out).unwrap();
+    // A LoRA with a NaN (a diverged training run) is refused before anything is written, in both
+    // kinds of merge.
+    let nan = dir.path().join("nan.safetensors");
+    common::write_lora_with_a_nan(&nan);
+    let nan_s = nan.display().to_string();
+    for args in [
+        vec!["--base", &sd1, "--lora", &nan_s, "-o", &out_s],
+        vec![
+            "--lora",
+            &nan_s,
+            "--lora",
+            &fx("loras/sd1_kohya_lora.safetensors"),
+            "-o",
+            &out_s,
+        ],
+    ] {
+        assert_refused(
+            &merge(&args),
+            "nan.safetensors: tensor 'lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight'",
+            &out,
+        );
+        let stderr = String::from_utf8_lossy(&merge(&args).stderr).to_string();
+        assert!(stderr.contains("contains NaN or Inf values"), "{stderr}");
+    }
     assert_refused(
         &merge(&[
             "--base",

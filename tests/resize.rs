@@ -130,3 +130,26 @@ fn dynamic_resize_reaches_its_target() {
     .unwrap();
     assert!(report.modules.iter().all(|m| m.new_rank <= 2));
 }
+
+/// A LoRA holding a NaN is refused with the tensor named, and nothing is written.
+#[test]
+fn a_lora_with_nan_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let nan = dir.path().join("nan.safetensors");
+    common::write_lora_with_a_nan(&nan);
+    let out = dir.path().join("out.safetensors");
+    let opts = ResizeOptions {
+        rule: RankRule::Fixed(2),
+        max_rank: None,
+        dtype: None,
+        force: false,
+    };
+    let err = resize_lora(&nan, &out, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("nan.safetensors")
+            && err.contains("self_attn_q_proj.lora_up.weight")
+            && err.contains("contains NaN or Inf values"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -254,6 +254,33 @@ impl Adapter {
     pub fn open(path: &std::path::Path) -> Result<Adapter> {
         Adapter::from_file(TensorFile::open(path)?)
     }
+
+    /// Refuses an adapter whose module tensors hold NaN or Inf (a training run that diverged):
+    /// merged or re-factorized, they would silently turn every weight they touch into NaN. Names
+    /// the first such tensor in module order. Reads every module tensor once.
+    pub fn check_finite(&self) -> Result<()> {
+        use rayon::prelude::*;
+        let first = self
+            .modules
+            .par_iter()
+            .flat_map_iter(|m| m.tensors.values())
+            .map(|key| -> Result<Option<&String>> {
+                let t = self.file.read_f32(key)?;
+                Ok(t.has_non_finite().then_some(key))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .next();
+        match first {
+            None => Ok(()),
+            Some(key) => Err(Error::bad_tensor(
+                self.file.path(),
+                key.as_str(),
+                "contains NaN or Inf values (a diverged training run?); refusing to use it",
+            )),
+        }
+    }
 }
 
 fn majority<T: PartialEq + Copy>(items: impl Iterator<Item = T>) -> Option<T> {

@@ -176,9 +176,12 @@ pub fn merge_into_checkpoint(
         .iter()
         .map(|l| Adapter::open(&l.path))
         .collect::<Result<_>>()?;
+    for a in &adapters {
+        a.check_finite()?;
+    }
     let record = spawn_merge_record(loras, &adapters);
     for a in &adapters {
-        a.file.release_pages(); // parsing touched alphas all over the file
+        a.file.release_pages(); // parsing and the finiteness check touched the whole file
     }
 
     // The files to patch: the base itself, or each weight file of a pipeline's component folders.

@@ -240,6 +240,9 @@ pub fn merge_loras(
         .iter()
         .map(|l| Adapter::open(&l.path))
         .collect::<Result<_>>()?;
+    for a in &adapters {
+        a.check_finite()?;
+    }
     let mut fam = BaseModel::Unknown;
     for (a, lw) in adapters.iter().zip(loras) {
         let f = family::detect(a.file.metadata(), &a.modules).base_model;

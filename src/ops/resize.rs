@@ -157,6 +157,7 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
     }
     let write_opts = WriteOptions::checked(out, opts.force, vec![input.to_path_buf()])?;
     let adapter = Adapter::open(input)?;
+    adapter.check_finite()?;
     let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
     let file = &adapter.file;
     let mut report = ResizeReport::default();

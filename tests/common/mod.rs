@@ -26,3 +26,29 @@ pub fn adapter_entries() -> Vec<serde_json::Value> {
 pub fn loratool() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_loratool"))
 }
+
+/// A copy of the SD1 kohya fixture whose first text-encoder `up` factor holds one NaN.
+pub fn write_lora_with_a_nan(path: &std::path::Path) {
+    use loratool::tensors::writer::{write_all, TensorSpec, WriteOptions};
+    use loratool::tensors::TensorFile;
+    let src = TensorFile::open(&fixtures().join("loras/sd1_kohya_lora.safetensors")).unwrap();
+    let poisoned = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight";
+    let tensors: Vec<(TensorSpec, Vec<u8>)> = src
+        .tensors()
+        .iter()
+        .map(|t| {
+            let spec = TensorSpec {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            };
+            let mut values = src.read_f32(&t.name).unwrap().data;
+            if t.name == poisoned {
+                values[1] = f32::NAN;
+            }
+            (spec, t.dtype.encode_f32(&values).unwrap())
+        })
+        .collect();
+    assert!(tensors.iter().any(|(s, _)| s.name == poisoned));
+    write_all(path, src.metadata(), &tensors, &WriteOptions::default()).unwrap();
+}
