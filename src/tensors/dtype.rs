@@ -14,6 +14,13 @@ pub enum Dtype {
     F32,
     F16,
     BF16,
+    /// fp8 with 4 exponent and 3 mantissa bits, no infinities (torch `float8_e4m3fn`): the format
+    /// of most fp8 Flux checkpoints.
+    #[serde(rename = "F8_E4M3")]
+    F8E4M3,
+    /// fp8 with 5 exponent and 2 mantissa bits (torch `float8_e5m2`).
+    #[serde(rename = "F8_E5M2")]
+    F8E5M2,
     I64,
     I32,
     I16,
@@ -28,8 +35,6 @@ pub enum Dtype {
 /// The safetensors names of types we pass through without converting, with their byte width
 /// (0 for sub-byte types).
 const OTHER_TYPES: &[(&str, usize)] = &[
-    ("F8_E4M3", 1),
-    ("F8_E5M2", 1),
     ("F8_E8M0", 1),
     ("F8_E4M3FNUZ", 1),
     ("F8_E5M2FNUZ", 1),
@@ -50,6 +55,8 @@ impl Dtype {
             "F32" => Dtype::F32,
             "F16" => Dtype::F16,
             "BF16" => Dtype::BF16,
+            "F8_E4M3" => Dtype::F8E4M3,
+            "F8_E5M2" => Dtype::F8E5M2,
             "I64" => Dtype::I64,
             "I32" => Dtype::I32,
             "I16" => Dtype::I16,
@@ -69,6 +76,8 @@ impl Dtype {
             Dtype::F32 => "F32",
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E5M2 => "F8_E5M2",
             Dtype::I64 => "I64",
             Dtype::I32 => "I32",
             Dtype::I16 => "I16",
@@ -85,14 +94,17 @@ impl Dtype {
             Dtype::F64 | Dtype::I64 => 8,
             Dtype::F32 | Dtype::I32 => 4,
             Dtype::F16 | Dtype::BF16 | Dtype::I16 => 2,
-            Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
+            Dtype::I8 | Dtype::U8 | Dtype::Bool | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
             Dtype::Other(_, 0) => return None,
             Dtype::Other(_, w) => w,
         })
     }
 
     pub fn is_float(self) -> bool {
-        matches!(self, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
+        matches!(
+            self,
+            Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F8E4M3 | Dtype::F8E5M2
+        )
     }
 
     /// Types that can be converted to f32 (floats, and the integer scalars some files use for alpha).
@@ -137,6 +149,14 @@ impl Dtype {
                 } else {
                     each(bytes, out, |b| bf16::from_le_bytes(b).to_f32());
                 }
+            }
+            Dtype::F8E4M3 => {
+                let table = fp8::E4M3.table();
+                each(bytes, out, |b: [u8; 1]| table[b[0] as usize])
+            }
+            Dtype::F8E5M2 => {
+                let table = fp8::E5M2.table();
+                each(bytes, out, |b: [u8; 1]| table[b[0] as usize])
             }
             Dtype::F64 => each(bytes, out, |b| f64::from_le_bytes(b) as f32),
             Dtype::I64 => each(bytes, out, |b| i64::from_le_bytes(b) as f32),
@@ -187,6 +207,16 @@ impl Dtype {
                     o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
                 }
             }
+            Dtype::F8E4M3 => {
+                for (o, v) in out.iter_mut().zip(values) {
+                    *o = fp8::E4M3.encode(*v);
+                }
+            }
+            Dtype::F8E5M2 => {
+                for (o, v) in out.iter_mut().zip(values) {
+                    *o = fp8::E5M2.encode(*v);
+                }
+            }
             Dtype::F64 => {
                 for (o, v) in out.chunks_exact_mut(8).zip(values) {
                     o.copy_from_slice(&(*v as f64).to_le_bytes());
@@ -195,6 +225,99 @@ impl Dtype {
             _ => unreachable!("float types only"),
         }
         Some(())
+    }
+}
+
+/// The two fp8 formats: both are sign + exponent + mantissa with subnormals, so one description
+/// decodes and encodes either.
+mod fp8 {
+    use std::sync::OnceLock;
+
+    pub struct Format {
+        /// Every code's value, filled on first use.
+        table: OnceLock<[f32; 256]>,
+        mantissa_bits: i32,
+        bias: i32,
+        /// Largest finite value's bit pattern (without sign); encoding saturates to it.
+        max_finite: u8,
+        /// e5m2 has IEEE infinities and NaNs in its top exponent; e4m3fn only NaN at 0x7F.
+        ieee_special: bool,
+    }
+
+    pub static E4M3: Format = Format {
+        table: OnceLock::new(),
+        mantissa_bits: 3,
+        bias: 7,
+        max_finite: 0x7E,
+        ieee_special: false,
+    };
+    pub static E5M2: Format = Format {
+        table: OnceLock::new(),
+        mantissa_bits: 2,
+        bias: 15,
+        max_finite: 0x7B,
+        ieee_special: true,
+    };
+
+    /// 2^k for the exponents fp8 needs (exact, no `powi` call per element).
+    fn pow2(k: i32) -> f32 {
+        f32::from_bits(((k + 127) as u32) << 23)
+    }
+
+    impl Format {
+        pub fn table(&self) -> &[f32; 256] {
+            self.table
+                .get_or_init(|| std::array::from_fn(|b| self.decode(b as u8)))
+        }
+
+        fn decode(&self, b: u8) -> f32 {
+            let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+            let m_bits = self.mantissa_bits;
+            let mag = (b & 0x7F) as i32;
+            let (e, m) = (mag >> m_bits, mag & ((1 << m_bits) - 1));
+            let top = (1 << (7 - m_bits)) - 1;
+            if self.ieee_special && e == top {
+                return if m == 0 {
+                    sign * f32::INFINITY
+                } else {
+                    f32::NAN
+                };
+            }
+            if !self.ieee_special && mag == 0x7F {
+                return f32::NAN;
+            }
+            let value = if e == 0 {
+                m as f32 * pow2(1 - self.bias - m_bits)
+            } else {
+                (1.0 + m as f32 / (1 << m_bits) as f32) * pow2(e - self.bias)
+            };
+            sign * value
+        }
+
+        /// The nearest value, ties to even (as torch rounds), saturating at the largest finite
+        /// value instead of overflowing to NaN/Inf; NaN stays NaN and e5m2 keeps infinities.
+        pub fn encode(&self, v: f32) -> u8 {
+            let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+            let a = v.abs();
+            if a.is_nan() {
+                return sign | if self.ieee_special { 0x7E } else { 0x7F };
+            }
+            if a.is_infinite() && self.ieee_special {
+                return sign | 0x7C;
+            }
+            let m_bits = self.mantissa_bits;
+            let min_normal_exp = 1 - self.bias;
+            // Scaled so that one unit is one step of the fp8 grid at a's binade; the integer
+            // continues into the exponent field (a carry to the next binade is the next code).
+            let code = if a < pow2(min_normal_exp) {
+                (a * pow2(m_bits - min_normal_exp)).round_ties_even()
+            } else {
+                let e = ((a.to_bits() >> 23) as i32 - 127).min(self.bias + 1);
+                let q = (a * pow2(m_bits - e)).round_ties_even();
+                ((e + self.bias - 1) * (1 << m_bits)) as f32 + q
+            };
+            sign | (code.min(self.max_finite as f32) as u8)
+        }
     }
 }
 
@@ -280,6 +403,50 @@ mod tests {
         assert_eq!(bits, [0x3F80, 0x3F82, 0xBF80, 0x3F81, 0x7F80]);
         let nan = Dtype::BF16.encode_f32(&[f32::NAN]).unwrap();
         assert!(Dtype::BF16.decode_f32(&nan).unwrap()[0].is_nan());
+    }
+
+    /// Every fp8 code decodes to a value that encodes back to it; values halfway between two codes
+    /// go to the even one; out-of-range values saturate. (fixtures/dtypes holds torch's own
+    /// conversions, checked in tests/fp8.rs.)
+    #[test]
+    fn fp8_codes_round_trip_and_ties_go_to_even() {
+        for (d, nan_codes) in [(Dtype::F8E4M3, vec![0x7F, 0xFF]), (Dtype::F8E5M2, vec![])] {
+            for b in 0..=255u8 {
+                let v = d.decode_f32(&[b]).unwrap()[0];
+                if v.is_nan() {
+                    if !nan_codes.is_empty() {
+                        assert!(nan_codes.contains(&b), "{d} {b:#x}");
+                    }
+                    continue;
+                }
+                assert_eq!(d.encode_f32(&[v]).unwrap(), [b], "{d} {b:#x} = {v}");
+            }
+        }
+        let e4 = |v: f32| Dtype::F8E4M3.encode_f32(&[v]).unwrap()[0];
+        assert_eq!(Dtype::F8E4M3.decode_f32(&[0x7E]).unwrap()[0], 448.0);
+        assert_eq!(Dtype::F8E4M3.decode_f32(&[0x01]).unwrap()[0], 2f32.powi(-9));
+        assert_eq!(
+            e4(1.0 + 1.0 / 16.0),
+            0x38,
+            "tie between 1 and 1.125 goes to 1 (even)"
+        );
+        assert_eq!(
+            e4(1.0 + 3.0 / 16.0),
+            0x3A,
+            "tie between 1.125 and 1.25 goes to 1.25"
+        );
+        assert_eq!(e4(1e6), 0x7E, "saturates");
+        assert_eq!(e4(-1e6), 0xFE);
+        assert_eq!(e4(f32::INFINITY), 0x7E);
+        assert_eq!(
+            e4(1.5 * 2f32.powi(-10)),
+            0x01,
+            "a subnormal tie goes to even"
+        );
+        let e5 = |v: f32| Dtype::F8E5M2.encode_f32(&[v]).unwrap()[0];
+        assert_eq!(e5(f32::INFINITY), 0x7C);
+        assert_eq!(e5(1e6), 0x7B, "saturates at 57344");
+        assert_eq!(Dtype::F8E5M2.decode_f32(&[0x7B]).unwrap()[0], 57344.0);
     }
 
     #[test]

@@ -739,6 +739,8 @@ fn resolve_global(module: &str, name: &str) -> Option<Global> {
             "CharStorage" => Dtype::I8,
             "ByteStorage" => Dtype::U8,
             "BoolStorage" => Dtype::Bool,
+            "Float8_e4m3fnStorage" => Dtype::F8E4M3,
+            "Float8_e5m2Storage" => Dtype::F8E5M2,
             _ => return None,
         })
     };
@@ -754,8 +756,8 @@ fn resolve_global(module: &str, name: &str) -> Option<Global> {
             "int8" => Dtype::I8,
             "uint8" => Dtype::U8,
             "bool" => Dtype::Bool,
-            "float8_e4m3fn" => Dtype::from_safetensors_name("F8_E4M3")?,
-            "float8_e5m2" => Dtype::from_safetensors_name("F8_E5M2")?,
+            "float8_e4m3fn" => Dtype::F8E4M3,
+            "float8_e5m2" => Dtype::F8E5M2,
             "float8_e4m3fnuz" => Dtype::from_safetensors_name("F8_E4M3FNUZ")?,
             "float8_e5m2fnuz" => Dtype::from_safetensors_name("F8_E5M2FNUZ")?,
             "uint16" => Dtype::from_safetensors_name("U16")?,
