@@ -5,7 +5,7 @@
 //! epilogue, so the faer route needs three passes over an f32 copy of each block (decode,
 //! product, encode) and ran at about a third of the CPU's FMA peak. This kernel (AVX2 + FMA +
 //! F16C) keeps each 6×16 output tile in registers from the low-rank product through the add of
-//! the base to the rounded store. Where it does not apply (another CPU, another dtype) callers
+//! the base to the rounded store, for f32, f16, bf16 and fp8 (e4m3fn, e5m2) storage. Where it does not apply (another CPU, another dtype) callers
 //! use decode → [`super::add_matmul`] → encode; the two differ only in f32 summation order.
 //! Measured in docs/BENCHMARKS.md ("Fused row-block kernel").
 
@@ -60,7 +60,12 @@ pub struct Term<'a> {
 
 /// Whether [`add_low_rank`] runs for this pair of stored types on this CPU.
 pub fn supported(input: Dtype, output: Dtype) -> bool {
-    let io = |d| matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16);
+    let io = |d| {
+        matches!(
+            d,
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F8E4M3 | Dtype::F8E5M2
+        )
+    };
     io(input) && io(output) && cpu_has_kernel()
 }
 
@@ -165,6 +170,19 @@ mod avx2 {
         F32,
         F16,
         BF16,
+        /// fp8: decoded through the code table; encoded as `Fp8` describes.
+        Fp8(&'static [f32; 256], Fp8),
+    }
+
+    /// An fp8 format's encoding constants (see `tensors::dtype`'s scalar encoder, which this
+    /// must equal bit for bit).
+    #[derive(Clone, Copy)]
+    pub(super) struct Fp8 {
+        mantissa_bits: i32,
+        bias: i32,
+        max_code: f32,
+        nan_code: i32,
+        inf_code: i32,
     }
 
     impl Io {
@@ -173,6 +191,26 @@ mod avx2 {
                 Dtype::F32 => Io::F32,
                 Dtype::F16 => Io::F16,
                 Dtype::BF16 => Io::BF16,
+                Dtype::F8E4M3 => Io::Fp8(
+                    crate::tensors::fp8_table(d).expect("fp8"),
+                    Fp8 {
+                        mantissa_bits: 3,
+                        bias: 7,
+                        max_code: 126.0,
+                        nan_code: 0x7F,
+                        inf_code: 0x7E,
+                    },
+                ),
+                Dtype::F8E5M2 => Io::Fp8(
+                    crate::tensors::fp8_table(d).expect("fp8"),
+                    Fp8 {
+                        mantissa_bits: 2,
+                        bias: 15,
+                        max_code: 123.0,
+                        nan_code: 0x7E,
+                        inf_code: 0x7C,
+                    },
+                ),
                 _ => unreachable!("checked by supported()"),
             }
         }
@@ -180,6 +218,7 @@ mod avx2 {
             match self {
                 Io::F32 => 4,
                 Io::F16 | Io::BF16 => 2,
+                Io::Fp8(..) => 1,
             }
         }
     }
@@ -203,6 +242,10 @@ mod avx2 {
             Io::BF16 => {
                 let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+            }
+            Io::Fp8(table, _) => {
+                let codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+                _mm256_i32gather_ps::<4>(table.as_ptr(), codes)
             }
         }
     }
@@ -228,6 +271,39 @@ mod avx2 {
                 let packed = _mm256_packus_epi32(halves, halves);
                 let ordered = _mm256_permute4x64_epi64::<0b1000>(packed);
                 _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(ordered));
+            }
+            Io::Fp8(_, f) => {
+                let bits = _mm256_castps_si256(v);
+                let sign = _mm256_and_si256(_mm256_srli_epi32::<24>(bits), _mm256_set1_epi32(0x80));
+                let abs = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
+                let a = _mm256_castsi256_ps(abs);
+                // As the scalar encoder: the step of a's binade (clamped), rounded, continued
+                // into the exponent field, saturated.
+                let e = _mm256_sub_epi32(_mm256_srli_epi32::<23>(abs), _mm256_set1_epi32(127));
+                let e = _mm256_max_epi32(e, _mm256_set1_epi32(1 - f.bias));
+                let e = _mm256_min_epi32(e, _mm256_set1_epi32(f.bias + 1));
+                let scale_exp = _mm256_sub_epi32(_mm256_set1_epi32(f.mantissa_bits + 127), e);
+                let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(scale_exp));
+                // min_ps returns its second operand for a NaN first one, as f32::min does.
+                let q = _mm256_min_ps(_mm256_mul_ps(a, scale), _mm256_set1_ps(64.0));
+                let q = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+                let field = _mm256_sll_epi32(
+                    _mm256_add_epi32(e, _mm256_set1_epi32(f.bias - 1)),
+                    _mm_cvtsi32_si128(f.mantissa_bits),
+                );
+                let code = _mm256_add_ps(_mm256_cvtepi32_ps(field), q);
+                let code = _mm256_cvttps_epi32(_mm256_min_ps(code, _mm256_set1_ps(f.max_code)));
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(a, a));
+                let inf = _mm256_cmpeq_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
+                let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(f.inf_code), inf);
+                let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(f.nan_code), nan);
+                let code = _mm256_or_si256(code, sign);
+                // 32 → 16 → 8 bits within each 128-bit lane, then the two lanes' first dwords.
+                let words = _mm256_packus_epi32(code, code);
+                let bytes = _mm256_packus_epi16(words, words);
+                let ordered =
+                    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+                _mm_storel_epi64(p.cast(), _mm256_castsi256_si128(ordered));
             }
         }
     }
@@ -393,7 +469,13 @@ mod tests {
                 s
             })
             .collect();
-        for input in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        for input in [
+            Dtype::F32,
+            Dtype::F16,
+            Dtype::BF16,
+            Dtype::F8E4M3,
+            Dtype::F8E5M2,
+        ] {
             let stored = input.encode_f32(&base).unwrap();
             let base_vals = input.decode_f32(&stored).unwrap();
             let as_f32 = run(&stored, input, Dtype::F32, cols, &terms);
@@ -405,19 +487,20 @@ mod tests {
                     "{input}->F32 at {e}: {v} vs {want}"
                 );
             }
-            for output in [Dtype::F16, Dtype::BF16] {
+            for output in [Dtype::F16, Dtype::BF16, Dtype::F8E4M3, Dtype::F8E5M2] {
                 let out = run(&stored, input, output, cols, &terms);
-                assert_eq!(
-                    out,
-                    output.encode_f32(&as_f32).unwrap(),
-                    "{input}->{output}"
-                );
+                let n = output.size().unwrap();
+                let want = output.encode_f32(&as_f32).unwrap();
+                assert_eq!(out.len(), want.len());
+                for (e, (got, want)) in out.chunks(n).zip(want.chunks(n)).enumerate() {
+                    assert_eq!(got, want, "{input}->{output} at {e}: {}", as_f32[e]);
+                }
             }
         }
     }
 
     #[test]
-    fn bf16_stores_round_to_nearest_even_like_the_dtype_module() {
+    fn bf16_and_fp8_stores_round_like_the_dtype_module() {
         if !cpu_has_kernel() {
             return;
         }
@@ -443,6 +526,33 @@ mod tests {
         let stored = Dtype::F32.encode_f32(&specials).unwrap();
         let out = run(&stored, Dtype::F32, Dtype::BF16, NR, &[]);
         assert_eq!(out, Dtype::BF16.encode_f32(&specials).unwrap());
+        // The fp8 stores on the same specials (NaN, infinities and out-of-range values saturate or
+        // stay special as the scalar encoder decides) and on fp8 ties and range ends.
+        let fp8_specials = [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e6,
+            -1e6,
+            448.0,
+            464.0,
+            465.0,
+            57344.0,
+            1.0 + 1.0 / 16.0,
+            1.0 + 3.0 / 16.0,
+            1.5 * 2f32.powi(-10),
+            3e-3,
+            -2f32.powi(-17),
+            0.0,
+        ];
+        for values in [&specials, &fp8_specials] {
+            let stored = Dtype::F32.encode_f32(values).unwrap();
+            for output in [Dtype::F8E4M3, Dtype::F8E5M2] {
+                let out = run(&stored, Dtype::F32, output, NR, &[]);
+                assert_eq!(out, output.encode_f32(values).unwrap(), "{output}");
+            }
+        }
         let first = u16::from_le_bytes([out[0], out[1]]);
         let second = u16::from_le_bytes([out[2], out[3]]);
         assert_eq!((first, second), (0x3F80, 0x3F82), "ties go to even");

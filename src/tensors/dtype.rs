@@ -220,6 +220,15 @@ impl Dtype {
     }
 }
 
+/// Every code's f32 value for the fp8 types (`None` for the others), for vectorized decoders.
+pub fn fp8_table(dtype: Dtype) -> Option<&'static [f32; 256]> {
+    match dtype {
+        Dtype::F8E4M3 => Some(fp8::E4M3.table()),
+        Dtype::F8E5M2 => Some(fp8::E5M2.table()),
+        _ => None,
+    }
+}
+
 /// The two fp8 formats: both are sign + exponent + mantissa with subnormals, so one description
 /// decodes and encodes either.
 mod fp8 {

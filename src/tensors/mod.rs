@@ -8,7 +8,7 @@ mod safetensors_file;
 mod tensor;
 pub mod writer;
 
-pub use dtype::Dtype;
+pub use dtype::{fp8_table, Dtype};
 pub use pickle::PickleFile;
 pub use safetensors_file::SafetensorsFile;
 pub use tensor::Tensor;
