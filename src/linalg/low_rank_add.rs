@@ -5,9 +5,10 @@
 //! epilogue, so the faer route needs three passes over an f32 copy of each block (decode,
 //! product, encode) and ran at about a third of the CPU's FMA peak. This kernel (AVX2 + FMA +
 //! F16C) keeps each 6×16 output tile in registers from the low-rank product through the add of
-//! the base to the rounded store, for f32, f16, bf16 and fp8 (e4m3fn, e5m2) storage. Where it does not apply (another CPU, another dtype) callers
-//! use decode → [`super::add_matmul`] → encode; the two differ only in f32 summation order.
-//! Measured in docs/BENCHMARKS.md ("Fused row-block kernel").
+//! the base to the rounded store, for f32, f16, bf16 and fp8 (e4m3fn, e5m2) storage. Where it
+//! does not apply (another CPU, f64), callers use decode → [`super::add_matmul`] → encode; the
+//! two differ only in f32 summation order. Measured in docs/BENCHMARKS.md (merge section, "The
+//! kernel itself").
 
 use crate::tensors::Dtype;
 use std::mem::MaybeUninit;
