@@ -347,23 +347,6 @@ fn diffusers_pipeline_folders_extract_like_single_files() {
     );
 }
 
-/// Counts what an extraction reports through `ExtractOptions::progress`.
-#[derive(Default)]
-struct Counted {
-    starts: std::sync::Mutex<Vec<u64>>,
-    done: std::sync::atomic::AtomicU64,
-}
-
-impl loratool::ops::progress::Progress for Counted {
-    fn start(&self, total: u64) {
-        self.starts.lock().unwrap().push(total);
-    }
-    fn advance(&self, done: u64) {
-        self.done
-            .fetch_add(done, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Progress announces every module the extraction considers, extracted or skipped, once each.
 #[test]
 fn progress_counts_every_module_once() {
@@ -373,7 +356,7 @@ fn progress_counts_every_module_once() {
     make_tuned(&base, "loras/sd1_kohya_lora.safetensors", 0.8, 0.0, &tuned);
     // Once with every module factorized, once with every module skipped as unchanged.
     for (min_diff, allow_empty) in [(0.0, false), (f32::MAX, true)] {
-        let counted = std::sync::Arc::new(Counted::default());
+        let counted = std::sync::Arc::new(common::Counted::default());
         let report = extract_lora(
             &base,
             &tuned,

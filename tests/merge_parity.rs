@@ -216,23 +216,6 @@ fn every_output_dtype_is_the_f32_merge_rounded_once() {
     assert!(patched > 50, "only {patched} tensors changed");
 }
 
-/// Counts what a merge reports through `MergeOptions::progress`.
-#[derive(Default)]
-struct Counted {
-    starts: std::sync::Mutex<Vec<u64>>,
-    done: std::sync::atomic::AtomicU64,
-}
-
-impl loratool::ops::progress::Progress for Counted {
-    fn start(&self, total: u64) {
-        self.starts.lock().unwrap().push(total);
-    }
-    fn advance(&self, done: u64) {
-        self.done
-            .fetch_add(done, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Progress is announced once with the output's data bytes (after a dtype change, and summed over
 /// a pipeline folder's files) and then advanced by exactly that much.
 #[test]
@@ -249,7 +232,7 @@ fn progress_counts_every_output_data_byte() {
         ("models/sd1_ldm.safetensors", "single.safetensors"),
         ("models/sd1_diffusers", "folder"),
     ] {
-        let counted = std::sync::Arc::new(Counted::default());
+        let counted = std::sync::Arc::new(common::Counted::default());
         let opts = MergeOptions {
             dtype: Some(Dtype::F32),
             window_bytes: 64 << 10,

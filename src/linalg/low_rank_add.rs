@@ -163,7 +163,7 @@ pub fn write_bytes(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Term, MR, NR};
-    use crate::tensors::Dtype;
+    use crate::tensors::{fp8_params, Dtype, Fp8Params};
     use std::arch::x86_64::*;
 
     #[derive(Clone, Copy)]
@@ -171,19 +171,8 @@ mod avx2 {
         F32,
         F16,
         BF16,
-        /// fp8: decoded through the code table; encoded as `Fp8` describes.
-        Fp8(&'static [f32; 256], Fp8),
-    }
-
-    /// An fp8 format's encoding constants (see `tensors::dtype`'s scalar encoder, which this
-    /// must equal bit for bit).
-    #[derive(Clone, Copy)]
-    pub(super) struct Fp8 {
-        mantissa_bits: i32,
-        bias: i32,
-        max_code: f32,
-        nan_code: i32,
-        inf_code: i32,
+        /// fp8: decoded through the code table, encoded with the dtype module's constants.
+        Fp8(Fp8Params),
     }
 
     impl Io {
@@ -192,26 +181,7 @@ mod avx2 {
                 Dtype::F32 => Io::F32,
                 Dtype::F16 => Io::F16,
                 Dtype::BF16 => Io::BF16,
-                Dtype::F8E4M3 => Io::Fp8(
-                    crate::tensors::fp8_table(d).expect("fp8"),
-                    Fp8 {
-                        mantissa_bits: 3,
-                        bias: 7,
-                        max_code: 126.0,
-                        nan_code: 0x7F,
-                        inf_code: 0x7E,
-                    },
-                ),
-                Dtype::F8E5M2 => Io::Fp8(
-                    crate::tensors::fp8_table(d).expect("fp8"),
-                    Fp8 {
-                        mantissa_bits: 2,
-                        bias: 15,
-                        max_code: 123.0,
-                        nan_code: 0x7E,
-                        inf_code: 0x7C,
-                    },
-                ),
+                Dtype::F8E4M3 | Dtype::F8E5M2 => Io::Fp8(fp8_params(d).expect("fp8")),
                 _ => unreachable!("checked by supported()"),
             }
         }
@@ -244,9 +214,9 @@ mod avx2 {
                 let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
             }
-            Io::Fp8(table, _) => {
+            Io::Fp8(f) => {
                 let codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
-                _mm256_i32gather_ps::<4>(table.as_ptr(), codes)
+                _mm256_i32gather_ps::<4>(f.table.as_ptr(), codes)
             }
         }
     }
@@ -273,7 +243,7 @@ mod avx2 {
                 let ordered = _mm256_permute4x64_epi64::<0b1000>(packed);
                 _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(ordered));
             }
-            Io::Fp8(_, f) => {
+            Io::Fp8(f) => {
                 let bits = _mm256_castps_si256(v);
                 let sign = _mm256_and_si256(_mm256_srli_epi32::<24>(bits), _mm256_set1_epi32(0x80));
                 let abs = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
@@ -293,11 +263,12 @@ mod avx2 {
                     _mm_cvtsi32_si128(f.mantissa_bits),
                 );
                 let code = _mm256_add_ps(_mm256_cvtepi32_ps(field), q);
-                let code = _mm256_cvttps_epi32(_mm256_min_ps(code, _mm256_set1_ps(f.max_code)));
+                let code =
+                    _mm256_cvttps_epi32(_mm256_min_ps(code, _mm256_set1_ps(f.max_code as f32)));
                 let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(a, a));
                 let inf = _mm256_cmpeq_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
-                let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(f.inf_code), inf);
-                let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(f.nan_code), nan);
+                let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(f.inf_code as i32), inf);
+                let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(f.nan_code as i32), nan);
                 let code = _mm256_or_si256(code, sign);
                 // 32 → 16 → 8 bits within each 128-bit lane, then the two lanes' first dwords.
                 let words = _mm256_packus_epi32(code, code);

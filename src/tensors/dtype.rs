@@ -220,11 +220,25 @@ impl Dtype {
     }
 }
 
-/// Every code's f32 value for the fp8 types (`None` for the others), for vectorized decoders.
-pub fn fp8_table(dtype: Dtype) -> Option<&'static [f32; 256]> {
+/// What a vectorized fp8 codec needs to agree with this module bit for bit: every code's value,
+/// and the constants of the encoder (see `fp8::Format::encode_into`).
+#[derive(Clone, Copy)]
+pub struct Fp8Params {
+    pub table: &'static [f32; 256],
+    pub mantissa_bits: i32,
+    pub bias: i32,
+    /// Largest finite code without sign; encoding saturates to it.
+    pub max_code: u8,
+    /// Code (without sign) of NaN, and of an infinite input.
+    pub nan_code: u8,
+    pub inf_code: u8,
+}
+
+/// [`Fp8Params`] for the fp8 types, `None` for the others.
+pub fn fp8_params(dtype: Dtype) -> Option<Fp8Params> {
     match dtype {
-        Dtype::F8E4M3 => Some(fp8::E4M3.table()),
-        Dtype::F8E5M2 => Some(fp8::E5M2.table()),
+        Dtype::F8E4M3 => Some(fp8::E4M3.params()),
+        Dtype::F8E5M2 => Some(fp8::E5M2.params()),
         _ => None,
     }
 }
@@ -298,7 +312,7 @@ mod fp8 {
         /// Each value's nearest code, ties to even (as torch rounds), saturating at the largest
         /// finite value instead of overflowing to NaN/Inf; NaN stays NaN and e5m2 keeps its
         /// infinities. Written without branches so that the loop vectorizes.
-        pub fn encode_into(&self, values: &[f32], out: &mut [u8]) {
+        pub fn encode_into(&'static self, values: &[f32], out: &mut [u8]) {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2; the function is the same loop compiled for it.
@@ -309,20 +323,36 @@ mod fp8 {
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
-        unsafe fn encode_into_avx2(&self, values: &[f32], out: &mut [u8]) {
+        unsafe fn encode_into_avx2(&'static self, values: &[f32], out: &mut [u8]) {
             self.encode_loop(values, out)
         }
 
+        pub fn params(&'static self) -> super::Fp8Params {
+            super::Fp8Params {
+                table: self.table(),
+                mantissa_bits: self.mantissa_bits,
+                bias: self.bias,
+                max_code: self.max_finite,
+                nan_code: if self.ieee_special { 0x7E } else { 0x7F },
+                inf_code: if self.ieee_special {
+                    0x7C
+                } else {
+                    self.max_finite
+                },
+            }
+        }
+
         #[inline(always)]
-        fn encode_loop(&self, values: &[f32], out: &mut [u8]) {
-            let (m_bits, bias) = (self.mantissa_bits, self.bias);
-            let max_code = self.max_finite as f32;
-            let nan_code: u8 = if self.ieee_special { 0x7E } else { 0x7F };
-            let inf_code: u8 = if self.ieee_special {
-                0x7C
-            } else {
-                self.max_finite
-            };
+        fn encode_loop(&'static self, values: &[f32], out: &mut [u8]) {
+            let super::Fp8Params {
+                mantissa_bits: m_bits,
+                bias,
+                max_code,
+                nan_code,
+                inf_code,
+                ..
+            } = self.params();
+            let max_code = max_code as f32;
             for (o, &v) in out.iter_mut().zip(values) {
                 let bits = v.to_bits();
                 let sign = ((bits >> 24) & 0x80) as u8;

@@ -8,7 +8,7 @@ mod safetensors_file;
 mod tensor;
 pub mod writer;
 
-pub use dtype::{fp8_table, Dtype};
+pub use dtype::{fp8_params, Dtype, Fp8Params};
 pub use pickle::PickleFile;
 pub use safetensors_file::SafetensorsFile;
 pub use tensor::Tensor;

@@ -52,3 +52,21 @@ pub fn write_lora_with_a_nan(path: &std::path::Path) {
     assert!(tensors.iter().any(|(s, _)| s.name == poisoned));
     write_all(path, src.metadata(), &tensors, &WriteOptions::default()).unwrap();
 }
+
+/// Records what an operation reports through its `progress` option: the totals announced and the
+/// sum of the amounts advanced.
+#[derive(Default)]
+pub struct Counted {
+    pub starts: std::sync::Mutex<Vec<u64>>,
+    pub done: std::sync::atomic::AtomicU64,
+}
+
+impl loratool::ops::progress::Progress for Counted {
+    fn start(&self, total: u64) {
+        self.starts.lock().unwrap().push(total);
+    }
+    fn advance(&self, done: u64) {
+        self.done
+            .fetch_add(done, std::sync::atomic::Ordering::Relaxed);
+    }
+}
