@@ -257,7 +257,9 @@ impl Adapter {
 
     /// Refuses an adapter whose module tensors hold NaN or Inf (a training run that diverged):
     /// merged or re-factorized, they would silently turn every weight they touch into NaN. Names
-    /// the first such tensor in module order. Reads every module tensor once.
+    /// the first such tensor in module order. Reads every module tensor once; callers read the
+    /// factors again when they use them, since keeping them decoded would hold twice the file's
+    /// size in memory.
     pub fn check_finite(&self) -> Result<()> {
         use rayon::prelude::*;
         let first = self

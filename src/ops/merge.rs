@@ -614,22 +614,21 @@ fn low_rank_patch(
         ));
     }
     let alpha = p.multiplier * m.scale;
-    Ok(if fused {
-        LowRankPatch {
-            up: up.data.iter().map(|u| u * alpha).collect(),
-            down: Factors::Packed(PackedDown::new(&down.data, rank, cols)),
-            rank,
-            rows: range,
-            alpha,
-        }
+    let (up, down) = if fused {
+        let scaled = up.data.iter().map(|u| u * alpha).collect();
+        (
+            scaled,
+            Factors::Packed(PackedDown::new(&down.data, rank, cols)),
+        )
     } else {
-        LowRankPatch {
-            up: up.data,
-            down: Factors::Plain(down.data),
-            rank,
-            rows: range,
-            alpha,
-        }
+        (up.data, Factors::Plain(down.data))
+    };
+    Ok(LowRankPatch {
+        up,
+        down,
+        rank,
+        rows: range,
+        alpha,
     })
 }
 
