@@ -280,11 +280,13 @@ mod avx2 {
         }
     }
 
+    /// Packed `down` floats (all terms) per column chunk: 64 KB, which stays in L1/L2 while the
+    /// chunk's rows pass through it (4 Ki–64 Ki measured alike, docs/BENCHMARKS.md).
     const CHUNK_FLOATS: usize = 1 << 14;
+    /// How far ahead, in panels, the base rows are prefetched.
     const PREFETCH_PANELS: usize = 8;
 
-    /// All full column panels of all rows. Columns are walked in chunks whose packed `down`
-    /// (every term's) stays in L1 while the chunk's rows pass through it.
+    /// All full column panels of all rows, column chunk by column chunk.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn run(job: &Job, rows: usize) {
         let panels = job.cols / NR;
