@@ -10,11 +10,12 @@
 use super::merge_loras::kohya_name;
 use crate::adapter::keys::Role;
 use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
-use crate::family;
+use crate::family::{self, BaseModel};
 use crate::linalg::{self, LowRank};
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor};
 use crate::{Error, Result};
+use rayon::prelude::*;
 use std::path::Path;
 
 /// How the new rank of each module is chosen.
@@ -160,77 +161,20 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
     adapter.check_finite()?;
     let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
     let file = &adapter.file;
+    // Modules are independent: factorized in parallel, assembled in file order.
+    let per_module: Vec<ResizedModule> = adapter
+        .modules
+        .par_iter()
+        .map(|m| resize_module(m, &adapter, fam, opts))
+        .collect::<Result<_>>()?;
     let mut report = ResizeReport::default();
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
-    let mut push =
-        |name: String, t: &Tensor, dtype: Dtype| tensors.push(TensorSpec::encode(name, t, dtype));
-    for m in &adapter.modules {
-        let name = kohya_name(m, fam);
-        let dtype = opts.dtype.unwrap_or(if m.dtype.is_float() {
-            m.dtype
-        } else {
-            Dtype::F16
-        });
-        let resizable = matches!(
-            m.kind,
-            ModuleKind::Lora | ModuleKind::Loha | ModuleKind::Lokr | ModuleKind::Full
-        ) && m.shape.len() >= 2;
-        if !resizable {
-            for (role, key) in &m.tensors {
-                let t = file.read_f32(key)?;
-                push(
-                    format!("{name}.{}", super::convert::kohya_suffix(*role)),
-                    &t,
-                    dtype,
-                );
-            }
-            report.copied += 1;
-            continue;
+    for (module_tensors, resized) in per_module {
+        tensors.extend(module_tensors);
+        match resized {
+            Some(r) => report.modules.push(r),
+            None => report.copied += 1,
         }
-        let (lr, shape) = module_svd(m, &adapter)?;
-        let s = &lr.singular_values;
-        let mut k = opts.rule.rank_for(s);
-        if let Some(cap) = opts.max_rank {
-            k = k.min(cap);
-        }
-        k = k.min(lr.rank).max(1);
-        let total: f64 = s.iter().map(|v| v * v).sum();
-        let kept: f64 = s.iter().take(k).map(|v| v * v).sum();
-        let retained_fro = if total > 0.0 {
-            (kept / total).sqrt()
-        } else {
-            1.0
-        };
-        // up = U_k Σ_k (already folded by truncate), down = V_kᵀ; alpha = k keeps scale 1 since
-        // the old scale is inside the singular values.
-        let lr = lr.keep(k);
-        let (up, down) = (lr.up, lr.down);
-        let (up_shape, down_shape) = crate::adapter::lora_factor_shapes(&shape, k);
-        push(
-            format!("{name}.alpha"),
-            &Tensor::new(vec![], vec![k as f32]),
-            dtype,
-        );
-        push(
-            format!("{name}.lora_down.weight"),
-            &Tensor::new(down_shape, down),
-            dtype,
-        );
-        push(
-            format!("{name}.lora_up.weight"),
-            &Tensor::new(up_shape, up),
-            dtype,
-        );
-        if let Some(key) = m.tensor(Role::DoraScale) {
-            let t = file.read_f32(key)?;
-            push(format!("{name}.dora_scale"), &t, dtype);
-        }
-        report.modules.push(ModuleResize {
-            name: m.name.clone(),
-            old_rank: m.rank,
-            new_rank: k,
-            retained_fro,
-        });
     }
 
     let mut meta = file.metadata().clone();
@@ -273,6 +217,87 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
     meta.remove("sshs_legacy_hash");
     write_all(out, &meta, &tensors, &write_opts)?;
     Ok(report)
+}
+
+/// One module's encoded output tensors, and its resize record (`None`: copied as it is).
+type ResizedModule = (Vec<(TensorSpec, Vec<u8>)>, Option<ModuleResize>);
+
+fn resize_module(
+    m: &AdapterModule,
+    adapter: &Adapter,
+    fam: BaseModel,
+    opts: &ResizeOptions,
+) -> Result<ResizedModule> {
+    let file = &adapter.file;
+    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
+    let mut push =
+        |name: String, t: &Tensor, dtype: Dtype| tensors.push(TensorSpec::encode(name, t, dtype));
+    let name = kohya_name(m, fam);
+    let dtype = opts.dtype.unwrap_or(if m.dtype.is_float() {
+        m.dtype
+    } else {
+        Dtype::F16
+    });
+    let resizable = matches!(
+        m.kind,
+        ModuleKind::Lora | ModuleKind::Loha | ModuleKind::Lokr | ModuleKind::Full
+    ) && m.shape.len() >= 2;
+    if !resizable {
+        for (role, key) in &m.tensors {
+            let t = file.read_f32(key)?;
+            push(
+                format!("{name}.{}", super::convert::kohya_suffix(*role)),
+                &t,
+                dtype,
+            );
+        }
+        return Ok((tensors, None));
+    }
+    let (lr, shape) = module_svd(m, adapter)?;
+    let s = &lr.singular_values;
+    let mut k = opts.rule.rank_for(s);
+    if let Some(cap) = opts.max_rank {
+        k = k.min(cap);
+    }
+    k = k.min(lr.rank).max(1);
+    let total: f64 = s.iter().map(|v| v * v).sum();
+    let kept: f64 = s.iter().take(k).map(|v| v * v).sum();
+    let retained_fro = if total > 0.0 {
+        (kept / total).sqrt()
+    } else {
+        1.0
+    };
+    // up = U_k Σ_k (already folded by truncate), down = V_kᵀ; alpha = k keeps scale 1 since
+    // the old scale is inside the singular values.
+    let lr = lr.keep(k);
+    let (up, down) = (lr.up, lr.down);
+    let (up_shape, down_shape) = crate::adapter::lora_factor_shapes(&shape, k);
+    push(
+        format!("{name}.alpha"),
+        &Tensor::new(vec![], vec![k as f32]),
+        dtype,
+    );
+    push(
+        format!("{name}.lora_down.weight"),
+        &Tensor::new(down_shape, down),
+        dtype,
+    );
+    push(
+        format!("{name}.lora_up.weight"),
+        &Tensor::new(up_shape, up),
+        dtype,
+    );
+    if let Some(key) = m.tensor(Role::DoraScale) {
+        let t = file.read_f32(key)?;
+        push(format!("{name}.dora_scale"), &t, dtype);
+    }
+    let record = ModuleResize {
+        name: m.name.clone(),
+        old_rank: m.rank,
+        new_rank: k,
+        retained_fro,
+    };
+    Ok((tensors, Some(record)))
 }
 
 #[cfg(test)]
