@@ -19,6 +19,7 @@ use crate::linalg;
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor};
 use crate::{Error, Result};
+use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -223,6 +224,42 @@ fn low_rank_tensors(shape: &[usize], up: Vec<f32>, down: Vec<f32>, rank: usize) 
     }
 }
 
+/// One merged module as the output's tensors, with what the report needs.
+struct EncodedModule {
+    tensors: Vec<(TensorSpec, Vec<u8>)>,
+    /// The rank of a low-rank result; `None` for a dense `diff`.
+    rank: Option<usize>,
+    /// A k×k convolution (k > 1) kept low-rank: its rank is the file's conv_dim.
+    spatial_conv: bool,
+}
+
+fn encode_module(name: &str, merged: Merged, dtype: Dtype) -> EncodedModule {
+    let encode =
+        |suffix: &str, t: &Tensor| TensorSpec::encode(format!("{name}.{suffix}"), t, dtype);
+    match merged {
+        Merged::LowRank { up, down, rank } => EncodedModule {
+            tensors: vec![
+                encode("alpha", &Tensor::new(vec![], vec![rank as f32])),
+                encode("lora_down.weight", &down),
+                encode("lora_up.weight", &up),
+            ],
+            rank: Some(rank),
+            spatial_conv: down.shape.len() == 4 && down.shape[2] * down.shape[3] > 1,
+        },
+        Merged::Dense { diff, bias } => {
+            let mut tensors = vec![encode("diff", &diff)];
+            if let Some(b) = bias {
+                tensors.push(encode("diff_b", &b));
+            }
+            EncodedModule {
+                tensors,
+                rank: None,
+                spatial_conv: false,
+            }
+        }
+    }
+}
+
 pub fn merge_loras(
     loras: &[LoraWeight],
     out: &Path,
@@ -297,36 +334,30 @@ pub fn merge_loras(
                 .find(|d| d.is_float())
         })
         .unwrap_or(Dtype::F16);
-    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
-    let mut push = |name: String, t: &Tensor| tensors.push(TensorSpec::encode(name, t, dtype));
     let mut report = LoraMergeReport {
         family: Some(fam),
         ranks: (usize::MAX, 0),
         ..Default::default()
     };
     let mut conv_rank = None;
-    for name in &order {
-        match merge_module(&groups[name], opts.method)? {
-            Merged::LowRank { up, down, rank } => {
-                push(
-                    format!("{name}.alpha"),
-                    &Tensor::new(vec![], vec![rank as f32]),
-                );
-                push(format!("{name}.lora_down.weight"), &down);
-                push(format!("{name}.lora_up.weight"), &up);
+    // Modules are independent: merged and encoded in parallel (each f32 result is dropped as soon
+    // as it is encoded), written in first-appearance order.
+    let merged: Vec<EncodedModule> = order
+        .par_iter()
+        .map(|name| merge_module(&groups[name], opts.method).map(|m| encode_module(name, m, dtype)))
+        .collect::<Result<_>>()?;
+    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
+    for m in merged {
+        tensors.extend(m.tensors);
+        match m.rank {
+            Some(rank) => {
                 report.low_rank_modules += 1;
                 report.ranks = (report.ranks.0.min(rank), report.ranks.1.max(rank));
-                if down.shape.len() == 4 && down.shape[2] * down.shape[3] > 1 {
+                if m.spatial_conv {
                     conv_rank = Some(rank);
                 }
             }
-            Merged::Dense { diff, bias } => {
-                push(format!("{name}.diff"), &diff);
-                if let Some(b) = bias {
-                    push(format!("{name}.diff_b"), &b);
-                }
-                report.dense_modules += 1;
-            }
+            None => report.dense_modules += 1,
         }
         report.modules += 1;
     }
