@@ -567,21 +567,20 @@ fn write_merged(
 
 /// One plain LoRA patch ready for row blocks, in the form the block code uses.
 struct LowRankPatch {
-    /// `up` rows of the covered range, `[rows.len(), rank]`; multiplied by `alpha` already when
-    /// `down` is packed for the fused kernel.
+    /// `up` rows of the covered range, `[rows.len(), rank]`; already multiplied by the patch's
+    /// scale (user multiplier × the module's scale) when `down` is packed for the fused kernel.
     up: Vec<f32>,
     down: Factors,
     rank: usize,
     rows: std::ops::Range<usize>,
-    /// User multiplier × the module's scale.
-    alpha: f32,
 }
 
 enum Factors {
-    /// For [`low_rank_add::add_low_rank`] (`up` pre-scaled).
+    /// For [`low_rank_add::add_low_rank`] (the scale is inside `up`).
     Packed(PackedDown),
-    /// `[rank, cols]` row-major, for decode → [`linalg::add_matmul`] → encode.
-    Plain(Vec<f32>),
+    /// `down` as `[rank, cols]` row-major and the scale, for decode → [`linalg::add_matmul`] →
+    /// encode.
+    Plain { down: Vec<f32>, alpha: f32 },
 }
 
 fn low_rank_patch(
@@ -621,14 +620,19 @@ fn low_rank_patch(
             Factors::Packed(PackedDown::new(&down.data, rank, cols)),
         )
     } else {
-        (up.data, Factors::Plain(down.data))
+        (
+            up.data,
+            Factors::Plain {
+                down: down.data,
+                alpha,
+            },
+        )
     };
     Ok(LowRankPatch {
         up,
         down,
         rank,
         rows: range,
-        alpha,
     })
 }
 
@@ -727,7 +731,7 @@ fn fused_block(
                 up: &p.up[(a - p.rows.start) * p.rank..(e - p.rows.start) * p.rank],
                 down: match &p.down {
                     Factors::Packed(d) => d,
-                    Factors::Plain(_) => unreachable!("fused blocks pack their factors"),
+                    Factors::Plain { .. } => unreachable!("fused blocks pack their factors"),
                 },
             })
             .collect();
@@ -765,12 +769,12 @@ fn faer_block(
             if a >= e {
                 continue;
             }
-            let Factors::Plain(down) = &p.down else {
+            let Factors::Plain { down, alpha } = &p.down else {
                 unreachable!("faer blocks keep plain factors")
             };
             let up = &p.up[(a - p.rows.start) * p.rank..(e - p.rows.start) * p.rank];
             let dst = &mut values[(a - block.start) * cols..(e - block.start) * cols];
-            linalg::add_matmul(dst, up, e - a, p.rank, down, cols, p.alpha);
+            linalg::add_matmul(dst, up, e - a, p.rank, down, cols, *alpha);
         }
         out_dtype.encode_into(values, out).expect("float dtype");
     })

@@ -179,15 +179,19 @@ impl TensorFile {
     /// A tensor converted to f32 for math.
     pub fn read_f32(&self, name: &str) -> Result<Tensor> {
         let info = &self.tensors()[self.index_of(name)?];
-        let bytes = self.raw_bytes(name)?;
-        let data = info.dtype.decode_f32(&bytes).ok_or_else(|| {
+        let data = self.decode(name, info.dtype, &self.raw_bytes(name)?)?;
+        Ok(Tensor::new(info.shape.clone(), data))
+    }
+
+    /// Stored bytes of tensor `name` as f32, or the error naming the file and the dtype.
+    fn decode(&self, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+        dtype.decode_f32(bytes).ok_or_else(|| {
             Error::bad_tensor(
                 self.path(),
                 name,
-                format!("dtype {} cannot be converted to f32", info.dtype),
+                format!("dtype {dtype} cannot be converted to f32"),
             )
-        })?;
-        Ok(Tensor::new(info.shape.clone(), data))
+        })
     }
 
     /// Rows `rows` of a tensor (along its first dimension) converted to f32, decoding only those
@@ -205,16 +209,11 @@ impl TensorFile {
         }
         let row_bytes = info.numel() / total.max(1) * size.unwrap_or(0);
         let bytes = self.raw_bytes(name)?;
-        let data = info
-            .dtype
-            .decode_f32(&bytes[rows.start * row_bytes..rows.end * row_bytes])
-            .ok_or_else(|| {
-                Error::bad_tensor(
-                    self.path(),
-                    name,
-                    format!("dtype {} cannot be converted to f32", info.dtype),
-                )
-            })?;
+        let data = self.decode(
+            name,
+            info.dtype,
+            &bytes[rows.start * row_bytes..rows.end * row_bytes],
+        )?;
         let mut shape = info.shape.clone();
         shape[0] = rows.len();
         Ok(Tensor::new(shape, data))
