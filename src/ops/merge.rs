@@ -687,8 +687,8 @@ fn produce_blocks_with(
             });
         return Ok(output);
     }
-    // Left uninitialised: zeroing gigabytes of output buffers only to overwrite them cost ~5 % of
-    // a merge's CPU time (docs/BENCHMARKS.md).
+    // Left uninitialised: zeroing gigabytes of output buffers only to overwrite them cost 3.6–5 %
+    // of a merge's CPU time (docs/BENCHMARKS.md, "The faer route it replaced").
     let mut output = Vec::with_capacity(n);
     output.spare_capacity_mut()[..n]
         .par_chunks_mut(block_bytes)
