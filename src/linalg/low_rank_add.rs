@@ -3,9 +3,10 @@
 //! An SD1.5 merge patches 942 M elements with rank-32 products (~60 GFLOP) and decodes and
 //! re-encodes every one of them. faer's products cannot read f16/bf16 or round in their
 //! epilogue, so the faer route needs three passes over an f32 copy of each block (decode,
-//! product, encode), which came to about a quarter of the CPU's FMA peak in a merge. This kernel (AVX2 + FMA +
-//! F16C) keeps each 6×16 output tile in registers from the low-rank product through the add of
-//! the base to the rounded store, for f32, f16, bf16 and fp8 (e4m3fn, e5m2) storage. Where it
+//! product, encode), which came to about a quarter of the CPU's FMA peak in a merge. This
+//! kernel (AVX2 + FMA + F16C) keeps each 6×16 output tile in registers from the low-rank
+//! product through the add of the base to the rounded store, for f32, f16, bf16 and fp8
+//! (e4m3fn, e5m2) storage. Where it
 //! does not apply (another CPU, f64), callers use decode → [`super::add_matmul`] → encode; the
 //! two differ only in f32 summation order. Measured in docs/BENCHMARKS.md (merge section, "The
 //! kernel itself").
