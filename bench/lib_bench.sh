@@ -2,6 +2,19 @@
 # The caller sets $data (data dir) and $logs (log dir) and defines before_run LABEL, run before every
 # timed run outside the timed region (keep the page cache warm, remove stale outputs, ...).
 
+# bench_inputs MAKE_SCRIPT BASE LORA FOLDER: builds loratool (sets $bin) and runs the data generator
+# MAKE_SCRIPT (with $py, the fixtures venv unless PYTHON is set) when any of the inputs is missing.
+py=${PYTHON:-/work/fixtures-venv/bin/python}
+bench_inputs() {
+    local make=$1 base=$2 lora=$3 folder=$4
+    mkdir -p "$data"
+    cargo build --release --quiet
+    bin=target/release/loratool
+    if [ ! -f "$base" ] || [ ! -f "$lora" ] || [ ! -f "$folder/model_index.json" ]; then
+        "$py" "$make" "$data"
+    fi
+}
+
 # Wait until the machine is quiet: total CPU busy < 25% of all cores over 3 s, re-checking every
 # 60 s. The waiting is budgeted over the whole script: WAIT_BUDGET seconds in all (default 900 =
 # 15 min); once spent, runs are timed anyway and the numbers flagged (contended=1).

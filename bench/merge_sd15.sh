@@ -11,22 +11,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-bench-data}
-py=${PYTHON:-/work/fixtures-venv/bin/python}
-mkdir -p "$data"
-cargo build --release --quiet
-bin=target/release/loratool
+# quiet-machine waiting, run_timed, timed, best, maxrss, mib, size, bench_inputs (contended, wait_left)
+. bench/lib_bench.sh
 
 base="$data/sd15_ldm.safetensors"
 lora="$data/lora_r32.safetensors"
 folder="$data/sd15_diffusers"
-if [ ! -f "$base" ] || [ ! -f "$lora" ] || [ ! -f "$folder/model_index.json" ]; then
-    "$py" bench/make_sd15.py "$data"
-fi
+bench_inputs bench/make_sd15.py "$base" "$lora" "$folder"
 logs="$data/merge_logs"
 mkdir -p "$logs" "$data/peer"
 
-# quiet-machine waiting, run_timed, timed, best, maxrss, mib, size (contended, wait_left)
-. bench/lib_bench.sh
 merged="$data/merged.safetensors"
 # Every run writes a fresh file, as cp's runs do: replacing the previous 2 GB output would add the
 # kernel's cost of dropping the old file to loratool's time (measured in docs/BENCHMARKS.md).

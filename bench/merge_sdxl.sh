@@ -17,17 +17,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-bench-data}
-py=${PYTHON:-/work/fixtures-venv/bin/python}
-mkdir -p "$data"
-cargo build --release --quiet
-bin=target/release/loratool
+# quiet-machine waiting, run_timed, timed, best, maxrss, mib, size, bench_inputs (contended, wait_left)
+. bench/lib_bench.sh
 
 base="$data/sdxl_ldm.safetensors"
 lora="$data/lora_sdxl_r32.safetensors"
 folder="$data/sdxl_diffusers"
-if [ ! -f "$base" ] || [ ! -f "$lora" ] || [ ! -f "$folder/model_index.json" ]; then
-    "$py" bench/make_sdxl.py "$data"
-fi
+bench_inputs bench/make_sdxl.py "$base" "$lora" "$folder"
 logs="$data/merge_sdxl_logs"
 peer_dir="$data/peer_sdxl"
 merged="$data/merged_sdxl.safetensors"
@@ -40,8 +36,6 @@ if [ "$free_gb" -lt 9 ]; then
     echo "need ~9 GB free in $data for one 7 GB output at a time; $free_gb GB free"; exit 1
 fi
 
-# quiet-machine waiting, run_timed, timed, best, maxrss, mib, size (contended, wait_left)
-. bench/lib_bench.sh
 before_run() {
     rm -f "$merged" "$peer_dir"/*.safetensors; sync
     if [ "$1" = peer ]; then
