@@ -119,46 +119,45 @@ def save_ldm(ldm, ldm_path):
           f"{ldm_path.stat().st_size / 1e9:.3f} GB")
 
 
-def make_model(data):
-    folder = data / "sd15_diffusers"
-    ldm_path = data / "sd15_ldm.safetensors"
+def build_checkpoint(folder, ldm_path, components, write_index):
+    """Build a model's components one at a time, [(label, folder name, build(), to_ldm(state dict))]:
+    each is saved as a diffusers component (unless the folder exists) and only its f16 LDM tensors
+    are kept; then write_index(folder) and the LDM single file. False when both already exist."""
     have_folder = (folder / "model_index.json").exists()
     if have_folder and ldm_path.exists():
         print(f"  [skip] {folder} and {ldm_path} exist")
-        return
+        return False
     ldm = {}
-    # one component at a time: build, save its folder, keep only its f16 tensors for the LDM file
-    print("  building UNet (SD1.5 config, 860M params)", flush=True)
-    unet = build_on_meta(UNet2DConditionModel, UNET_CFG, 1501)
+    for label, name, build, to_ldm in components:
+        print(f"  building {label}", flush=True)
+        model = build()
+        if not have_folder:
+            save_component(folder, name, model)
+        ldm.update(to_ldm(contiguous(model.state_dict())))
+        del model
+        gc.collect()
     if not have_folder:
-        save_component(folder, "unet", unet)
-    ldm.update(G.unet_to_ldm(contiguous(unet.state_dict()), UNET_CFG))
-    del unet
-    gc.collect()
-
-    print("  building CLIPTextModel (ViT-L/14 text tower, 123M params)", flush=True)
-    te = build_te(1502)
-    if not have_folder:
-        save_component(folder, "text_encoder", te)
-    ldm.update(G.clip_to_ldm(contiguous(te.state_dict()), TE_PREFIX))
-    del te
-    gc.collect()
-
-    print("  building AutoencoderKL (SD VAE config, 84M params)", flush=True)
-    vae = build_on_meta(AutoencoderKL, VAE_CFG, 1503)
-    if not have_folder:
-        save_component(folder, "vae", vae)
-    ldm.update({k: v.contiguous() for k, v in G.vae_to_ldm(contiguous(vae.state_dict())).items()})
-    del vae
-    gc.collect()
-    if not have_folder:
-        write_model_index(folder)
+        write_index(folder)
         print(f"  wrote {folder}")
-
     if not ldm_path.exists():
         save_ldm(ldm, ldm_path)
     del ldm
     gc.collect()
+    return True
+
+
+def make_model(data):
+    build_checkpoint(data / "sd15_diffusers", data / "sd15_ldm.safetensors", [
+        ("UNet (SD1.5 config, 860M params)", "unet",
+         lambda: build_on_meta(UNet2DConditionModel, UNET_CFG, 1501),
+         lambda sd: G.unet_to_ldm(sd, UNET_CFG)),
+        ("CLIPTextModel (ViT-L/14 text tower, 123M params)", "text_encoder",
+         lambda: build_te(1502),
+         lambda sd: G.clip_to_ldm(sd, TE_PREFIX)),
+        ("AutoencoderKL (SD VAE config, 84M params)", "vae",
+         lambda: build_on_meta(AutoencoderKL, VAE_CFG, 1503),
+         lambda sd: {k: v.contiguous() for k, v in G.vae_to_ldm(sd).items()}),
+    ], write_model_index)
 
 
 def random_lora_factors(mods, seed):

@@ -19,7 +19,6 @@ names and shapes are also checked with diffusers' infer_diffusers_model_type (->
 Weights: normal(0, 0.02), stored f16.  Peak RSS ~7.5 GB: one component is built at a time, and the
 LDM dict only keeps references to the f16 tensors (safetensors >= 0.6 writes them without a copy).
 """
-import gc
 import json
 import os
 import sys
@@ -98,55 +97,27 @@ def check_ldm_layout(path):
 
 
 def make_model(data):
-    folder = data / "sdxl_diffusers"
+    def te2_to_ldm(sd):
+        t2 = G.openclip_to_ldm(sd, TE2_PREFIX, TE2_CFG["num_hidden_layers"])
+        return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in t2.items()}
+
     ldm_path = data / "sdxl_ldm.safetensors"
-    have_folder = (folder / "model_index.json").exists()
-    if have_folder and ldm_path.exists():
-        print(f"  [skip] {folder} and {ldm_path} exist")
-        return
-    ldm = {}
-    # one component at a time: build, save its folder, keep only its f16 tensors for the LDM file
-    print("  building CLIPTextModel (ViT-L/14 text tower, 123M params)", flush=True)
-    te1 = build_te(CLIPTextModel, TE1_CFG, SEED + 2)
-    if not have_folder:
-        S.save_component(folder, "text_encoder", te1)
-    ldm.update(G.clip_to_ldm(S.contiguous(te1.state_dict()), TE1_PREFIX))
-    del te1
-    gc.collect()
-
-    print("  building CLIPTextModelWithProjection (OpenCLIP bigG text tower, 695M params)", flush=True)
-    te2 = build_te(CLIPTextModelWithProjection, TE2_CFG, SEED + 3)
-    if not have_folder:
-        S.save_component(folder, "text_encoder_2", te2)
-    t2 = G.openclip_to_ldm(S.contiguous(te2.state_dict()), TE2_PREFIX, TE2_CFG["num_hidden_layers"])
-    ldm.update({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in t2.items()})
-    del te2, t2
-    gc.collect()
-
-    print("  building AutoencoderKL (SD VAE config, scaling_factor 0.13025, 84M params)", flush=True)
-    vae = S.build_on_meta(AutoencoderKL, VAE_CFG, SEED + 4)
-    if not have_folder:
-        S.save_component(folder, "vae", vae)
-    ldm.update({k: v.contiguous() for k, v in G.vae_to_ldm(S.contiguous(vae.state_dict())).items()})
-    del vae
-    gc.collect()
-
-    print("  building UNet (SDXL base config, 2.57B params)", flush=True)
-    unet = S.build_on_meta(UNet2DConditionModel, UNET_CFG, SEED + 1)
-    if not have_folder:
-        S.save_component(folder, "unet", unet)
-    ldm.update(G.unet_to_ldm(S.contiguous(unet.state_dict()), UNET_CFG))
-    del unet
-    gc.collect()
-    if not have_folder:
-        write_model_index(folder)
-        print(f"  wrote {folder}")
-
-    if not ldm_path.exists():
-        S.save_ldm(ldm, ldm_path)
-    del ldm
-    gc.collect()
-    check_ldm_layout(ldm_path)
+    built = S.build_checkpoint(data / "sdxl_diffusers", ldm_path, [
+        ("CLIPTextModel (ViT-L/14 text tower, 123M params)", "text_encoder",
+         lambda: build_te(CLIPTextModel, TE1_CFG, SEED + 2),
+         lambda sd: G.clip_to_ldm(sd, TE1_PREFIX)),
+        ("CLIPTextModelWithProjection (OpenCLIP bigG text tower, 695M params)", "text_encoder_2",
+         lambda: build_te(CLIPTextModelWithProjection, TE2_CFG, SEED + 3),
+         te2_to_ldm),
+        ("AutoencoderKL (SD VAE config, scaling_factor 0.13025, 84M params)", "vae",
+         lambda: S.build_on_meta(AutoencoderKL, VAE_CFG, SEED + 4),
+         lambda sd: {k: v.contiguous() for k, v in G.vae_to_ldm(sd).items()}),
+        ("UNet (SDXL base config, 2.57B params)", "unet",
+         lambda: S.build_on_meta(UNet2DConditionModel, UNET_CFG, SEED + 1),
+         lambda sd: G.unet_to_ldm(sd, UNET_CFG)),
+    ], write_model_index)
+    if built:
+        check_ldm_layout(ldm_path)
 
 
 def make_lora(data):
