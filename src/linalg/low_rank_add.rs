@@ -44,10 +44,6 @@ impl PackedDown {
         PackedDown { rank, cols, data }
     }
 
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
     fn tail(&self) -> &[f32] {
         &self.data[(self.cols / NR) * self.rank * NR..]
     }
@@ -84,8 +80,9 @@ fn cpu_has_kernel() -> bool {
 }
 
 /// Writes `decode(input) + Σ term.up · term.down` for `rows = input elements / cols` rows into
-/// `output` (every byte of it, so it need not be initialised), rounding once to `out_dtype`. Per element the sum is `base + Σ_terms Σ_k up·down`,
-/// accumulated with FMAs from zero in term and `k` order.
+/// `output` (every byte of it, so it need not be initialised), rounding once to `out_dtype`.
+/// Per element the sum is `base + Σ_terms Σ_k up·down`, accumulated with FMAs from zero in term
+/// and `k` order.
 ///
 /// Panics if [`supported`] is false or a size does not match (both caller bugs).
 pub fn add_low_rank(
@@ -149,15 +146,7 @@ pub fn add_low_rank(
         }
         let encoded = &mut encoded[..tail * out_size];
         out_dtype.encode_into(vals, encoded).expect("float dtype");
-        write_bytes(&mut output[at * out_size..(at + tail) * out_size], encoded);
-    }
-}
-
-/// `dst = src` for a destination that may not be initialised yet.
-pub fn write_bytes(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
-    assert_eq!(dst.len(), src.len(), "write_bytes: length mismatch");
-    for (d, s) in dst.iter_mut().zip(src) {
-        d.write(*s);
+        output[at * out_size..(at + tail) * out_size].write_copy_of_slice(encoded);
     }
 }
 

@@ -788,14 +788,14 @@ fn convert_rows(
     out_dtype: Dtype,
 ) {
     if in_dtype == out_dtype {
-        low_rank_add::write_bytes(dst, src);
+        dst.write_copy_of_slice(src);
         return;
     }
     let n = dst.len() / out_dtype.size().expect("float dtype");
     let mut values = vec![0f32; n];
     in_dtype.decode_into(src, &mut values).expect("float dtype");
     let encoded = out_dtype.encode_f32(&values).expect("float dtype");
-    low_rank_add::write_bytes(dst, &encoded);
+    dst.write_copy_of_slice(&encoded);
 }
 
 /// A folder output assembled beside its target and renamed into place only when complete.
