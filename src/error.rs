@@ -24,6 +24,36 @@ pub enum Error {
     /// The file is a readable tensor file, but not an adapter this tool understands.
     #[error("{path}: {reason}")]
     NotAnAdapter { path: PathBuf, reason: String },
+    /// A LoRA made for another model family than what it is combined with; `other` says what
+    /// that is ("x.safetensors is a sdxl checkpoint", "the other inputs are sdxl").
+    #[error("{lora}: this is a {lora_family} LoRA but {other}")]
+    FamilyMismatch {
+        lora: PathBuf,
+        lora_family: &'static str,
+        other: String,
+    },
+    /// A LoRA whose metadata names one family and whose keys another (`--strict` refuses it).
+    #[error("{lora}: its metadata says {metadata} but its keys say {keys}")]
+    FamilyConflict {
+        lora: PathBuf,
+        metadata: &'static str,
+        keys: &'static str,
+    },
+    /// No module of a LoRA has a target in the checkpoint.
+    #[error("{lora}: none of its {modules} modules matched anything in {base}")]
+    NothingMatched {
+        lora: PathBuf,
+        modules: usize,
+        base: PathBuf,
+    },
+    /// Some modules of a LoRA have no target in the checkpoint (an error with `--strict`).
+    #[error("{lora}: {} of {modules} LoRA modules matched nothing in {base} (first: {})", unmatched.len(), unmatched.iter().take(3).cloned().collect::<Vec<_>>().join(", "))]
+    Unmatched {
+        lora: PathBuf,
+        modules: usize,
+        unmatched: Vec<String>,
+        base: PathBuf,
+    },
     /// A request that cannot be carried out (bad arguments, refused overwrite, ...).
     #[error("{0}")]
     Invalid(String),

@@ -7,7 +7,8 @@ mod common;
 use common::{fixtures, loratool};
 use loratool::adapter::Adapter;
 use loratool::ops::convert::{convert_adapter, convert_container, ConvertOptions, TargetFormat};
-use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
+use loratool::ops::merge::{merge_into_checkpoint, MergeOptions};
+use loratool::ops::patch_plan::LoraWeight;
 use loratool::tensors::{Dtype, TensorFile};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -22,11 +23,7 @@ fn bake(base: &Path, lora: &Path, out: &Path) -> TensorFile {
     };
     merge_into_checkpoint(
         base,
-        &[LoraWeight {
-            path: lora.to_path_buf(),
-            text_encoder: 0.8,
-            unet: 0.8,
-        }],
+        &[LoraWeight::weighted(lora.to_path_buf(), 0.8)],
         out,
         &opts,
     )

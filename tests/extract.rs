@@ -5,10 +5,13 @@
 mod common;
 
 use loratool::adapter::{delta, Adapter};
-use loratool::family::checkpoint::{KeyMap, Layout};
+use loratool::family::checkpoint::{checkpoint_family, KeyMap};
+use loratool::family::layout::Layout;
 use loratool::linalg;
+use loratool::ops::convert::TargetFormat;
 use loratool::ops::extract::{extract_lora, ExtractOptions};
-use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
+use loratool::ops::merge::{merge_into_checkpoint, MergeOptions};
+use loratool::ops::patch_plan::LoraWeight;
 use loratool::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use loratool::tensors::{Dtype, Tensor, TensorFile};
 use std::path::{Path, PathBuf};
@@ -26,17 +29,7 @@ fn make_tuned(base: &Path, lora: &str, w: f32, noise: f32, out: &Path) {
         window_bytes: 1 << 20,
         ..Default::default()
     };
-    merge_into_checkpoint(
-        base,
-        &[LoraWeight {
-            path: fx(lora),
-            text_encoder: w,
-            unet: w,
-        }],
-        &merged,
-        &opts,
-    )
-    .unwrap();
+    merge_into_checkpoint(base, &[LoraWeight::weighted(fx(lora), w)], &merged, &opts).unwrap();
     let f = TensorFile::open(&merged).unwrap();
     let mut x = 12345u64;
     let mut tensors = Vec::new();
@@ -90,6 +83,7 @@ fn opts(rank: usize) -> ExtractOptions {
         dynamic: None,
         clamp_quantile: None,
         dtype: Dtype::F32,
+        format: TargetFormat::Kohya,
         force: true,
         allow_empty: false,
         progress: Default::default(),
@@ -154,7 +148,8 @@ fn extraction_is_near_optimal_and_exact_when_the_rank_suffices() {
             TensorFile::open(&base_path).unwrap(),
             TensorFile::open(&tuned_path).unwrap(),
         );
-        let map = KeyMap::build(base.tensors(), Layout::SingleFile);
+        let family = checkpoint_family(base.tensors(), Layout::SingleFile);
+        let map = KeyMap::build(base.tensors(), Layout::SingleFile, family);
         let source = Adapter::open(&fx(lora)).unwrap();
         assert_eq!(
             extracted.modules.len(),
@@ -194,11 +189,7 @@ fn extraction_is_near_optimal_and_exact_when_the_rank_suffices() {
             };
             merge_into_checkpoint(
                 &base_path,
-                &[LoraWeight {
-                    path: out.clone(),
-                    text_encoder: 1.0,
-                    unet: 1.0,
-                }],
+                &[LoraWeight::weighted(out.clone(), 1.0)],
                 &back,
                 &mopts,
             )
@@ -288,11 +279,7 @@ fn bad_input_is_refused_before_anything_is_written() {
 #[test]
 fn diffusers_pipeline_folders_extract_like_single_files() {
     let dir = tempfile::tempdir().unwrap();
-    let lora = LoraWeight {
-        path: fx("loras/sd1_kohya_lora.safetensors"),
-        text_encoder: 0.8,
-        unet: 0.8,
-    };
+    let lora = LoraWeight::weighted(fx("loras/sd1_kohya_lora.safetensors"), 0.8);
     let mopts = MergeOptions {
         dtype: Some(Dtype::F32),
         force: true,

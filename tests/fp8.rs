@@ -3,7 +3,8 @@
 
 mod common;
 
-use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
+use loratool::ops::merge::{merge_into_checkpoint, MergeOptions};
+use loratool::ops::patch_plan::LoraWeight;
 use loratool::tensors::{Dtype, TensorFile};
 
 fn fp8_fixture(name: &str) -> std::path::PathBuf {
@@ -44,13 +45,7 @@ fn encoding_matches_torch_byte_for_byte() {
 fn merging_into_an_fp8_checkpoint_rounds_once_like_torch() {
     let dir = tempfile::tempdir().unwrap();
     let base_path = fp8_fixture("flux_bfl_fp8.safetensors");
-    let lora = LoraWeight::parse(&format!(
-        "{}:0.8",
-        common::fixtures()
-            .join("loras/flux_kohya.safetensors")
-            .display()
-    ))
-    .unwrap();
+    let lora = LoraWeight::weighted(common::fixtures().join("loras/flux_kohya.safetensors"), 0.8);
     let out = dir.path().join("merged.safetensors");
     let opts = MergeOptions {
         window_bytes: 64 << 10,

@@ -5,7 +5,8 @@
 mod common;
 
 use loratool::adapter::Adapter;
-use loratool::family::checkpoint::{checkpoint_family, KeyMap, Layout};
+use loratool::family::checkpoint::{checkpoint_family, KeyMap};
+use loratool::family::layout::Layout;
 use loratool::family::unet_names::{diffusers_to_ldm, ldm_to_diffusers};
 use loratool::family::BaseModel;
 use loratool::tensors::TensorFile;
@@ -85,7 +86,8 @@ fn every_fixture_module_finds_its_weight() {
             .replace("_diffusers", "_ldm.safetensors")
             .replace("_ldm.safetensors.safetensors", "_ldm.safetensors");
         let ckpt = open(&ldm_model);
-        let map = KeyMap::build(ckpt.tensors(), Layout::SingleFile);
+        let family = checkpoint_family(ckpt.tensors(), Layout::SingleFile);
+        let map = KeyMap::build(ckpt.tensors(), Layout::SingleFile, family);
         for m in &adapter.modules {
             checked += 1;
             match map.lookup(m) {

@@ -4,19 +4,17 @@
 mod common;
 
 use loratool::adapter::{delta, Adapter};
+use loratool::family::kohya_names::module_kohya_name as kohya_name;
 use loratool::family::BaseModel;
 use loratool::linalg;
-use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
-use loratool::ops::merge_loras::{kohya_name, merge_loras, LoraMergeMethod, LoraMergeOptions};
+use loratool::ops::merge::{merge_into_checkpoint, MergeOptions};
+use loratool::ops::merge_loras::{merge_loras, LoraMergeMethod, LoraMergeOptions};
+use loratool::ops::patch_plan::LoraWeight;
 use loratool::tensors::{Dtype, Tensor, TensorFile};
 use std::collections::HashMap;
 
 fn lw(rel: &str, w: f32) -> LoraWeight {
-    LoraWeight {
-        path: common::fixtures().join(rel),
-        text_encoder: w,
-        unet: w,
-    }
+    LoraWeight::weighted(common::fixtures().join(rel), w)
 }
 
 /// Σ wᵢ·ΔWᵢ per output module name, from the peers' reference deltas.
@@ -150,11 +148,7 @@ fn a_merged_lora_bakes_in_like_its_inputs() {
     let via_lora = dir.path().join("a.safetensors");
     merge_into_checkpoint(
         &base,
-        &[LoraWeight {
-            path: lora_out,
-            text_encoder: 1.0,
-            unet: 1.0,
-        }],
+        &[LoraWeight::weighted(lora_out, 1.0)],
         &via_lora,
         &mopts,
     )

@@ -5,7 +5,8 @@
 
 mod common;
 
-use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
+use loratool::ops::merge::{merge_into_checkpoint, MergeOptions};
+use loratool::ops::patch_plan::LoraWeight;
 use loratool::tensors::{Dtype, TensorFile};
 use std::path::{Path, PathBuf};
 
@@ -41,11 +42,7 @@ fn run_case(case: &serde_json::Value, dtype: Option<Dtype>, tolerance: f64) -> V
         .iter()
         .map(|l| {
             let w = l["weight"].as_f64().unwrap() as f32;
-            LoraWeight {
-                path: fx.join(l["path"].as_str().unwrap()),
-                text_encoder: w,
-                unet: w,
-            }
+            LoraWeight::weighted(fx.join(l["path"].as_str().unwrap()), w)
         })
         .collect();
     let dir = tempfile::tempdir().unwrap();
@@ -155,28 +152,13 @@ fn every_output_dtype_is_the_f32_merge_rounded_once() {
     let dir = tempfile::tempdir().unwrap();
     let base = common::fixtures().join("models/sd1_ldm.safetensors");
     let loras = vec![
-        LoraWeight::parse(&format!(
-            "{}:0.7",
-            common::fixtures()
-                .join("loras/sd1_kohya_lora.safetensors")
-                .display()
-        ))
-        .unwrap(),
-        LoraWeight::parse(&format!(
-            "{}:-0.5",
-            common::fixtures()
-                .join("loras/sd1_locon.safetensors")
-                .display()
-        ))
-        .unwrap(),
+        LoraWeight::weighted(
+            common::fixtures().join("loras/sd1_kohya_lora.safetensors"),
+            0.7,
+        ),
+        LoraWeight::weighted(common::fixtures().join("loras/sd1_locon.safetensors"), -0.5),
         // Through the whole-tensor path (needs the base weight).
-        LoraWeight::parse(&format!(
-            "{}:0.4",
-            common::fixtures()
-                .join("loras/sd1_dora.safetensors")
-                .display()
-        ))
-        .unwrap(),
+        LoraWeight::weighted(common::fixtures().join("loras/sd1_dora.safetensors"), 0.4),
     ];
     let out = |dtype: Option<Dtype>| {
         let path = dir.path().join(format!("{dtype:?}.safetensors"));
@@ -221,13 +203,7 @@ fn every_output_dtype_is_the_f32_merge_rounded_once() {
 #[test]
 fn progress_counts_every_output_data_byte() {
     let dir = tempfile::tempdir().unwrap();
-    let lora = LoraWeight::parse(
-        &common::fixtures()
-            .join("loras/sd1_kohya_lora.safetensors")
-            .display()
-            .to_string(),
-    )
-    .unwrap();
+    let lora = LoraWeight::new(common::fixtures().join("loras/sd1_kohya_lora.safetensors"));
     for (base, out) in [
         ("models/sd1_ldm.safetensors", "single.safetensors"),
         ("models/sd1_diffusers", "folder"),

@@ -5,7 +5,9 @@
 //! module name is always the key minus its tensor suffix, exactly as written in the file; nothing
 //! is ever derived by splitting names on `_`.
 
-use super::{Component, Format};
+use super::Format;
+use crate::family::kohya_names::KOHYA_PREFIXES;
+use crate::family::Component;
 
 /// What one tensor is inside its module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,41 +45,89 @@ pub enum Role {
     GloraB2,
 }
 
-/// Suffixes of kohya/LyCORIS keys (after the first dot).
-const KOHYA_SUFFIXES: &[(&str, Role)] = &[
-    ("lora_down.weight", Role::Down),
-    ("lora_up.weight", Role::Up),
-    ("lora_mid.weight", Role::Mid),
-    ("lora_A.weight", Role::Down),
-    ("lora_B.weight", Role::Up),
-    ("alpha", Role::Alpha),
-    ("dora_scale", Role::DoraScale),
-    ("hada_w1_a", Role::HadaW1A),
-    ("hada_w1_b", Role::HadaW1B),
-    ("hada_w2_a", Role::HadaW2A),
-    ("hada_w2_b", Role::HadaW2B),
-    ("hada_t1", Role::HadaT1),
-    ("hada_t2", Role::HadaT2),
-    ("lokr_w1", Role::LokrW1),
-    ("lokr_w1_a", Role::LokrW1A),
-    ("lokr_w1_b", Role::LokrW1B),
-    ("lokr_w2", Role::LokrW2),
-    ("lokr_w2_a", Role::LokrW2A),
-    ("lokr_w2_b", Role::LokrW2B),
-    ("lokr_t2", Role::LokrT2),
-    ("weight", Role::Ia3Weight),
-    ("on_input", Role::Ia3OnInput),
-    ("diff", Role::Diff),
-    ("diff_b", Role::DiffBias),
-    ("w_norm", Role::NormWeight),
-    ("b_norm", Role::NormBias),
-    ("oft_blocks", Role::OftBlocks),
-    ("rescale", Role::OftRescale),
-    ("a1.weight", Role::GloraA1),
-    ("a2.weight", Role::GloraA2),
-    ("b1.weight", Role::GloraB1),
-    ("b2.weight", Role::GloraB2),
-];
+impl Role {
+    pub const ALL: [Role; 31] = [
+        Role::Down,
+        Role::Up,
+        Role::Mid,
+        Role::Alpha,
+        Role::DoraScale,
+        Role::UpBias,
+        Role::HadaW1A,
+        Role::HadaW1B,
+        Role::HadaW2A,
+        Role::HadaW2B,
+        Role::HadaT1,
+        Role::HadaT2,
+        Role::LokrW1,
+        Role::LokrW1A,
+        Role::LokrW1B,
+        Role::LokrW2,
+        Role::LokrW2A,
+        Role::LokrW2B,
+        Role::LokrT2,
+        Role::Ia3Weight,
+        Role::Ia3OnInput,
+        Role::Diff,
+        Role::DiffBias,
+        Role::NormWeight,
+        Role::NormBias,
+        Role::OftBlocks,
+        Role::OftRescale,
+        Role::GloraA1,
+        Role::GloraA2,
+        Role::GloraB1,
+        Role::GloraB2,
+    ];
+
+    /// The suffix (after the module name and a dot) kohya sd-scripts and LyCORIS give a tensor
+    /// of this role: what loratool writes, and what it reads in kohya-named files.
+    pub fn kohya_suffix(self) -> &'static str {
+        match self {
+            Role::Down => "lora_down.weight",
+            Role::Up => "lora_up.weight",
+            Role::Mid => "lora_mid.weight",
+            Role::Alpha => "alpha",
+            Role::DoraScale => "dora_scale",
+            Role::UpBias => "lora_up.bias",
+            Role::HadaW1A => "hada_w1_a",
+            Role::HadaW1B => "hada_w1_b",
+            Role::HadaW2A => "hada_w2_a",
+            Role::HadaW2B => "hada_w2_b",
+            Role::HadaT1 => "hada_t1",
+            Role::HadaT2 => "hada_t2",
+            Role::LokrW1 => "lokr_w1",
+            Role::LokrW1A => "lokr_w1_a",
+            Role::LokrW1B => "lokr_w1_b",
+            Role::LokrW2 => "lokr_w2",
+            Role::LokrW2A => "lokr_w2_a",
+            Role::LokrW2B => "lokr_w2_b",
+            Role::LokrT2 => "lokr_t2",
+            Role::Ia3Weight => "weight",
+            Role::Ia3OnInput => "on_input",
+            Role::Diff => "diff",
+            Role::DiffBias => "diff_b",
+            Role::NormWeight => "w_norm",
+            Role::NormBias => "b_norm",
+            Role::OftBlocks => "oft_blocks",
+            Role::OftRescale => "rescale",
+            Role::GloraA1 => "a1.weight",
+            Role::GloraA2 => "a2.weight",
+            Role::GloraB1 => "b1.weight",
+            Role::GloraB2 => "b2.weight",
+        }
+    }
+
+    /// The role of a kohya-named key's suffix: kohya's own, or peft's factor names, which some
+    /// trainers write under kohya module names.
+    fn from_kohya_suffix(suffix: &str) -> Option<Role> {
+        match suffix {
+            "lora_A.weight" => Some(Role::Down),
+            "lora_B.weight" => Some(Role::Up),
+            _ => Role::ALL.into_iter().find(|r| r.kohya_suffix() == suffix),
+        }
+    }
+}
 
 /// Suffixes of dotted (diffusers/peft) keys, longest first so `.lora_B.bias` beats `.bias`-like
 /// partial matches. The bool marks the old diffusers dialects.
@@ -103,16 +153,6 @@ const DOTTED_PREFIXES: &[(&str, Option<Component>)] = &[
     ("transformer.", Some(Component::Transformer)),
     ("diffusion_model.", None),
     ("base_model.model.", None),
-];
-
-/// kohya module-name prefixes. Order matters: `lora_te1_` before `lora_te_`'s shorter match.
-const KOHYA_PREFIXES: &[(&str, Component)] = &[
-    ("lora_unet_", Component::Unet),
-    ("lora_transformer_", Component::Transformer),
-    ("lora_te1_", Component::TextEncoder),
-    ("lora_te2_", Component::TextEncoder2),
-    ("lora_te3_", Component::TextEncoder3),
-    ("lora_te_", Component::TextEncoder),
 ];
 
 /// Top-level names of DiT models (Flux BFL layout, SD3 MMDiT): a `lora_unet_` module whose path
@@ -161,7 +201,7 @@ pub fn classify(key: &str) -> Option<KeyInfo> {
 fn classify_kohya(key: &str) -> Option<KeyInfo> {
     let (module, suffix) = key.split_once('.')?;
     let (prefix, component) = KOHYA_PREFIXES.iter().find(|(p, _)| module.starts_with(p))?;
-    let role = KOHYA_SUFFIXES.iter().find(|(s, _)| *s == suffix)?.1;
+    let role = Role::from_kohya_suffix(suffix)?;
     let path = &module[prefix.len()..];
     let component = if *component == Component::Unet && is_dit_path(path, '_') {
         Component::Transformer

@@ -4,8 +4,10 @@
 
 pub mod delta;
 pub mod keys;
+pub mod kohya_metadata;
 mod peft_config;
 
+use crate::family::Component;
 use crate::tensors::{Dtype, TensorFile};
 use crate::{Error, Result};
 use keys::{classify, Role};
@@ -13,36 +15,6 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 pub use peft_config::PeftConfig;
-
-/// The model part an adapter module patches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Component {
-    Unet,
-    Transformer,
-    TextEncoder,
-    TextEncoder2,
-    TextEncoder3,
-}
-
-impl Component {
-    pub fn name(self) -> &'static str {
-        match self {
-            Component::Unet => "unet",
-            Component::Transformer => "transformer",
-            Component::TextEncoder => "text_encoder",
-            Component::TextEncoder2 => "text_encoder_2",
-            Component::TextEncoder3 => "text_encoder_3",
-        }
-    }
-
-    pub fn is_text_encoder(self) -> bool {
-        matches!(
-            self,
-            Component::TextEncoder | Component::TextEncoder2 | Component::TextEncoder3
-        )
-    }
-}
 
 /// The key dialect of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -138,6 +110,20 @@ impl AdapterModule {
         self.tensors.get(&role).map(String::as_str)
     }
 
+    /// The module's plain low-rank factors, when its delta is `scale · up · down`: a LoRA or
+    /// LoCon without a Tucker core. A DoRA module has them too, with its magnitude applied on top
+    /// (callers that cannot apply it check [`AdapterModule::dora`]).
+    pub fn plain_factors(&self) -> Option<PlainFactors<'_>> {
+        if self.kind != ModuleKind::Lora || self.tensor(Role::Mid).is_some() {
+            return None;
+        }
+        Some(PlainFactors {
+            up: self.tensor(Role::Up)?,
+            down: self.tensor(Role::Down)?,
+            rank: self.rank?,
+        })
+    }
+
     /// True for convolution kernels larger than 1×1 (what makes a LoRA a LoCon).
     pub fn is_spatial_conv(&self) -> bool {
         self.shape.len() == 4 && self.shape[2] * self.shape[3] > 1
@@ -145,6 +131,16 @@ impl AdapterModule {
             || self.tensors.contains_key(&Role::HadaT1)
             || self.tensors.contains_key(&Role::LokrT2)
     }
+}
+
+/// Tensor keys of a module's plain low-rank factors (see [`AdapterModule::plain_factors`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PlainFactors<'a> {
+    /// `[out, rank]` (`[out, rank, 1, 1]` for convolutions).
+    pub up: &'a str,
+    /// `[rank, in(, kh, kw)]`.
+    pub down: &'a str,
+    pub rank: usize,
 }
 
 /// kohya factor shapes for a LoRA of `rank` on a weight of `target` shape: `up` is

@@ -2,7 +2,7 @@
 //! as the `lora_adapter_metadata` JSON (keys prefixed by component: `unet.lora_alpha`), peft's own
 //! `save_pretrained` writes `adapter_config.json` beside `adapter_model.safetensors`.
 
-use super::Component;
+use crate::family::Component;
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 use serde_json::{Map, Value};

@@ -1,8 +1,9 @@
 //! `loratool convert`: flags and summary.
 
-use crate::cli::merge::parse_dtype;
+use super::values::{DtypeArg, LoraFormatArg};
 use clap::Args;
-use loratool::ops::convert::{convert_adapter, convert_container, ConvertOptions, TargetFormat};
+use clap::ValueEnum;
+use loratool::ops::convert::{convert_adapter, convert_container, ConvertOptions};
 use loratool::Result;
 use std::path::PathBuf;
 
@@ -15,11 +16,11 @@ pub struct ConvertArgs {
     pub output: PathBuf,
     /// LoRA dialect to write: kohya (A1111/ComfyUI/kohya) or peft/diffusers (`save_lora_weights`
     /// layout). Without it, the file's tensors are copied as they are into safetensors.
-    #[arg(long, value_parser = ["kohya", "peft", "diffusers"])]
-    pub to: Option<String>,
+    #[arg(long, value_enum)]
+    pub to: Option<LoraFormatArg>,
     /// Store float tensors as f32, f16 or bf16 (default: as the input).
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// Overwrite an existing output.
     #[arg(long)]
     pub force: bool,
@@ -27,22 +28,23 @@ pub struct ConvertArgs {
 
 pub fn run(args: ConvertArgs) -> Result<i32> {
     let opts = ConvertOptions {
-        dtype: args.dtype.as_deref().map(parse_dtype),
+        dtype: args.dtype.map(Into::into),
         force: args.force,
     };
-    match args.to.as_deref() {
+    match args.to {
         None => {
             let n = convert_container(&args.input, &args.output, &opts)?;
             println!("wrote {} tensors to {}", n, args.output.display());
         }
         Some(to) => {
-            let target = if to == "kohya" {
-                TargetFormat::Kohya
-            } else {
-                TargetFormat::Peft
-            };
-            let n = convert_adapter(&args.input, &args.output, target, &opts)?;
-            println!("converted {} modules to {to}: {}", n, args.output.display());
+            let n = convert_adapter(&args.input, &args.output, to.into(), &opts)?;
+            let name = to.to_possible_value().expect("a named value");
+            println!(
+                "converted {} modules to {}: {}",
+                n,
+                name.get_name(),
+                args.output.display()
+            );
         }
     }
     Ok(0)

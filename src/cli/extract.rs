@@ -1,8 +1,7 @@
 //! `loratool extract`: flags and per-component report.
 
-use crate::cli::merge::parse_dtype;
+use super::values::{DtypeArg, LoraFormatArg};
 use clap::Args;
-use loratool::ops::convert::{convert_adapter, ConvertOptions, TargetFormat};
 use loratool::ops::extract::{extract_lora, ExtractOptions};
 use loratool::ops::resize::RankRule;
 use loratool::Result;
@@ -35,11 +34,11 @@ pub struct ExtractArgs {
     #[arg(long)]
     pub clamp_quantile: Option<f64>,
     /// Output dialect.
-    #[arg(long, value_parser = ["kohya", "peft"], default_value = "kohya")]
-    pub format: String,
+    #[arg(long, value_enum, default_value_t = LoraFormatArg::Kohya)]
+    pub format: LoraFormatArg,
     /// Storage dtype of the LoRA.
-    #[arg(long, value_parser = ["f32", "f16", "bf16"], default_value = "f16")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
+    pub dtype: DtypeArg,
     /// Output file.
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
@@ -64,43 +63,15 @@ pub fn run(args: ExtractArgs) -> Result<i32> {
             .map(RankRule::parse_dynamic)
             .transpose()?,
         clamp_quantile: args.clamp_quantile,
-        dtype: parse_dtype(&args.dtype),
+        dtype: args.dtype.into(),
+        format: args.format.into(),
         force: args.force,
         allow_empty: args.allow_empty,
         progress,
     };
-    let report = if args.format == "peft" {
-        // Extract to kohya beside the target, then convert; the temp file never outlives us.
-        let tmp = args.output.with_extension("loratool-kohya.tmp.safetensors");
-        let r = extract_lora(
-            &args.base,
-            &args.tuned,
-            &tmp,
-            &ExtractOptions {
-                force: true,
-                ..opts.clone()
-            },
-        );
-        let converted = r.and_then(|r| {
-            convert_adapter(
-                &tmp,
-                &args.output,
-                TargetFormat::Peft,
-                &ConvertOptions {
-                    dtype: None,
-                    force: args.force,
-                },
-            )
-            .map(|_| r)
-        });
-        let _ = std::fs::remove_file(&tmp);
-        bar.finish_and_clear();
-        converted?
-    } else {
-        let r = extract_lora(&args.base, &args.tuned, &args.output, &opts);
-        bar.finish_and_clear();
-        r?
-    };
+    let report = extract_lora(&args.base, &args.tuned, &args.output, &opts);
+    bar.finish_and_clear();
+    let report = report?;
     for (component, s) in &report.components {
         let retained = if s.total_energy > 0.0 {
             (s.kept_energy / s.total_energy).sqrt()

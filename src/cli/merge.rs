@@ -1,9 +1,10 @@
 //! `loratool merge`: flags and the summary it prints.
 
-use clap::Args;
-use loratool::ops::merge::{merge_into_checkpoint, LoraWeight, MergeOptions};
+use super::values::{parse_lora, DtypeArg};
+use clap::{Args, ValueEnum};
+use loratool::ops::merge::{merge_into_checkpoint, MergeOptions};
 use loratool::ops::merge_loras::{merge_loras, LoraMergeMethod, LoraMergeOptions};
-use loratool::tensors::Dtype;
+use loratool::ops::patch_plan::LoraWeight;
 use loratool::{Error, Result};
 use std::path::PathBuf;
 
@@ -20,8 +21,8 @@ pub struct MergeArgs {
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
     /// Store float tensors as f32, f16 or bf16 (default: as the base).
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// Fail, before writing anything, if any LoRA module matches nothing in the checkpoint.
     #[arg(long)]
     pub strict: bool,
@@ -30,38 +31,37 @@ pub struct MergeArgs {
     pub force: bool,
     /// LoRA+LoRA merge (no --base): `concat` stacks factors (exact, rank = sum of ranks), `svd`
     /// keeps the best rank-R approximation of the summed delta.
-    #[arg(long, value_parser = ["concat", "svd"], default_value = "concat")]
-    pub method: String,
+    #[arg(long, value_enum, default_value_t = MethodArg::Concat)]
+    pub method: MethodArg,
     /// Target rank for `--method svd`.
     #[arg(long)]
     pub rank: Option<usize>,
 }
 
-pub(crate) fn parse_dtype(name: &str) -> Dtype {
-    match name {
-        "f32" => Dtype::F32,
-        "bf16" => Dtype::BF16,
-        _ => Dtype::F16,
-    }
+/// How LoRAs are merged into one LoRA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    Concat,
+    Svd,
 }
 
 pub fn run(args: MergeArgs) -> Result<i32> {
     let loras: Vec<LoraWeight> = args
         .loras
         .iter()
-        .map(|a| LoraWeight::parse(a))
+        .map(|a| parse_lora(a))
         .collect::<Result<_>>()?;
     let Some(base) = args.base else {
         return merge_into_lora(&args, &loras);
     };
-    if args.method != "concat" || args.rank.is_some() {
+    if args.method != MethodArg::Concat || args.rank.is_some() {
         return Err(Error::Invalid(
             "--method and --rank apply to LoRA+LoRA merges (without --base)".into(),
         ));
     }
     let (bar, progress) = super::progress::bytes_bar("merging");
     let opts = MergeOptions {
-        dtype: args.dtype.as_deref().map(parse_dtype),
+        dtype: args.dtype.map(Into::into),
         strict: args.strict,
         force: args.force,
         // Working memory of one window (mapped input + encoded output); see docs/DECISIONS.md.
@@ -70,7 +70,7 @@ pub fn run(args: MergeArgs) -> Result<i32> {
     };
     let report = merge_into_checkpoint(&base, &loras, &args.output, &opts);
     bar.finish_and_clear();
-    let report = report?;
+    let report = report.map_err(with_force_hint)?;
     for (path, matched, unmatched) in &report.loras {
         if !unmatched.is_empty() {
             let first: Vec<&str> = unmatched.iter().take(3).map(String::as_str).collect();
@@ -97,18 +97,18 @@ pub fn run(args: MergeArgs) -> Result<i32> {
 }
 
 fn merge_into_lora(args: &MergeArgs, loras: &[LoraWeight]) -> Result<i32> {
-    let method = match (args.method.as_str(), args.rank) {
-        ("svd", Some(rank)) => LoraMergeMethod::Svd { rank },
-        ("svd", None) => return Err(Error::Invalid("--method svd needs --rank R".into())),
+    let method = match (args.method, args.rank) {
+        (MethodArg::Svd, Some(rank)) => LoraMergeMethod::Svd { rank },
+        (MethodArg::Svd, None) => return Err(Error::Invalid("--method svd needs --rank R".into())),
         (_, Some(_)) => return Err(Error::Invalid("--rank needs --method svd".into())),
         _ => LoraMergeMethod::Concat,
     };
     let opts = LoraMergeOptions {
         method,
-        dtype: args.dtype.as_deref().map(parse_dtype),
+        dtype: args.dtype.map(Into::into),
         force: args.force,
     };
-    let r = merge_loras(loras, &args.output, &opts)?;
+    let r = merge_loras(loras, &args.output, &opts).map_err(with_force_hint)?;
     let ranks = if r.ranks.0 == r.ranks.1 {
         r.ranks.1.to_string()
     } else {
@@ -125,4 +125,14 @@ fn merge_into_lora(args: &MergeArgs, loras: &[LoraWeight]) -> Result<i32> {
         r.family.map(|f| f.name()).unwrap_or("unknown")
     );
     Ok(0)
+}
+
+/// Says which flag overrides a refusal that `--force` can override.
+fn with_force_hint(e: Error) -> Error {
+    match e {
+        Error::FamilyMismatch { .. } => {
+            Error::Invalid(format!("{e} (use --force to merge anyway)"))
+        }
+        e => e,
+    }
 }

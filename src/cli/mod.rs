@@ -7,6 +7,7 @@ mod inspect;
 mod merge;
 mod progress;
 mod resize;
+mod values;
 
 use clap::{Parser, Subcommand};
 

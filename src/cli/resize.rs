@@ -1,6 +1,6 @@
 //! `loratool resize`: flags and report.
 
-use crate::cli::merge::parse_dtype;
+use super::values::DtypeArg;
 use clap::Args;
 use loratool::ops::resize::{resize_lora, RankRule, ResizeOptions};
 use loratool::{Error, Result};
@@ -20,8 +20,8 @@ pub struct ResizeArgs {
     #[arg(long)]
     pub dynamic: Option<String>,
     /// Store tensors as f32, f16 or bf16 (default: as the input).
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// Print the retained Frobenius norm of every module.
     #[arg(long)]
     pub verbose: bool,
@@ -43,7 +43,7 @@ pub fn run(args: ResizeArgs) -> Result<i32> {
     let opts = ResizeOptions {
         rule,
         max_rank,
-        dtype: args.dtype.as_deref().map(parse_dtype),
+        dtype: args.dtype.map(Into::into),
         force: args.force,
     };
     let report = resize_lora(&args.input, &args.output, &opts)?;

@@ -7,21 +7,15 @@
 //! Fused weights (OpenCLIP `in_proj_weight`, Flux `qkv` / `linear1`) map q/k/v (and mlp) modules
 //! to row slices.
 
+use super::kohya_names::{flat, kohya_name, prefixes_for};
+use super::layout::Layout;
 use super::unet_names::{diffusers_to_ldm, ldm_to_diffusers};
 use super::BaseModel;
-use crate::adapter::{AdapterModule, Component, Format};
+use super::Component;
+use crate::adapter::{AdapterModule, Format};
 use crate::tensors::TensorInfo;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-
-/// Which part of a checkpoint a file (or key prefix) holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// One file with every component under LDM prefixes (A1111, ComfyUI, Civitai), or BFL Flux.
-    SingleFile,
-    /// One diffusers component file; its keys have no component prefix.
-    DiffusersComponent(Component),
-}
 
 /// Where a LoRA module lands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,10 +97,6 @@ pub fn checkpoint_family(tensors: &[TensorInfo], layout: Layout) -> BaseModel {
         Layout::DiffusersComponent(Component::TextEncoder2) => BaseModel::Sdxl,
         Layout::DiffusersComponent(_) => BaseModel::Unknown,
     }
-}
-
-fn underscored(path: &str) -> String {
-    path.replace('.', "_")
 }
 
 /// OpenCLIP (SD2 text encoder, SDXL text encoder 2) module path → HF CLIP path, with the row slice
@@ -194,11 +184,12 @@ fn flux_diffusers_names(bfl: &str, h: usize, mlp: usize) -> Vec<(String, Option<
 }
 
 impl KeyMap {
-    /// Builds the map for one checkpoint file of the given layout.
-    pub fn build(tensors: &[TensorInfo], layout: Layout) -> KeyMap {
+    /// Builds the map for one checkpoint file of the given layout, part of a checkpoint of
+    /// `family` (a component file alone may not tell: a text encoder is the same in SD1 and SDXL,
+    /// but kohya names it `lora_te_` in one and `lora_te1_` in the other).
+    pub fn build(tensors: &[TensorInfo], layout: Layout, family: BaseModel) -> KeyMap {
         let mut map = KeyMap::default();
         let names: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-        let family = checkpoint_family(tensors, layout);
         let up_attn: HashSet<usize> = tensors
             .iter()
             .filter_map(|t| {
@@ -232,7 +223,8 @@ impl KeyMap {
             };
             let bias = names.contains(bias_key.as_str()).then_some(bias_key);
             let rows = t.shape.first().copied().unwrap_or(0);
-            let mut primary: Vec<(String, String, Component, Option<Range<usize>>)> = Vec::new();
+            // The checkpoint's modules under their dotted paths, named the kohya way below.
+            let mut primary: Vec<(String, Component, Option<Range<usize>>)> = Vec::new();
             let mut add = |name: String, component: Component, slice: Option<Range<usize>>| {
                 map.by_name.entry(name).or_insert(Target {
                     weight: t.name.clone(),
@@ -248,16 +240,13 @@ impl KeyMap {
                         .strip_prefix("model.diffusion_model.")
                         .unwrap_or(module_key);
                     if family == BaseModel::Flux {
-                        add(
-                            format!("lora_unet_{}", underscored(flux_key)),
-                            Component::Transformer,
-                            None,
-                        );
-                        add(
-                            format!("lora_transformer_{}", underscored(flux_key)),
-                            Component::Transformer,
-                            None,
-                        );
+                        for prefix in prefixes_for(Component::Transformer) {
+                            add(
+                                format!("{prefix}{}", flat(flux_key)),
+                                Component::Transformer,
+                                None,
+                            );
+                        }
                         add(
                             format!("transformer:{flux_key}"),
                             Component::Transformer,
@@ -271,18 +260,8 @@ impl KeyMap {
                     } else if let Some(p) = module_key.strip_prefix("model.diffusion_model.") {
                         let diff = ldm_to_diffusers(p);
                         register_unet(&mut add, p, diff.as_deref());
-                        let path = diff.clone().unwrap_or_else(|| p.to_string());
-                        let name = if family == BaseModel::Sdxl {
-                            p
-                        } else {
-                            path.as_str()
-                        };
-                        primary.push((
-                            format!("lora_unet_{}", underscored(name)),
-                            path.clone(),
-                            Component::Unet,
-                            None,
-                        ));
+                        let path = diff.unwrap_or_else(|| p.to_string());
+                        primary.push((path, Component::Unet, None));
                     } else if let Some(p) = module_key
                         .strip_prefix("cond_stage_model.transformer.")
                         .or_else(|| module_key.strip_prefix("conditioner.embedders.0.transformer."))
@@ -293,17 +272,7 @@ impl KeyMap {
                             format!("text_model.{p}")
                         };
                         register_text_encoder(&mut add, &p, Component::TextEncoder, None);
-                        let prefix = if family == BaseModel::Sdxl {
-                            "lora_te1"
-                        } else {
-                            "lora_te"
-                        };
-                        primary.push((
-                            format!("{prefix}_{}", underscored(&p)),
-                            p.clone(),
-                            Component::TextEncoder,
-                            None,
-                        ));
+                        primary.push((p, Component::TextEncoder, None));
                     } else if let Some((p, component)) = module_key
                         .strip_prefix("cond_stage_model.model.")
                         .map(|p| (p, Component::TextEncoder))
@@ -316,33 +285,14 @@ impl KeyMap {
                         for (hf, chunk) in openclip_to_hf(p) {
                             let slice = chunk.map(|c| c * rows / 3..(c + 1) * rows / 3);
                             register_text_encoder(&mut add, &hf, component, slice.clone());
-                            let prefix = if component == Component::TextEncoder2 {
-                                "lora_te2"
-                            } else {
-                                "lora_te"
-                            };
-                            primary.push((
-                                format!("{prefix}_{}", underscored(&hf)),
-                                hf.clone(),
-                                component,
-                                slice,
-                            ));
+                            primary.push((hf, component, slice));
                         }
                     }
                 }
                 Layout::DiffusersComponent(Component::Unet) => {
                     let ldm = diffusers_to_ldm(module_key, |i| up_attn.contains(&i));
                     register_unet(&mut add, ldm.as_deref().unwrap_or(""), Some(module_key));
-                    let name = match (&ldm, family) {
-                        (Some(l), BaseModel::Sdxl) => l.as_str(),
-                        _ => module_key,
-                    };
-                    primary.push((
-                        format!("lora_unet_{}", underscored(name)),
-                        module_key.to_string(),
-                        Component::Unet,
-                        None,
-                    ));
+                    primary.push((module_key.to_string(), Component::Unet, None));
                 }
                 Layout::DiffusersComponent(Component::Transformer) => {
                     add(
@@ -351,29 +301,19 @@ impl KeyMap {
                         None,
                     );
                     add(
-                        format!("lora_transformer_{}", underscored(module_key)),
+                        kohya_name(Component::Transformer, module_key, family),
                         Component::Transformer,
                         None,
                     );
                 }
                 Layout::DiffusersComponent(c) => {
                     register_text_encoder(&mut add, module_key, c, None);
-                    let prefix = match c {
-                        Component::TextEncoder2 => "lora_te2",
-                        Component::TextEncoder3 => "lora_te3",
-                        _ => "lora_te",
-                    };
-                    primary.push((
-                        format!("{prefix}_{}", underscored(module_key)),
-                        module_key.to_string(),
-                        c,
-                        None,
-                    ));
+                    primary.push((module_key.to_string(), c, None));
                 }
             }
-            for (kohya_name, path, component, slice) in primary {
+            for (path, component, slice) in primary {
                 map.modules.push(CheckpointModule {
-                    kohya_name,
+                    kohya_name: kohya_name(component, &path, family),
                     path,
                     target: Target {
                         weight: t.name.clone(),
@@ -416,18 +356,10 @@ fn register_unet(
     diffusers: Option<&str>,
 ) {
     if !ldm.is_empty() {
-        add(
-            format!("lora_unet_{}", underscored(ldm)),
-            Component::Unet,
-            None,
-        );
+        add(format!("lora_unet_{}", flat(ldm)), Component::Unet, None);
     }
     if let Some(d) = diffusers {
-        add(
-            format!("lora_unet_{}", underscored(d)),
-            Component::Unet,
-            None,
-        );
+        add(format!("lora_unet_{}", flat(d)), Component::Unet, None);
         add(format!("unet:{d}"), Component::Unet, None);
     }
 }
@@ -438,14 +370,9 @@ fn register_text_encoder(
     component: Component,
     slice: Option<Range<usize>>,
 ) {
-    let flat = underscored(hf_path);
-    let prefixes: &[&str] = match component {
-        Component::TextEncoder => &["lora_te", "lora_te1"],
-        Component::TextEncoder2 => &["lora_te2"],
-        _ => &["lora_te3"],
-    };
-    for p in prefixes {
-        add(format!("{p}_{flat}"), component, slice.clone());
+    let flat = flat(hf_path);
+    for p in prefixes_for(component) {
+        add(format!("{p}{flat}"), component, slice.clone());
     }
     add(format!("{}:{hf_path}", component.name()), component, slice);
 }

@@ -8,10 +8,14 @@
 //! are reported, never hidden.
 
 pub mod checkpoint;
+mod component;
+pub mod kohya_names;
+pub mod layout;
 pub mod module_names;
 pub mod unet_names;
 
-use crate::adapter::{AdapterModule, Component};
+use crate::adapter::AdapterModule;
+pub use component::Component;
 use serde::Serialize;
 use std::collections::BTreeMap;
 

@@ -1,12 +1,7 @@
 //! The module paths every SD1/SD2/SDXL UNet and CLIP text encoder can have, enumerated from the
 //! families' block structure (a superset: 4 down/up blocks, up to 10 transformer blocks per
-//! attention, 32 text-encoder layers). Converting a kohya name to a dotted path looks the name up
-//! here instead of guessing where underscores were dots.
-
-use super::unet_names::diffusers_to_ldm;
-use super::BaseModel;
-use crate::adapter::Component;
-use std::collections::HashMap;
+//! attention, 32 text-encoder layers). `kohya_names::kohya_to_dotted` names them, so converting a kohya
+//! name to a dotted path is a lookup instead of a guess where underscores were dots.
 
 fn transformer_modules(prefix: &str, out: &mut Vec<String>) {
     for p in ["norm", "proj_in", "proj_out"] {
@@ -90,39 +85,4 @@ pub fn text_encoder_paths() -> Vec<String> {
         }
     }
     out
-}
-
-/// kohya module name → (component, dotted path) for a family. SDXL UNet names are LDM-style in
-/// kohya files (and diffusers-style in some LyCORIS files); both are known.
-pub fn kohya_to_dotted(family: BaseModel) -> HashMap<String, (Component, String)> {
-    let flat = |p: &str| p.replace('.', "_");
-    let mut map = HashMap::new();
-    for p in unet_paths() {
-        map.insert(
-            format!("lora_unet_{}", flat(&p)),
-            (Component::Unet, p.clone()),
-        );
-        let has_attn = |i: usize| {
-            if family == BaseModel::Sdxl {
-                i < 2
-            } else {
-                i > 0
-            }
-        };
-        if let Some(ldm) = diffusers_to_ldm(&p, has_attn) {
-            map.entry(format!("lora_unet_{}", flat(&ldm)))
-                .or_insert((Component::Unet, p.clone()));
-        }
-    }
-    for p in text_encoder_paths() {
-        for (prefix, c) in [
-            ("lora_te", Component::TextEncoder),
-            ("lora_te1", Component::TextEncoder),
-            ("lora_te2", Component::TextEncoder2),
-            ("lora_te3", Component::TextEncoder3),
-        ] {
-            map.insert(format!("{prefix}_{}", flat(&p)), (c, p.clone()));
-        }
-    }
-    map
 }

@@ -1,11 +1,12 @@
 //! `loratool convert`: LoRA files between the kohya and peft/diffusers dialects with ΔW kept
 //! identical, and legacy pickles (`.ckpt`/`.pt`/`.bin`, LoRAs or checkpoints) to safetensors.
 
-use super::merge_loras::kohya_name;
 use crate::adapter::keys::Role;
-use crate::adapter::{Adapter, AdapterModule, Component, Format, ModuleKind};
+use crate::adapter::kohya_metadata::{self, NetworkShape};
+use crate::adapter::{Adapter, AdapterModule, Format, ModuleKind};
 use crate::family;
-use crate::family::module_names::kohya_to_dotted;
+use crate::family::kohya_names::{kohya_to_dotted, module_kohya_name};
+use crate::family::Component;
 use crate::tensors::writer::{write_all, SafetensorsWriter, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
 use crate::{Error, Result};
@@ -53,43 +54,6 @@ pub fn convert_container(input: &Path, out: &Path, opts: &ConvertOptions) -> Res
     Ok(specs.len())
 }
 
-/// kohya tensor suffix of each role.
-pub(crate) fn kohya_suffix(role: Role) -> &'static str {
-    match role {
-        Role::Down => "lora_down.weight",
-        Role::Up => "lora_up.weight",
-        Role::Mid => "lora_mid.weight",
-        Role::Alpha => "alpha",
-        Role::DoraScale => "dora_scale",
-        Role::UpBias => "lora_up.bias",
-        Role::HadaW1A => "hada_w1_a",
-        Role::HadaW1B => "hada_w1_b",
-        Role::HadaW2A => "hada_w2_a",
-        Role::HadaW2B => "hada_w2_b",
-        Role::HadaT1 => "hada_t1",
-        Role::HadaT2 => "hada_t2",
-        Role::LokrW1 => "lokr_w1",
-        Role::LokrW1A => "lokr_w1_a",
-        Role::LokrW1B => "lokr_w1_b",
-        Role::LokrW2 => "lokr_w2",
-        Role::LokrW2A => "lokr_w2_a",
-        Role::LokrW2B => "lokr_w2_b",
-        Role::LokrT2 => "lokr_t2",
-        Role::Ia3Weight => "weight",
-        Role::Ia3OnInput => "on_input",
-        Role::Diff => "diff",
-        Role::DiffBias => "diff_b",
-        Role::NormWeight => "w_norm",
-        Role::NormBias => "b_norm",
-        Role::OftBlocks => "oft_blocks",
-        Role::OftRescale => "rescale",
-        Role::GloraA1 => "a1.weight",
-        Role::GloraA2 => "a2.weight",
-        Role::GloraB1 => "b1.weight",
-        Role::GloraB2 => "b2.weight",
-    }
-}
-
 /// Converts a LoRA file to another dialect. The delta of every module is unchanged: alpha is
 /// rewritten so that the target's scale rule (alpha/rank; rsLoRA and peft configs folded in)
 /// gives the source's effective scale.
@@ -101,9 +65,22 @@ pub fn convert_adapter(
 ) -> Result<usize> {
     let write_opts = WriteOptions::checked(out, opts.force, vec![input.to_path_buf()])?;
     let adapter = Adapter::open(input)?;
+    write_converted(&adapter, out, to, opts.dtype, &write_opts)
+}
+
+/// Writes a parsed adapter in another dialect (see [`convert_adapter`]); float tensors are stored
+/// as `dtype` when given.
+pub(crate) fn write_converted(
+    adapter: &Adapter,
+    out: &Path,
+    to: TargetFormat,
+    dtype: Option<Dtype>,
+    write_opts: &WriteOptions,
+) -> Result<usize> {
+    let input = adapter.file.path();
     let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
     let file = &adapter.file;
-    let dtype_of = |d: Dtype| match opts.dtype {
+    let dtype_of = |d: Dtype| match dtype {
         Some(o) if d.is_float() => o,
         _ => d,
     };
@@ -114,7 +91,7 @@ pub fn convert_adapter(
     match to {
         TargetFormat::Kohya => {
             for m in &adapter.modules {
-                let name = kohya_name(m, fam);
+                let name = module_kohya_name(m, fam);
                 for (role, key) in &m.tensors {
                     if *role == Role::Alpha {
                         continue;
@@ -129,7 +106,7 @@ pub fn convert_adapter(
                         t
                     };
                     let dtype = dtype_of(file.get(key).expect("tensor").dtype);
-                    push(format!("{name}.{}", kohya_suffix(*role)), &t, dtype);
+                    push(format!("{name}.{}", role.kohya_suffix()), &t, dtype);
                 }
                 if let Some(alpha) = kohya_alpha(m) {
                     push(
@@ -139,28 +116,23 @@ pub fn convert_adapter(
                     );
                 }
             }
-            meta.remove("lora_adapter_metadata");
-            if let Some((version, arch, _)) = fam.kohya_lora_metadata() {
-                meta.entry("ss_base_model_version".into())
-                    .or_insert(version.into());
-                meta.entry("modelspec.architecture".into())
-                    .or_insert(arch.into());
-            }
-            meta.entry("ss_network_module".into())
-                .or_insert("networks.lora".into());
+            kohya_metadata::set_family(&mut meta, fam);
+            kohya_metadata::set_network(&mut meta, &NetworkShape::default());
+            kohya_metadata::seal(&mut meta, &tensors);
         }
         TargetFormat::Peft => {
             let names = kohya_to_dotted(fam);
             let mut config: BTreeMap<Component, Vec<(String, usize, f32)>> = BTreeMap::new();
             for m in &adapter.modules {
-                if m.kind != ModuleKind::Lora || m.dora || m.tensor(Role::Mid).is_some() {
+                let factors = m.plain_factors().filter(|_| !m.dora);
+                let Some(factors) = factors else {
                     return Err(Error::Invalid(format!(
                         "{}: module '{}' is {}; the peft format only holds plain LoRA modules (convert to kohya instead)",
                         input.display(),
                         m.name,
                         if m.dora { "DoRA".into() } else if m.kind == ModuleKind::Lora { "a Tucker LoCon".to_string() } else { m.kind.name().to_string() }
                     )));
-                }
+                };
                 let (component, path) = match m.format {
                     Format::Kohya => names.get(&m.name).cloned().ok_or_else(|| {
                         Error::Invalid(format!(
@@ -172,10 +144,10 @@ pub fn convert_adapter(
                     })?,
                     _ => (m.component, m.path.clone()),
                 };
-                let r = m.rank.expect("LoRA rank");
+                let r = factors.rank;
                 let prefix = format!("{}.{path}", component.name());
-                let down = file.read_f32(m.tensor(Role::Down).expect("down"))?;
-                let up = file.read_f32(m.tensor(Role::Up).expect("up"))?;
+                let down = file.read_f32(factors.down)?;
+                let up = file.read_f32(factors.up)?;
                 push(format!("{prefix}.lora_A.weight"), &down, dtype_of(m.dtype));
                 push(format!("{prefix}.lora_B.weight"), &up, dtype_of(m.dtype));
                 config
@@ -184,11 +156,12 @@ pub fn convert_adapter(
                     .push((path, r, m.scale * r as f32));
             }
             meta.retain(|k, _| k.starts_with("ss_") || k.starts_with("modelspec."));
+            kohya_metadata::seal(&mut meta, &tensors);
             meta.insert("format".into(), "pt".into());
             meta.insert("lora_adapter_metadata".into(), peft_metadata(&config));
         }
     }
-    write_all(out, &meta, &tensors, &write_opts)?;
+    write_all(out, &meta, &tensors, write_opts)?;
     Ok(adapter.modules.len())
 }
 

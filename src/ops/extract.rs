@@ -7,15 +7,17 @@
 //! alpha = k (scale 1). Modules are processed in parallel, one pair of tensors at a time per
 //! worker, so neither checkpoint is ever held in f32.
 
+use super::convert::{write_converted, TargetFormat};
 use super::resize::RankRule;
-use crate::family::checkpoint::Layout;
-use crate::family::checkpoint::{checkpoint_family, CheckpointModule, KeyMap};
+use crate::adapter::kohya_metadata::{self, NetworkShape};
+use crate::adapter::Adapter;
+use crate::family::checkpoint::{CheckpointModule, KeyMap};
+use crate::family::layout::Checkpoint;
 use crate::family::BaseModel;
 use crate::linalg::{self, LowRank};
-use crate::ops::merge::{layout_of, PIPELINE_COMPONENTS};
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::hash_file;
-use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
+use crate::tensors::writer::{build_header, write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -36,6 +38,8 @@ pub struct ExtractOptions {
     /// kohya's quantile clamp of the factors (off by default: it loses quality).
     pub clamp_quantile: Option<f64>,
     pub dtype: Dtype,
+    /// The dialect written (kohya, or peft converted from it in memory).
+    pub format: TargetFormat,
     pub force: bool,
     pub allow_empty: bool,
     /// Told the number of modules to factorize, then each one as it is done.
@@ -73,7 +77,7 @@ enum Class {
 }
 
 fn classify(m: &CheckpointModule, shape: &[usize]) -> Option<Class> {
-    use crate::adapter::Component::*;
+    use crate::family::Component::*;
     let p = m.path.as_str();
     let ends = |s: &str| p.ends_with(s);
     let spatial = shape.len() == 4 && shape[2] * shape[3] > 1;
@@ -121,77 +125,60 @@ fn classify(m: &CheckpointModule, shape: &[usize]) -> Option<Class> {
 struct Pair {
     base: TensorFile,
     tuned: TensorFile,
-    layout: Layout,
     base_map: KeyMap,
     tuned_map: KeyMap,
 }
 
-impl Pair {
-    fn open(base: &Path, tuned: &Path, layout: Layout) -> Result<Pair> {
-        let (b, t) = (TensorFile::open(base)?, TensorFile::open(tuned)?);
-        Ok(Pair {
-            base_map: KeyMap::build(b.tensors(), layout),
-            tuned_map: KeyMap::build(t.tensors(), layout),
-            base: b,
-            tuned: t,
-            layout,
-        })
-    }
-}
-
-/// Single files (LDM, BFL, a diffusers component file) pair up directly; diffusers pipeline
-/// folders pair their component files by name.
-fn open_pairs(base: &Path, tuned: &Path) -> Result<Vec<Pair>> {
-    match (base.is_dir(), tuned.is_dir()) {
-        (false, false) => {
-            let (lb, lt) = (layout_of(base), layout_of(tuned));
-            if lb != lt {
-                return Err(Error::Invalid(format!(
-                    "{} and {} are different parts of a model",
-                    base.display(),
-                    tuned.display()
-                )));
-            }
-            Ok(vec![Pair::open(base, tuned, lb)?])
-        }
-        (true, true) => {
-            let mut pairs = Vec::new();
-            for (folder, component) in PIPELINE_COMPONENTS {
-                let Ok(entries) = std::fs::read_dir(base.join(folder)) else {
-                    continue;
-                };
-                let mut files: Vec<_> = entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                    .collect();
-                files.sort();
-                for f in files {
-                    let other = tuned.join(folder).join(f.file_name().expect("file"));
-                    if !other.is_file() {
-                        return Err(Error::Invalid(format!(
-                            "{}: missing (the base folder has {})",
-                            other.display(),
-                            f.display()
-                        )));
-                    }
-                    pairs.push(Pair::open(
-                        &f,
-                        &other,
-                        Layout::DiffusersComponent(*component),
-                    )?);
-                }
-            }
-            if pairs.is_empty() {
-                return Err(Error::bad_file(base, "not a diffusers pipeline folder"));
-            }
-            Ok(pairs)
-        }
-        _ => Err(Error::Invalid(format!(
+/// Pairs the weight files of two checkpoints of the same layout: two single files, two
+/// component files of the same kind, or two diffusers pipeline folders (by component file).
+/// Returns the pairs and the family.
+fn open_pairs(base: &Path, tuned: &Path) -> Result<(Vec<Pair>, BaseModel)> {
+    let (b, t) = (Checkpoint::open(base)?, Checkpoint::open(tuned)?);
+    if b.pipeline != t.pipeline {
+        return Err(Error::Invalid(format!(
             "{} and {} must both be files or both be diffusers folders",
             base.display(),
             tuned.display()
-        ))),
+        )));
     }
+    let (fb, ft) = (b.family(), t.family());
+    if fb != ft {
+        return Err(Error::Invalid(format!(
+            "{} is a {} checkpoint but {} is a {} checkpoint",
+            base.display(),
+            fb.name(),
+            tuned.display(),
+            ft.name()
+        )));
+    }
+    let mut tuned_files = t.files;
+    let mut pairs = Vec::new();
+    for bf in b.files {
+        let Some(at) = tuned_files
+            .iter()
+            .position(|tf| tf.relative == bf.relative && tf.layout == bf.layout)
+        else {
+            let what = if b.pipeline {
+                tuned.join(&bf.relative).display().to_string()
+            } else {
+                format!("{} ({})", tuned.display(), bf.layout.name())
+            };
+            return Err(Error::Invalid(format!(
+                "{} and {} are different parts of a model: no counterpart of {} in {what}",
+                base.display(),
+                tuned.display(),
+                bf.file.path().display()
+            )));
+        };
+        let tf = tuned_files.swap_remove(at);
+        pairs.push(Pair {
+            base_map: KeyMap::build(bf.file.tensors(), bf.layout, fb),
+            tuned_map: KeyMap::build(tf.file.tensors(), tf.layout, fb),
+            base: bf.file,
+            tuned: tf.file,
+        });
+    }
+    Ok((pairs, fb))
 }
 
 /// The rows of a weight that a module covers (fused q/k/v slices), as an f32 tensor.
@@ -264,26 +251,7 @@ pub fn extract_lora(
         opts.force,
         vec![base_path.to_path_buf(), tuned_path.to_path_buf()],
     )?;
-    let pairs = open_pairs(base_path, tuned_path)?;
-    let mut fb = BaseModel::Unknown;
-    for p in &pairs {
-        let (b, t) = (
-            checkpoint_family(p.base.tensors(), p.layout),
-            checkpoint_family(p.tuned.tensors(), p.layout),
-        );
-        if b != t {
-            return Err(Error::Invalid(format!(
-                "{} is a {} checkpoint but {} is a {} checkpoint",
-                base_path.display(),
-                b.name(),
-                tuned_path.display(),
-                t.name()
-            )));
-        }
-        if fb == BaseModel::Unknown {
-            fb = b;
-        }
-    }
+    let (pairs, fb) = open_pairs(base_path, tuned_path)?;
 
     // Targets and their ranks; shapes checked up front.
     let mut jobs: Vec<(usize, &CheckpointModule, &CheckpointModule, usize)> = Vec::new();
@@ -446,36 +414,16 @@ pub fn extract_lora(
     }
 
     let mut meta = BTreeMap::new();
-    let (version, arch, _) = fb
-        .kohya_lora_metadata()
-        .unwrap_or(("unknown", "unknown/lora", ""));
-    meta.insert("ss_base_model_version".to_string(), version.to_string());
-    meta.insert(
-        "ss_v2".into(),
-        if fb == BaseModel::Sd2 {
-            "True"
-        } else {
-            "False"
-        }
-        .into(),
+    kohya_metadata::set_family(&mut meta, fb);
+    // kohya's extract records the linear rank it was asked for as the network's dim.
+    kohya_metadata::set_network(
+        &mut meta,
+        &NetworkShape {
+            ranks: vec![opts.rank],
+            conv_rank: conv_used.map(|c| opts.conv_rank.unwrap_or(c)),
+            dynamic: opts.dynamic.is_some(),
+        },
     );
-    meta.insert("modelspec.architecture".into(), arch.into());
-    meta.insert("modelspec.sai_model_spec".into(), "1.0.1".into());
-    meta.insert("ss_network_module".into(), "networks.lora".into());
-    let dim = if opts.dynamic.is_some() {
-        "Dynamic".to_string()
-    } else {
-        opts.rank.to_string()
-    };
-    meta.insert("ss_network_dim".into(), dim.clone());
-    meta.insert("ss_network_alpha".into(), dim);
-    if let Some(c) = conv_used {
-        let c = opts.conv_rank.unwrap_or(c);
-        meta.insert(
-            "ss_network_args".into(),
-            serde_json::json!({"conv_dim": c.to_string(), "conv_alpha": c.to_string()}).to_string(),
-        );
-    }
     let mut record = serde_json::Map::new();
     for (role, path, file) in [
         ("base", base_path, &pairs[0].base),
@@ -497,10 +445,24 @@ pub fn extract_lora(
         "loratool.extracted_from".into(),
         serde_json::Value::Object(record).to_string(),
     );
-    meta.insert(
-        "sshs_model_hash".into(),
-        crate::tensors::writer::sshs_model_hash(&tensors),
-    );
-    write_all(out, &meta, &tensors, &write_opts)?;
+    kohya_metadata::seal(&mut meta, &tensors);
+    match opts.format {
+        TargetFormat::Kohya => {
+            write_all(out, &meta, &tensors, &write_opts)?;
+        }
+        TargetFormat::Peft => {
+            // Converted in memory and written once, through the same atomic writer.
+            let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
+            let header = build_header(&meta, &specs);
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(&header);
+            for (_, data) in &tensors {
+                bytes.extend_from_slice(data);
+            }
+            drop(tensors);
+            let kohya = Adapter::from_file(TensorFile::from_safetensors_bytes(out, bytes)?)?;
+            write_converted(&kohya, out, TargetFormat::Peft, None, &write_opts)?;
+        }
+    }
     Ok(report)
 }

@@ -1,6 +1,7 @@
 //! `loratool inspect`: what a LoRA file is, read from its header (and, on request, its tensors).
 
-use crate::adapter::{delta, Adapter, AdapterModule, Component, ModuleKind};
+use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
+use crate::family::Component;
 use crate::family::{self, BaseModel, Detection};
 use crate::tensors::hash::{hash_file, FileHashes};
 use crate::tensors::Container;

@@ -8,90 +8,24 @@
 //! windows of bounded size, in parallel inside a window, so peak memory does not grow with the
 //! checkpoint.
 
-use crate::adapter::keys::Role;
-use crate::adapter::{delta, Adapter, AdapterModule, Component, ModuleKind};
-use crate::family::checkpoint::{checkpoint_family, KeyMap, Layout, Target};
-use crate::family::{self, BaseModel};
+use crate::family::layout::Checkpoint;
+use crate::family::BaseModel;
 use crate::linalg::low_rank_add::{self, PackedDown, Term};
+use crate::ops::patch_plan::{LoraWeight, Patch, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::autov3;
-use crate::tensors::writer::{SafetensorsWriter, TensorSpec, WriteOptions};
-use crate::tensors::{Dtype, Tensor, TensorFile};
+use crate::tensors::writer::{check_output_path, SafetensorsWriter, TensorSpec, WriteOptions};
+use crate::tensors::{Dtype, TensorFile};
 use crate::{linalg, Error, Result};
 use rayon::prelude::*;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// One `--lora PATH[:W]` or `--lora PATH:TE_W:UNET_W` argument.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraWeight {
-    pub path: PathBuf,
-    /// Multiplier for text-encoder modules.
-    pub text_encoder: f32,
-    /// Multiplier for UNet / transformer modules.
-    pub unet: f32,
-}
-
-impl LoraWeight {
-    /// Parses `PATH`, `PATH:W` or `PATH:TE_W:UNET_W` (A1111's order). Weights are split off at the
-    /// last `:` whose suffix parses as a number, so paths containing `:` keep working.
-    pub fn parse(arg: &str) -> Result<LoraWeight> {
-        let number =
-            |s: &str| -> Option<f32> { s.trim().parse::<f32>().ok().filter(|v| v.is_finite()) };
-        let mut weights = Vec::new();
-        let mut path = arg;
-        while weights.len() < 2 {
-            match path.rsplit_once(':') {
-                Some((head, tail)) if !head.is_empty() => match number(tail) {
-                    Some(w) => {
-                        weights.insert(0, w);
-                        path = head;
-                    }
-                    None => break,
-                },
-                _ => break,
-            }
-        }
-        if path.is_empty() || path.starts_with(':') {
-            return Err(Error::Invalid(format!("--lora '{arg}': no file name")));
-        }
-        // A trailing ':something' that is not a number and not part of an existing path is a typo.
-        if weights.is_empty() {
-            if let Some((head, tail)) = arg.rsplit_once(':') {
-                if !Path::new(arg).exists() && Path::new(head).exists() {
-                    return Err(Error::Invalid(format!(
-                        "--lora '{arg}': weight '{tail}' is not a number"
-                    )));
-                }
-            }
-        }
-        let (te, unet) = match weights.as_slice() {
-            [] => (1.0, 1.0),
-            [w] => (*w, *w),
-            [te, unet] => (*te, *unet),
-            _ => unreachable!("at most two weights"),
-        };
-        Ok(LoraWeight {
-            path: PathBuf::from(path),
-            text_encoder: te,
-            unet,
-        })
-    }
-
-    fn multiplier(&self, component: Component) -> f32 {
-        if component.is_text_encoder() {
-            self.text_encoder
-        } else {
-            self.unet
-        }
-    }
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct MergeOptions {
     /// Output dtype for float tensors; the base's dtype when `None`.
     pub dtype: Option<Dtype>,
-    /// Unmatched LoRA modules are an error (checked before writing).
+    /// Unmatched LoRA modules, and LoRAs whose metadata and keys disagree on the family, are
+    /// errors (checked before writing).
     pub strict: bool,
     /// Overwrite an existing output; accept a LoRA of another family.
     pub force: bool,
@@ -112,58 +46,6 @@ pub struct MergeReport {
     pub output_bytes: u64,
 }
 
-/// One module of one LoRA applied to one tensor (or a row slice of it).
-struct Patch {
-    lora: usize,
-    module: usize,
-    rows: Option<std::ops::Range<usize>>,
-    multiplier: f32,
-    bias: bool,
-}
-
-/// The layout of a base checkpoint file: a diffusers component when it sits in a folder named
-/// like one, otherwise a single file.
-pub fn layout_of(path: &Path) -> Layout {
-    let folder = path
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    match folder.as_str() {
-        "unet" => Layout::DiffusersComponent(Component::Unet),
-        "transformer" => Layout::DiffusersComponent(Component::Transformer),
-        "text_encoder" => Layout::DiffusersComponent(Component::TextEncoder),
-        "text_encoder_2" => Layout::DiffusersComponent(Component::TextEncoder2),
-        "text_encoder_3" => Layout::DiffusersComponent(Component::TextEncoder3),
-        _ => Layout::SingleFile,
-    }
-}
-
-fn component_of(layout: Layout) -> Option<Component> {
-    match layout {
-        Layout::DiffusersComponent(c) => Some(c),
-        Layout::SingleFile => None,
-    }
-}
-
-/// Component folders of a diffusers pipeline that LoRAs patch; every other file is copied.
-pub(crate) const PIPELINE_COMPONENTS: &[(&str, Component)] = &[
-    ("unet", Component::Unet),
-    ("transformer", Component::Transformer),
-    ("text_encoder", Component::TextEncoder),
-    ("text_encoder_2", Component::TextEncoder2),
-    ("text_encoder_3", Component::TextEncoder3),
-];
-
-/// One checkpoint file to patch, with its matched patches.
-struct FilePlan {
-    source: PathBuf,
-    /// Path relative to the output root (empty for a single-file merge).
-    relative: PathBuf,
-    base: TensorFile,
-    patches: BTreeMap<String, Vec<Patch>>,
-}
-
 /// Bakes `loras` into the checkpoint at `base_path` (a file, or a diffusers pipeline folder, in
 /// which case `out` is a folder with the same structure).
 pub fn merge_into_checkpoint(
@@ -172,221 +54,61 @@ pub fn merge_into_checkpoint(
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
-    let adapters: Vec<Adapter> = loras
-        .iter()
-        .map(|l| Adapter::open(&l.path))
-        .collect::<Result<_>>()?;
-    for a in &adapters {
-        a.check_finite()?;
-    }
-    let record = spawn_merge_record(loras, &adapters);
-    for a in &adapters {
-        a.file.release_pages(); // parsing and the finiteness check touched the whole file
-    }
-
-    // The files to patch: the base itself, or each weight file of a pipeline's component folders.
-    let mut files: Vec<(PathBuf, PathBuf, Layout)> = Vec::new();
-    let pipeline = base_path.is_dir();
-    if pipeline {
-        for (folder, component) in PIPELINE_COMPONENTS {
-            let dir = base_path.join(folder);
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            let mut weights: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            weights.sort();
-            for w in weights {
-                let rel = Path::new(folder).join(w.file_name().expect("file"));
-                files.push((w, rel, Layout::DiffusersComponent(*component)));
-            }
-        }
-        if files.is_empty() {
-            return Err(Error::bad_file(
-                base_path,
-                "not a diffusers pipeline folder: no unet/, transformer/ or text_encoder*/ safetensors files",
-            ));
-        }
-    } else {
-        files.push((
-            base_path.to_path_buf(),
-            PathBuf::new(),
-            layout_of(base_path),
-        ));
-    }
-
-    // Match every module, check families and shapes, before anything is written.
-    let mut plans = Vec::new();
-    let mut matched: Vec<Vec<bool>> = adapters
-        .iter()
-        .map(|a| vec![false; a.modules.len()])
-        .collect();
-    let opened: Vec<(PathBuf, PathBuf, Layout, TensorFile)> = files
-        .into_iter()
-        .map(|(s, r, l)| TensorFile::open(&s).map(|f| (s, r, l, f)))
-        .collect::<Result<_>>()?;
-    let base_family = opened
-        .iter()
-        .map(|(_, _, l, f)| checkpoint_family(f.tensors(), *l))
-        .find(|f| *f != BaseModel::Unknown)
-        .unwrap_or(BaseModel::Unknown);
-    for (adapter, lw) in adapters.iter().zip(loras) {
-        let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
-        if fam != BaseModel::Unknown
-            && base_family != BaseModel::Unknown
-            && fam != base_family
-            && !opts.force
-        {
-            return Err(Error::Invalid(format!(
-                "{}: this is a {} LoRA but {} is a {} checkpoint (use --force to merge anyway)",
-                lw.path.display(),
-                fam.name(),
-                base_path.display(),
-                base_family.name()
-            )));
-        }
-    }
-    for (source, relative, layout, base) in opened {
-        let keymap = KeyMap::build(base.tensors(), layout);
-        if keymap.is_empty() || crate::adapter::keys::classify(&base.tensors()[0].name).is_some() {
-            return Err(Error::bad_file(
-                &source,
-                "not a model checkpoint: no UNet, transformer or text-encoder weights found",
-            ));
-        }
-        let mut patches: BTreeMap<String, Vec<Patch>> = BTreeMap::new();
-        for (li, (adapter, lw)) in adapters.iter().zip(loras).enumerate() {
-            for (mi, m) in adapter.modules.iter().enumerate() {
-                if let Some(c) = component_of(layout) {
-                    if m.component != c {
-                        continue;
-                    }
-                }
-                let Some(target) = keymap.lookup(m) else {
-                    continue;
-                };
-                check_fits(&base, target, m, &lw.path)?;
-                matched[li][mi] = true;
-                let multiplier = lw.multiplier(m.component);
-                patches
-                    .entry(target.weight.clone())
-                    .or_default()
-                    .push(Patch {
-                        lora: li,
-                        module: mi,
-                        rows: target.rows.clone(),
-                        multiplier,
-                        bias: false,
-                    });
-                let has_bias_delta =
-                    m.tensor(Role::DiffBias).is_some() || m.tensor(Role::NormBias).is_some();
-                if has_bias_delta {
-                    let Some(bias) = &target.bias else {
-                        return Err(Error::Invalid(format!(
-                            "{}: module '{}' changes a bias, but '{}' has none in {}",
-                            lw.path.display(),
-                            m.name,
-                            target.weight,
-                            source.display()
-                        )));
-                    };
-                    patches.entry(bias.clone()).or_default().push(Patch {
-                        lora: li,
-                        module: mi,
-                        rows: target.rows.clone(),
-                        multiplier,
-                        bias: true,
-                    });
-                }
-            }
-        }
-        plans.push(FilePlan {
-            source,
-            relative,
-            base,
-            patches,
-        });
-    }
-
-    let mut report = MergeReport {
-        base_family: Some(base_family),
-        ..Default::default()
-    };
-    for (li, (adapter, lw)) in adapters.iter().zip(loras).enumerate() {
-        let unmatched: Vec<String> = adapter
-            .modules
-            .iter()
-            .zip(&matched[li])
-            .filter(|(_, hit)| !**hit)
-            .map(|(m, _)| m.name.clone())
-            .collect();
-        let hits = adapter.modules.len() - unmatched.len();
-        if hits == 0 {
-            return Err(Error::Invalid(format!(
-                "{}: none of its {} modules matched anything in {}; nothing was written",
-                lw.path.display(),
-                adapter.modules.len(),
-                base_path.display()
-            )));
-        }
-        if opts.strict && !unmatched.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{}: {} of {} LoRA modules matched nothing in {} (first: {}); nothing was written",
-                lw.path.display(),
-                unmatched.len(),
-                adapter.modules.len(),
-                base_path.display(),
-                unmatched
-                    .iter()
-                    .take(3)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        report.loras.push((lw.path.clone(), hits, unmatched));
-    }
-
     let mut inputs = vec![base_path.to_path_buf()];
     inputs.extend(loras.iter().map(|l| l.path.clone()));
     let write_opts = WriteOptions {
         force: opts.force,
         inputs,
     };
+    // The output path is checked before any work (a folder output may be replaced with --force).
+    if !(base_path.is_dir() && opts.force && out.is_dir()) {
+        check_output_path(out, &write_opts)?;
+    }
+    let record = spawn_merge_record(loras);
+    let checkpoint = Checkpoint::open(base_path)?;
+    let plan = PatchPlan::build(
+        &checkpoint,
+        loras,
+        &PlanOptions {
+            strict: opts.strict,
+            any_family: opts.force,
+        },
+    )?;
+    let mut report = MergeReport {
+        base_family: Some(plan.family),
+        loras: plan
+            .matches
+            .iter()
+            .map(|m| (m.path.clone(), m.matched, m.unmatched.clone()))
+            .collect(),
+        ..Default::default()
+    };
     let record = record.join().expect("hashing thread does not panic")?;
     opts.progress.start(
-        plans
+        checkpoint
+            .files
             .iter()
-            .flat_map(|p| p.base.tensors())
+            .flat_map(|f| f.file.tensors())
             .map(|t| TensorSpec::cast_from(t, opts.dtype).byte_len() as u64)
             .sum(),
     );
-    if pipeline {
+    if checkpoint.pipeline {
         let staging = StagingDir::create(out, &write_opts)?;
-        copy_tree(base_path, staging.path(), &plans)?;
-        for plan in &plans {
-            let target = staging.path().join(&plan.relative);
-            let s = write_merged(
-                plan,
-                &target,
-                &record,
-                &adapters,
-                opts,
-                &WriteOptions::default(),
-            )?;
+        let rewritten: Vec<&Path> = checkpoint.files.iter().map(|f| f.file.path()).collect();
+        copy_tree(base_path, staging.path(), &rewritten)?;
+        for (i, cf) in checkpoint.files.iter().enumerate() {
+            let target = staging.path().join(&cf.relative);
+            let s = write_merged(&plan, i, &target, &record, opts, &WriteOptions::default())?;
             report.output_bytes += s.0;
             report.tensors_changed += s.1;
-            report.tensors_total += plan.base.tensors().len();
+            report.tensors_total += cf.file.tensors().len();
         }
         staging.commit()?;
     } else {
-        let plan = &plans[0];
-        let s = write_merged(plan, out, &record, &adapters, opts, &write_opts)?;
+        let s = write_merged(&plan, 0, out, &record, opts, &write_opts)?;
         report.output_bytes = s.0;
         report.tensors_changed = s.1;
-        report.tensors_total = plan.base.tensors().len();
+        report.tensors_total = checkpoint.files[0].file.tensors().len();
     }
     Ok(report)
 }
@@ -414,29 +136,17 @@ thread_local! {
     static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// True for a patch the row-block path can apply: a plain low-rank LoRA/LoCon without a Tucker
-/// core or DoRA magnitude.
-fn is_plain_low_rank(p: &Patch, adapters: &[Adapter]) -> bool {
-    let m = &adapters[p.lora].modules[p.module];
-    !p.bias
-        && m.kind == ModuleKind::Lora
-        && !m.dora
-        && m.tensor(Role::Mid).is_none()
-        && m.tensor(Role::Up).is_some()
-        && m.tensor(Role::Down).is_some()
-}
-
 fn production<'a>(
     info: &crate::tensors::TensorInfo,
     spec: &TensorSpec,
     patches: Option<&'a Vec<Patch>>,
-    adapters: &[Adapter],
+    plan: &PatchPlan,
 ) -> Production<'a> {
     let floats = info.dtype.is_float() && spec.dtype.is_float();
     match patches {
         None if spec.dtype == info.dtype => Production::Copy,
         None if floats => Production::Blocks(Vec::new()),
-        Some(ps) if floats && ps.iter().all(|p| is_plain_low_rank(p, adapters)) => {
+        Some(ps) if floats && ps.iter().all(|p| plan.is_plain_low_rank(p)) => {
             Production::Blocks(ps.iter().collect())
         }
         Some(ps) => Production::Whole(ps),
@@ -464,14 +174,15 @@ type Batch = Vec<(usize, Option<Vec<u8>>)>;
 /// parallel while a writer thread writes the previous window, so computation, the copy into the
 /// page cache and (through the writer's early writeback) the disk writes overlap.
 fn write_merged(
-    plan: &FilePlan,
+    plan: &PatchPlan,
+    file: usize,
     out: &Path,
     record: &str,
-    adapters: &[Adapter],
     opts: &MergeOptions,
     write_opts: &WriteOptions,
 ) -> Result<(u64, usize)> {
-    let base = &plan.base;
+    let base = &plan.checkpoint.files[file].file;
+    let patches = &plan.files[file];
     let infos = base.tensors();
     let specs: Vec<TensorSpec> = infos
         .iter()
@@ -480,7 +191,7 @@ fn write_merged(
     let productions: Vec<Production> = infos
         .iter()
         .zip(&specs)
-        .map(|(info, spec)| production(info, spec, plan.patches.get(&info.name), adapters))
+        .map(|(info, spec)| production(info, spec, patches.get(&info.name), plan))
         .collect();
     let mut metadata = base.metadata().clone();
     metadata.insert("loratool.merged_loras".into(), record.to_string());
@@ -533,10 +244,10 @@ fn write_merged(
                         let bytes = match &productions[i] {
                             Production::Copy => None,
                             Production::Blocks(ps) => {
-                                Some(produce_blocks(base, i, &specs[i], ps, adapters)?)
+                                Some(produce_blocks(plan, base, i, &specs[i], ps)?)
                             }
                             Production::Whole(ps) => {
-                                Some(produce_whole(base, i, &specs[i], ps, adapters)?)
+                                Some(produce_whole(plan, base, i, &specs[i], ps)?)
                             }
                         };
                         Ok((i, bytes))
@@ -545,7 +256,7 @@ fn write_merged(
                 // The window's input pages are done with; the writer copies untouched tensors
                 // by file offset, not through the mapping.
                 base.release_tensor_pages(start, end - 1);
-                for a in adapters {
+                for a in &plan.adapters {
                     a.file.release_pages();
                 }
                 if tx.send(batch).is_err() {
@@ -562,7 +273,7 @@ fn write_merged(
     let writer = written?;
     computed?;
     let summary = writer.finish()?;
-    Ok((summary.bytes, plan.patches.len()))
+    Ok((summary.bytes, patches.len()))
 }
 
 /// One plain LoRA patch ready for row blocks, in the form the block code uses.
@@ -584,19 +295,17 @@ enum Factors {
 }
 
 fn low_rank_patch(
+    plan: &PatchPlan,
     p: &Patch,
-    adapters: &[Adapter],
     rows: usize,
     cols: usize,
     fused: bool,
 ) -> Result<LowRankPatch> {
-    let adapter = &adapters[p.lora];
-    let m = &adapter.modules[p.module];
+    let (adapter, m) = plan.module(p);
     let file = &adapter.file;
-    let up_key = m.tensor(Role::Up).expect("checked by is_plain_low_rank");
-    let down_key = m.tensor(Role::Down).expect("checked by is_plain_low_rank");
-    let up = file.read_f32(up_key)?;
-    let down = file.read_f32(down_key)?;
+    let factors = m.plain_factors().expect("checked by is_plain_low_rank");
+    let up = file.read_f32(factors.up)?;
+    let down = file.read_f32(factors.down)?;
     let range = p.rows.clone().unwrap_or(0..rows);
     let rank = up.numel() / range.len().max(1);
     if up.numel() != range.len() * rank || down.numel() != rank * cols {
@@ -638,24 +347,24 @@ fn low_rank_patch(
 
 /// The new bytes of tensor `i` through row blocks (see [`Production::Blocks`]).
 fn produce_blocks(
+    plan: &PatchPlan,
     base: &TensorFile,
     i: usize,
     spec: &TensorSpec,
     patches: &[&Patch],
-    adapters: &[Adapter],
 ) -> Result<Vec<u8>> {
     let info = &base.tensors()[i];
     let fused = low_rank_add::supported(info.dtype, spec.dtype);
-    produce_blocks_with(base, i, spec, patches, adapters, fused)
+    produce_blocks_with(plan, base, i, spec, patches, fused)
 }
 
 /// [`produce_blocks`] through the fused kernel or (`fused` false) through faer.
 fn produce_blocks_with(
+    plan: &PatchPlan,
     base: &TensorFile,
     i: usize,
     spec: &TensorSpec,
     patches: &[&Patch],
-    adapters: &[Adapter],
     fused: bool,
 ) -> Result<Vec<u8>> {
     let info = &base.tensors()[i];
@@ -663,7 +372,7 @@ fn produce_blocks_with(
     let cols = info.numel() / rows;
     let patches: Vec<LowRankPatch> = patches
         .iter()
-        .map(|p| low_rank_patch(p, adapters, rows, cols, fused))
+        .map(|p| low_rank_patch(plan, p, rows, cols, fused))
         .collect::<Result<_>>()?;
     let input = base.raw_bytes(&info.name)?;
     let in_size = info.dtype.size().expect("float dtype");
@@ -861,8 +570,7 @@ impl Drop for StagingDir {
 }
 
 /// Copies every file of a pipeline folder except the weight files that will be rewritten.
-fn copy_tree(from: &Path, to: &Path, plans: &[FilePlan]) -> Result<()> {
-    let rewritten: Vec<&Path> = plans.iter().map(|p| p.source.as_path()).collect();
+fn copy_tree(from: &Path, to: &Path, rewritten: &[&Path]) -> Result<()> {
     let entries = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(from, e))?;
@@ -870,7 +578,7 @@ fn copy_tree(from: &Path, to: &Path, plans: &[FilePlan]) -> Result<()> {
         let dst = to.join(entry.file_name());
         if src.is_dir() {
             std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
-            copy_tree(&src, &dst, plans)?;
+            copy_tree(&src, &dst, rewritten)?;
         } else if !rewritten.contains(&src.as_path()) {
             std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
         }
@@ -881,19 +589,14 @@ fn copy_tree(from: &Path, to: &Path, plans: &[FilePlan]) -> Result<()> {
 /// The new bytes of tensor `i` through one f32 copy of the whole tensor (see
 /// [`Production::Whole`]).
 fn produce_whole(
+    plan: &PatchPlan,
     base: &TensorFile,
     i: usize,
     spec: &TensorSpec,
     patches: &[Patch],
-    adapters: &[Adapter],
 ) -> Result<Vec<u8>> {
     let info = &base.tensors()[i];
-    let mut w = base.read_f32(&info.name)?;
-    for p in patches {
-        let adapter = &adapters[p.lora];
-        let m = &adapter.modules[p.module];
-        apply_patch(&mut w, p, m, adapter)?;
-    }
+    let w = plan.apply(base, &info.name, patches)?;
     let bytes = spec.dtype.encode_f32(&w.data).ok_or_else(|| {
         Error::bad_tensor(
             base.path(),
@@ -904,118 +607,16 @@ fn produce_whole(
     Ok(bytes)
 }
 
-fn apply_patch(w: &mut Tensor, p: &Patch, m: &AdapterModule, adapter: &Adapter) -> Result<()> {
-    let file = &adapter.file;
-    let cols = w.cols();
-    let rows = p.rows.clone().unwrap_or(0..w.rows());
-    let slice_shape = {
-        let mut s = w.shape.clone();
-        if !s.is_empty() {
-            s[0] = rows.len();
-        }
-        s
-    };
-    let range = rows.start * cols..rows.end * cols;
-    if p.bias {
-        let d = delta::bias_delta(m, file)?
-            .ok_or_else(|| Error::Invalid(format!("module '{}' has no bias delta", m.name)))?;
-        if d.numel() != range.len() {
-            return Err(Error::Invalid(format!(
-                "{}: bias delta of '{}' has {} values, the bias {}",
-                file.path().display(),
-                m.name,
-                d.numel(),
-                range.len()
-            )));
-        }
-        for (x, dx) in w.data[range].iter_mut().zip(&d.data) {
-            *x += p.multiplier * dx;
-        }
-        return Ok(());
-    }
-    // Kinds that only add to the weight are applied in place, without copying the weight.
-    let additive = matches!(
-        m.kind,
-        ModuleKind::Lora
-            | ModuleKind::Loha
-            | ModuleKind::Lokr
-            | ModuleKind::Full
-            | ModuleKind::Norm
-    ) && !m.dora;
-    if additive {
-        let d = delta::delta(m, file)?;
-        if d.numel() != range.len() {
-            return Err(Error::Invalid(format!(
-                "module '{}' of {} has shape {:?}, which does not fit the weight's shape {:?}",
-                m.name,
-                file.path().display(),
-                d.shape,
-                slice_shape
-            )));
-        }
-        for (x, dx) in w.data[range].iter_mut().zip(&d.data) {
-            *x += p.multiplier * dx;
-        }
-        return Ok(());
-    }
-    let slice = Tensor::new(slice_shape, w.data[range.clone()].to_vec());
-    let merged = delta::apply(m, file, &slice, p.multiplier)?;
-    w.data[range].copy_from_slice(&merged.data);
-    Ok(())
-}
-
-/// Refuses a module whose delta cannot land on its target.
-fn check_fits(base: &TensorFile, target: &Target, m: &AdapterModule, lora: &Path) -> Result<()> {
-    let info = base
-        .get(&target.weight)
-        .expect("key map only names tensors of the checkpoint");
-    let rows = target
-        .rows
-        .as_ref()
-        .map(|r| r.len())
-        .unwrap_or(info.shape[0]);
-    let per_row = info.numel() / info.shape[0].max(1);
-    let numel = rows * per_row;
-    let fits = match m.kind {
-        ModuleKind::Ia3 => {
-            let n: usize = m.shape.iter().product();
-            n == rows || info.shape.get(1) == Some(&n)
-        }
-        ModuleKind::Oft | ModuleKind::Boft => m.shape[0] == rows,
-        _ => m.shape.iter().product::<usize>() == numel,
-    };
-    if !fits {
-        let mut target_shape = info.shape.clone();
-        target_shape[0] = rows;
-        return Err(Error::Invalid(format!(
-            "{}: module '{}' has shape {:?}, which does not fit '{}' {:?} in {}",
-            lora.display(),
-            m.name,
-            m.shape,
-            target.weight,
-            target_shape,
-            base.path().display()
-        )));
-    }
-    Ok(())
-}
-
 /// What was merged (file names, weights, AutoV3 hashes), recorded in the output's metadata
 /// under `loratool.merged_loras`. Hashing reads every LoRA once, so it runs on its own thread
 /// while the checkpoint is matched (see [`merge_into_checkpoint`]).
-fn spawn_merge_record(
-    loras: &[LoraWeight],
-    adapters: &[Adapter],
-) -> std::thread::JoinHandle<Result<String>> {
-    let jobs: Vec<(LoraWeight, Option<u64>)> = loras
-        .iter()
-        .zip(adapters)
-        .map(|(lw, a)| (lw.clone(), a.file.as_safetensors().map(|s| s.data_start())))
-        .collect();
+fn spawn_merge_record(loras: &[LoraWeight]) -> std::thread::JoinHandle<Result<String>> {
+    let loras = loras.to_vec();
     std::thread::spawn(move || {
         let mut record = Vec::new();
-        for (lw, data_start) in jobs {
-            let autov3 = match data_start {
+        for lw in loras {
+            let file = TensorFile::open(&lw.path)?;
+            let autov3 = match file.as_safetensors().map(|s| s.data_start()) {
                 Some(start) => Some(autov3(&lw.path, start)?),
                 None => None,
             };
@@ -1033,7 +634,35 @@ fn spawn_merge_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapter::Adapter;
+    use crate::family::layout::{CheckpointFile, Layout};
     use crate::tensors::writer::build_header;
+    use std::collections::BTreeMap;
+
+    /// A one-file checkpoint around `base`.
+    fn checkpoint(base: TensorFile) -> Checkpoint {
+        Checkpoint {
+            root: PathBuf::from("base"),
+            pipeline: false,
+            files: vec![CheckpointFile {
+                relative: PathBuf::new(),
+                layout: Layout::SingleFile,
+                file: base,
+            }],
+        }
+    }
+
+    /// A plan whose patches are given by hand (all on tensor "w").
+    fn plan<'c>(ck: &'c Checkpoint, adapters: Vec<Adapter>, patches: &[Patch]) -> PatchPlan<'c> {
+        PatchPlan {
+            checkpoint: ck,
+            family: BaseModel::Unknown,
+            loras: vec![],
+            adapters,
+            files: vec![BTreeMap::from([("w".to_string(), patches.to_vec())])],
+            matches: vec![],
+        }
+    }
 
     /// A safetensors image of f32 values stored as `dtype`.
     fn safetensors(tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
@@ -1095,13 +724,15 @@ mod tests {
                 .map(|(n, s, v)| (n.as_str(), Dtype::F32, s.clone(), v.clone()))
                 .collect::<Vec<_>>(),
         );
-        let adapter = Adapter::from_file(
-            TensorFile::from_safetensors_bytes(Path::new("lora"), lora_bytes).unwrap(),
-        )
-        .unwrap();
-        let adapters = [adapter];
+        let lora_adapter = || {
+            Adapter::from_file(
+                TensorFile::from_safetensors_bytes(Path::new("lora"), lora_bytes.clone()).unwrap(),
+            )
+            .unwrap()
+        };
+        let first = lora_adapter();
         let module = |k: usize| {
-            adapters[0]
+            first
                 .modules
                 .iter()
                 .position(|m| m.name == format!("lora_unet_m{k}"))
@@ -1118,24 +749,28 @@ mod tests {
                 bias: false,
             })
             .collect();
-        assert!(patches.iter().all(|p| is_plain_low_rank(p, &adapters)));
         for (stored, out) in [
             (Dtype::F16, Dtype::F16),
             (Dtype::BF16, Dtype::BF16),
             (Dtype::F16, Dtype::F32),
         ] {
-            let base = TensorFile::from_safetensors_bytes(
-                Path::new("base"),
-                safetensors(&[("w", stored, vec![rows, cols], base_vals.clone())]),
-            )
-            .unwrap();
+            let ck = checkpoint(
+                TensorFile::from_safetensors_bytes(
+                    Path::new("base"),
+                    safetensors(&[("w", stored, vec![rows, cols], base_vals.clone())]),
+                )
+                .unwrap(),
+            );
+            let plan = plan(&ck, vec![lora_adapter()], &patches);
+            assert!(patches.iter().all(|p| plan.is_plain_low_rank(p)));
+            let base = &ck.files[0].file;
             let spec = TensorSpec {
                 name: "w".into(),
                 dtype: out,
                 shape: vec![rows, cols],
             };
             let refs: Vec<&Patch> = patches.iter().collect();
-            let whole = produce_whole(&base, 0, &spec, &patches, &adapters).unwrap();
+            let whole = produce_whole(&plan, base, 0, &spec, &patches).unwrap();
             let w = out.decode_f32(&whole).unwrap();
             let kernels = if low_rank_add::supported(stored, out) {
                 vec![true, false]
@@ -1143,7 +778,7 @@ mod tests {
                 vec![false]
             };
             for fused in kernels {
-                let blocks = produce_blocks_with(&base, 0, &spec, &refs, &adapters, fused).unwrap();
+                let blocks = produce_blocks_with(&plan, base, 0, &spec, &refs, fused).unwrap();
                 let b = out.decode_f32(&blocks).unwrap();
                 // Both round once from f32 sums that differ only in summation order.
                 let ulp = if out == Dtype::BF16 {
@@ -1186,7 +821,7 @@ mod tests {
                 pseudo_random(rank * cols, 5, 0.5),
             ),
         ]);
-        let adapters = [Adapter::from_file(
+        let adapters = vec![Adapter::from_file(
             TensorFile::from_safetensors_bytes(Path::new("lora"), lora).unwrap(),
         )
         .unwrap()];
@@ -1197,11 +832,15 @@ mod tests {
             multiplier: 1.0,
             bias: false,
         };
-        let base = TensorFile::from_safetensors_bytes(
-            Path::new("base"),
-            safetensors(&[("w", Dtype::F16, vec![rows, cols], base_vals)]),
-        )
-        .unwrap();
+        let ck = checkpoint(
+            TensorFile::from_safetensors_bytes(
+                Path::new("base"),
+                safetensors(&[("w", Dtype::F16, vec![rows, cols], base_vals)]),
+            )
+            .unwrap(),
+        );
+        let plan = plan(&ck, adapters, std::slice::from_ref(&patch));
+        let base = &ck.files[0].file;
         let spec = TensorSpec {
             name: "w".into(),
             dtype: Dtype::F16,
@@ -1212,35 +851,9 @@ mod tests {
             if fused && !low_rank_add::supported(Dtype::F16, Dtype::F16) {
                 continue;
             }
-            let out = produce_blocks_with(&base, 0, &spec, &[&patch], &adapters, fused).unwrap();
+            let out = produce_blocks_with(&plan, base, 0, &spec, &[&patch], fused).unwrap();
             assert_eq!(out[2 * cols * 2..], stored[2 * cols * 2..], "fused={fused}");
             assert_ne!(out[..2 * cols * 2], stored[..2 * cols * 2], "fused={fused}");
         }
-    }
-
-    #[test]
-    fn lora_weights_parse_like_a1111() {
-        let p = |s: &str| LoraWeight::parse(s).unwrap();
-        assert_eq!(
-            p("a.safetensors"),
-            LoraWeight {
-                path: "a.safetensors".into(),
-                text_encoder: 1.0,
-                unet: 1.0
-            }
-        );
-        assert_eq!(p("a.safetensors:0.7").unet, 0.7);
-        assert_eq!(p("a.safetensors:-0.5").text_encoder, -0.5);
-        let both = p("a.safetensors:0.2:0.9");
-        assert_eq!((both.text_encoder, both.unet), (0.2, 0.9));
-        // Colons inside the path stay in the path.
-        let c = p("C:/loras/x.safetensors:0.5");
-        assert_eq!(c.path, PathBuf::from("C:/loras/x.safetensors"));
-        assert_eq!(c.unet, 0.5);
-        assert_eq!(
-            p("dir:with:colons/x.safetensors").path,
-            PathBuf::from("dir:with:colons/x.safetensors")
-        );
-        assert!(LoraWeight::parse(":0.5").is_err());
     }
 }

@@ -10,10 +10,10 @@
 //! Kinds without a low-rank form (LoHa, LoKr, full, norm, Tucker) go through their dense delta:
 //! `concat` stores the exact sum as a LyCORIS `diff` module, `svd` truncates it.
 
-use super::merge::LoraWeight;
-use crate::adapter::keys::Role;
-use crate::adapter::{delta, Adapter, AdapterModule, Component, Format, ModuleKind};
-use crate::family::unet_names::diffusers_to_ldm;
+use super::patch_plan::LoraWeight;
+use crate::adapter::kohya_metadata::{self, NetworkShape};
+use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
+use crate::family::kohya_names::module_kohya_name;
 use crate::family::{self, BaseModel};
 use crate::linalg;
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
@@ -45,33 +45,6 @@ pub struct LoraMergeReport {
     pub ranks: (usize, usize),
 }
 
-/// The kohya module name of a module of any dialect (the output's naming). kohya names SDXL UNet
-/// modules by their LDM paths and every other UNet by diffusers paths.
-pub fn kohya_name(m: &AdapterModule, family: BaseModel) -> String {
-    if m.format == Format::Kohya {
-        return m.name.clone();
-    }
-    let flat = |p: &str| p.replace('.', "_");
-    match m.component {
-        Component::Unet => {
-            let path = if family == BaseModel::Sdxl {
-                // SDXL up blocks 0 and 1 carry attentions, block 2 does not.
-                diffusers_to_ldm(&m.path, |i| i < 2).unwrap_or_else(|| m.path.clone())
-            } else {
-                m.path.clone()
-            };
-            format!("lora_unet_{}", flat(&path))
-        }
-        Component::Transformer => format!("lora_transformer_{}", flat(&m.path)),
-        Component::TextEncoder if family == BaseModel::Sdxl => {
-            format!("lora_te1_{}", flat(&m.path))
-        }
-        Component::TextEncoder => format!("lora_te_{}", flat(&m.path)),
-        Component::TextEncoder2 => format!("lora_te2_{}", flat(&m.path)),
-        Component::TextEncoder3 => format!("lora_te3_{}", flat(&m.path)),
-    }
-}
-
 /// A module part of one input, with its user weight.
 struct Part<'a> {
     adapter: &'a Adapter,
@@ -90,10 +63,6 @@ enum Merged {
         diff: Tensor,
         bias: Option<Tensor>,
     },
-}
-
-fn is_factored(m: &AdapterModule) -> bool {
-    m.kind == ModuleKind::Lora && m.tensor(Role::Mid).is_none()
 }
 
 /// Conv kernels of flattened LoHa/LoKr factors are not recorded; 3×3 is what every SD conv a
@@ -151,7 +120,7 @@ fn merge_module(parts: &[Part], method: LoraMergeMethod) -> Result<Merged> {
             )));
         }
     }
-    if parts.iter().all(|p| is_factored(p.module)) {
+    if parts.iter().all(|p| p.module.plain_factors().is_some()) {
         // Stack weighted ups (scale folded in) and downs.
         let total: usize = parts.iter().map(|p| p.module.rank.unwrap_or(0)).sum();
         let mut up = vec![0f32; out * total];
@@ -159,10 +128,11 @@ fn merge_module(parts: &[Part], method: LoraMergeMethod) -> Result<Merged> {
         let mut at = 0;
         for p in parts {
             let m = p.module;
-            let r = m.rank.unwrap_or(0);
+            let factors = m.plain_factors().expect("checked above");
+            let r = factors.rank;
             let f = &p.adapter.file;
-            let u = f.read_f32(m.tensor(Role::Up).expect("lora up"))?;
-            let d = f.read_f32(m.tensor(Role::Down).expect("lora down"))?;
+            let u = f.read_f32(factors.up)?;
+            let d = f.read_f32(factors.down)?;
             let s = p.weight * m.scale;
             for o in 0..out {
                 for j in 0..r {
@@ -287,12 +257,11 @@ pub fn merge_loras(
             continue;
         }
         if fam != BaseModel::Unknown && f != fam && !opts.force {
-            return Err(Error::Invalid(format!(
-                "{}: this is a {} LoRA but the other inputs are {} (use --force to merge anyway)",
-                lw.path.display(),
-                f.name(),
-                fam.name()
-            )));
+            return Err(Error::FamilyMismatch {
+                lora: lw.path.clone(),
+                lora_family: f.name(),
+                other: format!("the other inputs are {}", fam.name()),
+            });
         }
         if fam == BaseModel::Unknown {
             fam = f;
@@ -304,7 +273,7 @@ pub fn merge_loras(
     let mut groups: HashMap<String, Vec<Part>> = HashMap::new();
     for (a, lw) in adapters.iter().zip(loras) {
         for m in &a.modules {
-            let name = kohya_name(m, fam);
+            let name = module_kohya_name(m, fam);
             let weight = if m.component.is_text_encoder() {
                 lw.text_encoder
             } else {
@@ -347,10 +316,12 @@ pub fn merge_loras(
         .map(|name| merge_module(&groups[name], opts.method).map(|m| encode_module(name, m, dtype)))
         .collect::<Result<_>>()?;
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
+    let mut ranks = Vec::new();
     for m in merged {
         tensors.extend(m.tensors);
         match m.rank {
             Some(rank) => {
+                ranks.push(rank);
                 report.low_rank_modules += 1;
                 report.ranks = (report.ranks.0.min(rank), report.ranks.1.max(rank));
                 if m.spatial_conv {
@@ -363,35 +334,15 @@ pub fn merge_loras(
     }
 
     let mut meta: BTreeMap<String, String> = BTreeMap::new();
-    let dim = if report.ranks.0 == report.ranks.1 {
-        report.ranks.1.to_string()
-    } else {
-        "Dynamic".into()
-    };
-    meta.insert("ss_network_module".into(), "networks.lora".into());
-    meta.insert("ss_network_dim".into(), dim.clone());
-    meta.insert("ss_network_alpha".into(), dim);
-    if let Some(c) = conv_rank {
-        meta.insert(
-            "ss_network_args".into(),
-            serde_json::json!({"conv_dim": c.to_string(), "conv_alpha": c.to_string()}).to_string(),
-        );
-    }
-    if let Some((version, arch, res)) = fam.kohya_lora_metadata() {
-        meta.insert("ss_base_model_version".into(), version.into());
-        meta.insert(
-            "ss_v2".into(),
-            if fam == BaseModel::Sd2 {
-                "True"
-            } else {
-                "False"
-            }
-            .into(),
-        );
-        meta.insert("modelspec.architecture".into(), arch.into());
-        meta.insert("modelspec.resolution".into(), res.into());
-    }
-    meta.insert("modelspec.sai_model_spec".into(), "1.0.1".into());
+    kohya_metadata::set_network(
+        &mut meta,
+        &NetworkShape {
+            ranks,
+            conv_rank,
+            dynamic: false,
+        },
+    );
+    kohya_metadata::set_family(&mut meta, fam);
     let stem = |p: &Path| {
         p.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -418,11 +369,7 @@ pub fn merge_loras(
         "ss_training_comment".into(),
         format!("merged by loratool ({method}): {}", parts.join(", ")),
     );
-    // kohya's sshs_model_hash: sha256 of the data section, which is these bytes in this order.
-    meta.insert(
-        "sshs_model_hash".into(),
-        crate::tensors::writer::sshs_model_hash(&tensors),
-    );
+    kohya_metadata::seal(&mut meta, &tensors);
 
     write_all(out, &meta, &tensors, &write_opts)?;
     if report.ranks.0 == usize::MAX {

@@ -6,5 +6,6 @@ pub mod extract;
 pub mod inspect;
 pub mod merge;
 pub mod merge_loras;
+pub mod patch_plan;
 pub mod progress;
 pub mod resize;

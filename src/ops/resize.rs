@@ -7,9 +7,10 @@
 //! LoKr, full, Tucker LoCon) go through their dense delta and come out as LoRA modules. Modules
 //! without a rank (IA3, OFT, norm) are copied unchanged; a DoRA module keeps its magnitude.
 
-use super::merge_loras::kohya_name;
 use crate::adapter::keys::Role;
+use crate::adapter::kohya_metadata::{self, NetworkShape};
 use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
+use crate::family::kohya_names::module_kohya_name;
 use crate::family::{self, BaseModel};
 use crate::linalg::{self, LowRank};
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
@@ -135,10 +136,10 @@ fn module_svd(m: &AdapterModule, adapter: &Adapter) -> Result<(LowRank, Vec<usiz
     let out = shape[0];
     let cols: usize = shape[1..].iter().product();
     let full_rank = out.min(cols);
-    if m.kind == ModuleKind::Lora && m.tensor(Role::Mid).is_none() {
-        let up = file.read_f32(m.tensor(Role::Up).expect("up"))?;
-        let down = file.read_f32(m.tensor(Role::Down).expect("down"))?;
-        let r = m.rank.expect("rank");
+    if let Some(factors) = m.plain_factors() {
+        let up = file.read_f32(factors.up)?;
+        let down = file.read_f32(factors.down)?;
+        let r = factors.rank;
         let scaled: Vec<f32> = up.data.iter().map(|v| v * m.scale).collect();
         let lr = linalg::truncate_product(&scaled, out, r, &down.data, cols, r)
             .map_err(Error::Invalid)?;
@@ -178,14 +179,6 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
     }
 
     let mut meta = file.metadata().clone();
-    meta.remove("lora_adapter_metadata");
-    let ranks: std::collections::BTreeSet<usize> =
-        report.modules.iter().map(|m| m.new_rank).collect();
-    let dim = if ranks.len() == 1 {
-        ranks.iter().next().unwrap().to_string()
-    } else {
-        "Dynamic".into()
-    };
     let old = meta.get("ss_network_dim").cloned().unwrap_or_else(|| {
         adapter
             .modules
@@ -195,10 +188,15 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
             .map(|r| r.to_string())
             .unwrap_or_default()
     });
-    meta.insert("ss_network_dim".into(), dim.clone());
-    meta.insert("ss_network_alpha".into(), dim);
-    meta.entry("ss_network_module".into())
-        .or_insert("networks.lora".into());
+    kohya_metadata::set_family(&mut meta, fam);
+    kohya_metadata::set_network(
+        &mut meta,
+        &NetworkShape {
+            ranks: report.modules.iter().map(|m| m.new_rank).collect(),
+            conv_rank: None,
+            dynamic: false,
+        },
+    );
     let what = match opts.rule {
         RankRule::Fixed(r) => format!("dimension is resized from {old} to {r}"),
         RankRule::SvRatio(x) => format!("dynamic resize with sv_ratio: {x} from {old}"),
@@ -210,11 +208,7 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
         _ => what,
     };
     meta.insert("ss_training_comment".into(), comment);
-    meta.insert(
-        "sshs_model_hash".into(),
-        crate::tensors::writer::sshs_model_hash(&tensors),
-    );
-    meta.remove("sshs_legacy_hash");
+    kohya_metadata::seal(&mut meta, &tensors);
     write_all(out, &meta, &tensors, &write_opts)?;
     Ok(report)
 }
@@ -232,7 +226,7 @@ fn resize_module(
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
     let mut push =
         |name: String, t: &Tensor, dtype: Dtype| tensors.push(TensorSpec::encode(name, t, dtype));
-    let name = kohya_name(m, fam);
+    let name = module_kohya_name(m, fam);
     let dtype = opts.dtype.unwrap_or(if m.dtype.is_float() {
         m.dtype
     } else {
@@ -245,11 +239,7 @@ fn resize_module(
     if !resizable {
         for (role, key) in &m.tensors {
             let t = file.read_f32(key)?;
-            push(
-                format!("{name}.{}", super::convert::kohya_suffix(*role)),
-                &t,
-                dtype,
-            );
+            push(format!("{name}.{}", role.kohya_suffix()), &t, dtype);
         }
         return Ok((tensors, None));
     }
