@@ -7,6 +7,7 @@
 //! structural hints (linear vs conv `proj_in`) only decide when metadata is silent. Disagreements
 //! are reported, never hidden.
 
+pub mod block_weight;
 pub mod checkpoint;
 mod component;
 pub mod kohya_names;
