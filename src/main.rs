@@ -23,6 +23,11 @@ fn main() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
+    // SIGINT, SIGTERM and SIGHUP remove unfinished outputs, print one line and exit 128 + n.
+    if let Err(e) = loratool::tensors::clean_up_on_signals() {
+        eprintln!("loratool: cannot handle signals: {e}");
+        std::process::exit(1);
+    }
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(code) => std::process::exit(code),

@@ -12,10 +12,10 @@
 //! (26 / 20) with **0** for the blocks it does not name, and a module outside every block
 //! (`time_embed`, `label_emb`, `out.`) keeps its weight: multiplier 1.
 
-use super::module_names::kohya_to_dotted;
+use super::kohya_names::kohya_to_dotted;
 use super::unet_names::diffusers_to_ldm;
-use super::BaseModel;
-use crate::adapter::{AdapterModule, Component};
+use super::{BaseModel, Component};
+use crate::adapter::AdapterModule;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::fmt;

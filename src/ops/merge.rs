@@ -14,7 +14,10 @@ use crate::linalg::low_rank_add::{self, PackedDown, Term};
 use crate::ops::patch_plan::{LoraWeight, Patch, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::autov3;
-use crate::tensors::writer::{check_output_path, SafetensorsWriter, TensorSpec, WriteOptions};
+use crate::tensors::staging::{copy_tree, StagingDir};
+use crate::tensors::writer::{
+    check_output_folder, check_output_path, SafetensorsWriter, TensorSpec, WriteOptions,
+};
 use crate::tensors::{Dtype, TensorFile};
 use crate::{linalg, Error, Result};
 use rayon::prelude::*;
@@ -60,8 +63,10 @@ pub fn merge_into_checkpoint(
         force: opts.force,
         inputs,
     };
-    // The output path is checked before any work (a folder output may be replaced with --force).
-    if !(base_path.is_dir() && opts.force && out.is_dir()) {
+    // The output path is checked before any work; the final step checks again.
+    if base_path.is_dir() {
+        check_output_folder(out, &write_opts)?;
+    } else {
         check_output_path(out, &write_opts)?;
     }
     let record = spawn_merge_record(loras);
@@ -505,85 +510,6 @@ fn convert_rows(
     in_dtype.decode_into(src, &mut values).expect("float dtype");
     let encoded = out_dtype.encode_f32(&values).expect("float dtype");
     dst.write_copy_of_slice(&encoded);
-}
-
-/// A folder output assembled beside its target and renamed into place only when complete.
-struct StagingDir {
-    target: PathBuf,
-    temp: PathBuf,
-    committed: bool,
-}
-
-impl StagingDir {
-    fn create(target: &Path, opts: &WriteOptions) -> Result<StagingDir> {
-        crate::tensors::writer::check_output_path(
-            target,
-            &WriteOptions {
-                force: false,
-                ..opts.clone()
-            },
-        )
-        .or_else(|e| {
-            if opts.force && target.is_dir() {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let temp = parent.join(format!(".{name}.loratool-{}.tmp", std::process::id()));
-        std::fs::create_dir(&temp).map_err(|e| Error::io(target, e))?;
-        Ok(StagingDir {
-            target: target.to_path_buf(),
-            temp,
-            committed: false,
-        })
-    }
-
-    fn path(&self) -> &Path {
-        &self.temp
-    }
-
-    fn commit(mut self) -> Result<()> {
-        if self.target.is_dir() {
-            std::fs::remove_dir_all(&self.target).map_err(|e| Error::io(&self.target, e))?;
-        }
-        std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for StagingDir {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.temp);
-        }
-    }
-}
-
-/// Copies every file of a pipeline folder except the weight files that will be rewritten.
-fn copy_tree(from: &Path, to: &Path, rewritten: &[&Path]) -> Result<()> {
-    let entries = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(from, e))?;
-        let src = entry.path();
-        let dst = to.join(entry.file_name());
-        if src.is_dir() {
-            std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
-            copy_tree(&src, &dst, rewritten)?;
-        } else if !rewritten.contains(&src.as_path()) {
-            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
-        }
-    }
-    Ok(())
 }
 
 /// The new bytes of tensor `i` through one f32 copy of the whole tensor (see

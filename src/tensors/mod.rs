@@ -1,17 +1,23 @@
 //! Tensor files: reading safetensors and legacy PyTorch pickles through one validated view,
-//! dtype conversion, content hashes, and the streaming atomic writer.
+//! dtype conversion, content hashes, and the streaming atomic writer with the outputs under it
+//! (files, staging folders) and their cleanup on errors, signals and the next run.
 
 mod dtype;
 pub mod hash;
+mod output_file;
 pub mod pickle;
 mod safetensors_file;
+pub(crate) mod staging;
 mod tensor;
+mod unfinished;
 pub mod writer;
 
 pub use dtype::{fp8_params, Dtype, Fp8Params};
+pub use output_file::OutputFile;
 pub use pickle::PickleFile;
 pub use safetensors_file::SafetensorsFile;
 pub use tensor::Tensor;
+pub use unfinished::clean_up_on_signals;
 pub use writer::{SafetensorsWriter, TensorSpec, WriteOptions};
 
 use crate::{Error, Result};

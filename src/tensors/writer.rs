@@ -1,19 +1,18 @@
 //! Streaming, atomic safetensors output.
 //!
 //! The header is computed first from the tensor specs, then tensors are written one at a time in
-//! header order, so no command ever holds a whole output in memory. Data goes to a temp file in
-//! the output's folder; only a complete, fsynced file is renamed onto the target. On any error,
-//! or if the writer is dropped unfinished, the temp file is removed and nothing appears at the
-//! target.
+//! header order, so no command ever holds a whole output in memory. Data goes to an
+//! [`OutputFile`]: unnamed (or a hidden temp) in the output's folder until it is complete and
+//! fsynced, then linked into place without replacing anything unless forced. On any error, a
+//! signal, or if the writer is dropped unfinished, nothing appears at the target.
 
-use super::{Dtype, Tensor, TensorInfo};
+use super::{Dtype, OutputFile, Tensor, TensorInfo};
 use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What one output tensor will be: written in this order, with exactly `numel × dtype` bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +76,7 @@ pub struct WriteSummary {
 
 pub struct SafetensorsWriter {
     target: PathBuf,
-    temp: PathBuf,
-    out: Option<BufWriter<File>>,
+    out: Option<BufWriter<OutputFile>>,
     specs: Vec<TensorSpec>,
     next: usize,
     written: u64,
@@ -104,8 +102,6 @@ impl Writeback {
     const STEP: u64 = 64 << 20;
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 impl WriteOptions {
     /// The options of a command that reads `inputs` and writes `target`, after checking that
     /// `target` may be written (see [`check_output_path`]) — before any work is done.
@@ -116,9 +112,18 @@ impl WriteOptions {
     }
 }
 
-/// Checks that `target` may be written: its folder exists, it is not an input, and it does not
-/// exist unless `force`. Shared by every command that writes a file.
+/// Checks that `target` may be written: its folder exists, it is not an input, it is not a
+/// folder, and it does not exist unless `force`. Shared by every command that writes a file.
 pub fn check_output_path(target: &Path, opts: &WriteOptions) -> Result<()> {
+    check_output(target, opts, false)
+}
+
+/// [`check_output_path`] for a folder output (a diffusers pipeline): `target` may not be a file.
+pub(crate) fn check_output_folder(target: &Path, opts: &WriteOptions) -> Result<()> {
+    check_output(target, opts, true)
+}
+
+fn check_output(target: &Path, opts: &WriteOptions, folder: bool) -> Result<()> {
     let parent = parent_dir(target);
     if !parent.is_dir() {
         return Err(Error::Invalid(format!(
@@ -135,22 +140,32 @@ pub fn check_output_path(target: &Path, opts: &WriteOptions) -> Result<()> {
             )));
         }
     }
+    // Said before "exists": --force would not help.
+    match (target.is_dir(), folder) {
+        (true, false) => {
+            return Err(Error::Invalid(format!(
+                "{}: is a folder, not a file",
+                target.display()
+            )))
+        }
+        (false, true) if target.exists() => {
+            return Err(Error::Invalid(format!(
+                "{}: is a file, not a folder",
+                target.display()
+            )))
+        }
+        _ => {}
+    }
     if target.exists() && !opts.force {
         return Err(Error::Invalid(format!(
             "{}: already exists (use --force to overwrite)",
             target.display()
         )));
     }
-    if target.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{}: is a folder, not a file",
-            target.display()
-        )));
-    }
     Ok(())
 }
 
-fn parent_dir(target: &Path) -> PathBuf {
+pub(crate) fn parent_dir(target: &Path) -> PathBuf {
     match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -206,7 +221,6 @@ impl SafetensorsWriter {
         specs: Vec<TensorSpec>,
         opts: &WriteOptions,
     ) -> Result<SafetensorsWriter> {
-        check_output_path(target, opts)?;
         let mut seen = std::collections::HashSet::new();
         for s in &specs {
             if !seen.insert(s.name.as_str()) {
@@ -225,23 +239,9 @@ impl SafetensorsWriter {
                 )));
             }
         }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "output".into());
-        let temp = parent_dir(target).join(format!(
-            ".{name}.loratool-{}-{}.tmp",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .map_err(|e| Error::io(target, e))?;
+        let file = OutputFile::create(target, opts)?;
         let mut writer = SafetensorsWriter {
             target: target.to_path_buf(),
-            temp,
             out: Some(BufWriter::with_capacity(1 << 20, file)),
             specs,
             next: 0,
@@ -294,7 +294,7 @@ impl SafetensorsWriter {
         if self.data_hash.is_none() {
             let out = self.out.as_mut().expect("writer is open");
             out.flush().map_err(|e| Error::io(&self.target, e))?;
-            copied = kernel_copy(src, offset, out.get_ref(), self.written, len)
+            copied = kernel_copy(src, offset, out.get_ref().file(), self.written, len)
                 .map_err(|e| Error::io(&self.target, e))?;
             self.written += copied as u64;
         }
@@ -340,7 +340,7 @@ impl SafetensorsWriter {
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd;
-            let fd = out.get_ref().as_raw_fd();
+            let fd = out.get_ref().file().as_raw_fd();
             // SAFETY: plain syscalls on an open descriptor; they only schedule or wait for
             // writeback. Failures are ignored: the final fsync still makes the file durable.
             unsafe {
@@ -365,7 +365,8 @@ impl SafetensorsWriter {
         Ok(())
     }
 
-    /// Flushes, fsyncs and renames the temp file onto the target.
+    /// Flushes the file and puts it in place ([`OutputFile::commit`]: fsynced first, never over an
+    /// output that appeared meanwhile unless forced).
     pub fn finish(mut self) -> Result<WriteSummary> {
         if self.next != self.specs.len() {
             return Err(Error::Invalid(format!(
@@ -376,30 +377,15 @@ impl SafetensorsWriter {
             )));
         }
         let out = self.out.take().expect("writer is open");
-        let file = out
-            .into_inner()
-            .map_err(|e| Error::io(&self.target, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.target, e))?;
-        drop(file);
-        fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        // Persist the rename itself; failure here does not undo a complete file.
-        if let Ok(dir) = File::open(parent_dir(&self.target)) {
-            let _ = dir.sync_all();
-        }
+        out.into_inner()
+            .map_err(|e| Error::io(&self.target, e.into_error()))?
+            .commit()?;
         let hash = self.data_hash.take().map(|h| hex(&h.finalize()));
         Ok(WriteSummary {
             path: self.target.clone(),
             bytes: self.written,
             data_sha256: hash,
         })
-    }
-}
-
-impl Drop for SafetensorsWriter {
-    fn drop(&mut self) {
-        if self.out.take().is_some() || self.temp.exists() {
-            let _ = fs::remove_file(&self.temp);
-        }
     }
 }
 
@@ -622,5 +608,10 @@ mod tests {
             .to_string();
         assert!(e.contains("output folder"), "{e}");
         assert_eq!(fs::read(&input).unwrap(), b"x");
+        // A folder is named as such at once: --force would not help.
+        let e = check_output_path(dir.path(), &WriteOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("is a folder, not a file"), "{e}");
     }
 }
