@@ -239,9 +239,13 @@ fn bad_input_gets_one_line_errors_and_the_rest_is_still_reported() {
         );
         assert!(line.contains(want), "{line:?} should say {want:?}");
     }
-    // The good file is still reported, after the bad ones.
+    // The good file is still reported, after the bad ones; errors are not repeated on stdout.
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("loha"), "{stdout}");
+    assert!(!stdout.contains("error"), "{stdout}");
+    for (path, _) in &cases {
+        assert!(!stdout.contains(&path.display().to_string()), "{stdout}");
+    }
 
     let (code, json, _) = run_json(&[], &files);
     assert_eq!(code, 1);
@@ -277,4 +281,19 @@ fn flux_loras_from_the_merge_fixtures() {
     );
     assert_eq!(p["module_count"], 24);
     assert_eq!(p["alpha"], 8.0);
+}
+
+#[test]
+fn a_failing_file_is_reported_once_on_stderr() {
+    let bad = fixtures().join("legacy/malicious.ckpt");
+    let out = loratool().arg("inspect").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&bad.display().to_string()) && stderr.contains("os.system"));
 }

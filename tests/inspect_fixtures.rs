@@ -71,3 +71,32 @@ fn inspect_matches_the_generator_for_every_fixture() {
         failures.join("\n")
     );
 }
+
+/// Every SD1 LoRA fixture's keys must say sd1 (or nothing), never another family: LoHa and
+/// low-rank LoKr factors of a 1×1 conv `proj_in` are 2-D and once read as SD2's linear one.
+#[test]
+fn every_sd1_fixture_is_detected_sd1_without_conflict() {
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for e in common::adapter_entries() {
+        let rel = e["path"].as_str().unwrap();
+        if !rel.starts_with("loras/") || e["base_model"] != "sd1" {
+            continue;
+        }
+        let rep = inspect_file(&common::fixtures().join(rel), InspectOptions::default())
+            .unwrap_or_else(|err| panic!("{rel}: {err}"));
+        let keys = rep.base_model_keys.map(|b| b.name());
+        if rep.base_model.name() != "sd1" || keys.is_some_and(|k| k != "sd1") {
+            failures.push(format!(
+                "{rel}: detected {} (keys: {keys:?})",
+                rep.base_model.name()
+            ));
+        }
+        if let Some(w) = rep.warnings.iter().find(|w| w.contains("keys say")) {
+            failures.push(format!("{rel}: {w}"));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} sd1 fixtures");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

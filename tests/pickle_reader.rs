@@ -127,11 +127,11 @@ fn os_system_is_refused() {
     let path = data("malicious_os_system.pt").display().to_string();
     assert_eq!(
         msg,
-        format!("{path}: refusing to load pickle: it references 'os.system', which is not a tensor-rebuild global")
+        format!("{path}: refusing to load pickle: it references 'os.system', which is not on loratool's allow-list")
     );
     assert!(
         msg.contains(
-            "refusing to load pickle: it references 'os.system', which is not a tensor-rebuild global"
+            "refusing to load pickle: it references 'os.system', which is not on loratool's allow-list"
         ),
         "{msg}"
     );
@@ -275,4 +275,129 @@ fn shared_legacy_fixtures_match_reference() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("'posix.system'") || e.to_string().contains("'os.system'"));
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/legacy")
+        .join(name)
+}
+
+/// Every tensor of `reference` is in `f` with the same dtype, shape and bytes.
+fn assert_holds(f: &TensorFile, reference: &TensorFile, label: &str) {
+    for t in reference.tensors() {
+        let got = f
+            .get(&t.name)
+            .unwrap_or_else(|| panic!("{label}: {}", t.name));
+        assert_eq!((got.dtype, &got.shape), (t.dtype, &t.shape), "{label}");
+        assert_eq!(
+            f.raw_bytes(&t.name).unwrap(),
+            reference.raw_bytes(&t.name).unwrap(),
+            "{label}: {}",
+            t.name
+        );
+    }
+}
+
+/// fixtures/legacy/sd1_ldm_lightning.ckpt (fixtures/generate_legacy_ckpt.py) is wrapped like
+/// sd-v1-4.ckpt: pytorch_lightning ModelCheckpoint state keyed by the class, an instance,
+/// numpy scalars, a dtype, an ndarray and a set. Its state dict is read like any other.
+#[test]
+fn lightning_checkpoint_with_numpy_and_callback_state_reads() {
+    let f = TensorFile::open(&fixture("sd1_ldm_lightning.ckpt")).unwrap();
+    let full = TensorFile::open(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/sd1_ldm.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(f.container(), Container::Pickle);
+    assert_eq!(f.tensors().len(), 119);
+    for t in f.tensors() {
+        let r = full.get(&t.name).unwrap_or_else(|| panic!("{}", t.name));
+        assert_eq!((t.dtype, &t.shape), (r.dtype, &r.shape), "{}", t.name);
+        assert_eq!(
+            f.raw_bytes(&t.name).unwrap(),
+            full.raw_bytes(&t.name).unwrap()
+        );
+    }
+    // Names come from the state dict alone, never from the callbacks.
+    assert!(f.tensors().iter().all(|t| !t.name.contains("callbacks")));
+}
+
+#[test]
+fn lightning_callbacks_outside_the_a1111_list_are_refused() {
+    let path = fixture("lightning_early_stopping.ckpt");
+    let e = TensorFile::open(&path).err().unwrap().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}: refusing to load pickle: it references 'pytorch_lightning.callbacks.early_stopping.EarlyStopping', which is not on loratool's allow-list",
+            path.display()
+        )
+    );
+}
+
+/// Protocol 0 and 1 pickles have no PROTO opcode; they are sniffed and read like the others.
+/// Protocol 0 persistent ids are text, which torch.load cannot read; loratool parses them.
+#[test]
+fn protocol_0_and_1_pickles_read() {
+    let reference =
+        TensorFile::open(&fixture("sd1_kohya_lora_subset.reference.safetensors")).unwrap();
+    for name in [
+        "sd1_kohya_lora_p0.ckpt",
+        "sd1_kohya_lora_p0_oldformat.pt",
+        "sd1_kohya_lora_p1_oldformat.pt",
+    ] {
+        let f = TensorFile::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(f.container(), Container::Pickle, "{name}");
+        assert_eq!(f.tensors().len(), reference.tensors().len(), "{name}");
+        assert_holds(&f, &reference, name);
+    }
+}
+
+#[test]
+fn protocol_0_pickles_are_named_as_pickles_when_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("sd1_kohya_lora_p0_oldformat.pt")).unwrap();
+    // Cut inside the main pickle: the error is the pickle reader's, not "not a safetensors file".
+    let p = dir.path().join("cut.ckpt");
+    std::fs::write(&p, &bytes[..200]).unwrap();
+    let e = TensorFile::open(&p).err().unwrap().to_string();
+    assert!(e.starts_with(&p.display().to_string()), "{e}");
+    assert!(e.contains("pickle") && !e.contains("safetensors"), "{e}");
+    // Every prefix fails and no single-byte change panics (the text opcodes' parsers).
+    for cut in (2..bytes.len()).step_by(3) {
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        assert!(TensorFile::open(&p).is_err(), "cut at {cut} opened");
+    }
+    for at in 0..bytes.len() {
+        for x in [0x20u8] {
+            let mut b = bytes.clone();
+            b[at] ^= x;
+            std::fs::write(&p, &b).unwrap();
+            if let Ok(f) = TensorFile::open(&p) {
+                for t in f.tensors().to_vec() {
+                    let _ = f.raw_bytes(&t.name);
+                }
+            }
+        }
+    }
+    // A protocol-0 pickle naming os.system is refused, naming the global.
+    let p = dir.path().join("evil.ckpt");
+    std::fs::write(&p, b"cos\nsystem\n(S'echo hi'\ntR.").unwrap();
+    let e = TensorFile::open(&p).err().unwrap().to_string();
+    assert!(
+        e.contains("refusing to load pickle: it references 'os.system'"),
+        "{e}"
+    );
+    // Hostile classes inside a text persistent id go through the same allow-list.
+    let p = dir.path().join("pid.ckpt");
+    let mut b = std::fs::read(fixture("sd1_kohya_lora_p0_oldformat.pt")).unwrap();
+    let at = b
+        .windows(17)
+        .position(|w| w == b"torch.HalfStorage")
+        .unwrap();
+    b.splice(at..at + 17, b"posix.systemXXXXX".iter().copied());
+    std::fs::write(&p, &b).unwrap();
+    let e = TensorFile::open(&p).err().unwrap().to_string();
+    assert!(e.contains("refusing to load pickle"), "{e}");
 }

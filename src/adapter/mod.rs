@@ -101,6 +101,10 @@ pub struct AdapterModule {
     /// Shape of the weight the module changes, as far as the factors tell (conv LoHa/LoKr with
     /// flattened factors give `[out, in·kh·kw]`).
     pub shape: Vec<usize>,
+    /// Whether `shape` has the weight's own dimensions, so that 4-D means a convolution and 2-D a
+    /// linear layer. False where the factors cannot tell: LoHa and low-rank LoKr factors are 2-D
+    /// for a 1×1 conv and a linear layer alike; IA3, OFT/BOFT and GLoRA give no kernel dims.
+    pub shape_is_exact: bool,
     /// Storage dtype of the module's main factor.
     pub dtype: Dtype,
 }
@@ -386,6 +390,14 @@ fn build_module(
     }
     let overflow = || ModuleProblem::Skip("factor dimensions overflow".into());
     let main_role;
+    // Kinds whose factors keep a convolution's kernel dimensions; LoHa and LoKr only do so with a
+    // Tucker core or a full (unfactored) LoKr w2.
+    let shape_is_exact = match kind {
+        ModuleKind::Lora | ModuleKind::Full | ModuleKind::Norm => true,
+        ModuleKind::Loha => has(Role::HadaT1),
+        ModuleKind::Lokr => has(Role::LokrW2) || has(Role::LokrT2),
+        ModuleKind::Ia3 | ModuleKind::Oft | ModuleKind::Boft | ModuleKind::Glora => false,
+    };
     let (rank, shape): (Option<usize>, Vec<usize>) = match kind {
         ModuleKind::Lora => {
             main_role = Role::Down;
@@ -535,6 +547,7 @@ fn build_module(
         alpha,
         scale,
         shape,
+        shape_is_exact,
         dtype,
     }))
 }

@@ -51,18 +51,12 @@ pub fn run(args: InspectArgs) -> loratool::Result<i32> {
         }
         let _ = w.write_all(b"\n]\n");
     } else {
-        for (i, r) in results.iter().enumerate() {
+        // Failed files are reported once, on stderr below; stdout has only the tables.
+        for (i, rep) in results.iter().filter_map(|r| r.as_ref().ok()).enumerate() {
             if i > 0 {
                 let _ = writeln!(out);
             }
-            match r {
-                Ok(rep) => {
-                    let _ = write!(out, "{}", render(rep, args.modules || args.norms));
-                }
-                Err(e) => {
-                    let _ = writeln!(out, "error: {e}");
-                }
-            }
+            let _ = write!(out, "{}", render(rep, args.modules || args.norms));
         }
     }
     for e in results.iter().filter_map(|r| r.as_ref().err()) {

@@ -239,10 +239,11 @@ pub fn from_modules(modules: &[AdapterModule]) -> Option<(BaseModel, Evidence, S
         }
         _ => {}
     }
-    // SD2 (and SDXL, excluded above) use linear proj_in/proj_out; SD1 uses 1×1 convs.
+    // SD2 (and SDXL, excluded above) use linear proj_in/proj_out; SD1 uses 1×1 convs. Only
+    // modules whose factors keep the weight's dimensions tell the two apart.
     let proj = unet
         .iter()
-        .find(|m| ends_with_any(&m.path, &["proj_in", "proj_out"]) && m.kind.name() != "ia3");
+        .find(|m| ends_with_any(&m.path, &["proj_in", "proj_out"]) && m.shape_is_exact);
     if let Some(p) = proj {
         return Some(if p.shape.len() == 2 {
             (Sd2, Hint, "linear proj_in/proj_out".into())

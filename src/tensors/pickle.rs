@@ -5,8 +5,9 @@
 //! legacy format, as `<u64 numel><bytes>` records after a few small pickles. Loading such a file
 //! with Python's unpickler runs whatever callables the pickle names, so this module has its own
 //! small pickle machine that only *builds data*: dicts, lists, tuples, scalars, strings, storage
-//! references and tensor descriptors. A `GLOBAL` outside a short allow-list of tensor-rebuild
-//! names refuses the whole file the moment it is read, and nothing is ever called.
+//! references and tensor descriptors. A `GLOBAL` outside a short allow-list (tensor-rebuild names,
+//! plus the numpy and pytorch_lightning names A1111 also accepts, kept as inert values) refuses the
+//! whole file the moment it is read, and nothing is ever called. Every protocol (0 to 5) is read.
 //!
 //! Everything is validated on open (storage sizes, every tensor's extent inside its storage), so
 //! `tensor_bytes` can only fail on I/O of a deflated entry.
@@ -39,6 +40,10 @@ const MAX_ARGS: usize = 8;
 const MAX_DIMS: usize = 64;
 /// Deflate cannot expand data by more than about 1032x; anything claiming more is corrupt.
 const MAX_DEFLATE_RATIO: u64 = 1100;
+/// How much of a file the sniff for protocol-0/1 pickles reads, and how many of its opcodes
+/// must run cleanly (unless the pickle stops or names a refused global first).
+const SNIFF_BYTES: usize = 4096;
+const SNIFF_OPCODES: usize = 8;
 
 /// An opened, fully validated torch.save file.
 pub struct PickleFile {
@@ -76,12 +81,17 @@ impl StorageData {
 }
 
 impl PickleFile {
-    /// True when the file looks like a torch.save output (zip archive or raw pickle stream).
+    /// True when the file looks like a torch.save output: a zip archive, a pickle stream that
+    /// starts with PROTO (protocol 2 and later), or one of protocol 0 or 1, which have no header
+    /// at all (see [`looks_like_unversioned_pickle`]).
     pub fn sniff(path: &Path) -> Result<bool> {
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut magic = [0u8; 4];
-        let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
-        Ok(n >= 2 && (magic[..2] == *b"PK" || magic[0] == 0x80))
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut head = Vec::with_capacity(SNIFF_BYTES);
+        f.take(SNIFF_BYTES as u64)
+            .read_to_end(&mut head)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(head.len() >= 2
+            && (head.starts_with(b"PK") || head[0] == 0x80 || looks_like_unversioned_pickle(&head)))
     }
 
     pub fn open(path: &Path) -> Result<PickleFile> {
@@ -147,6 +157,23 @@ impl PickleFile {
                 Gathered::Copied(v) => Cow::Owned(v),
             })
             .map_err(bad)
+    }
+}
+
+/// Protocol 0 and 1 pickles start with an ordinary opcode (`(`, `}`, `c`, `L`...), so one byte
+/// proves nothing; the restricted machine runs the first opcodes of `head` instead. A pickle that
+/// stops, names a refused global, or runs [`SNIFF_OPCODES`] opcodes without error counts: random
+/// bytes fail within a few opcodes. Only consulted after the safetensors sniff has said no.
+fn looks_like_unversioned_pickle(head: &[u8]) -> bool {
+    const STARTS: &[u8] = b"(}])cLINSVFGJKMTUX";
+    if !head.first().is_some_and(|b| STARTS.contains(b)) {
+        return false;
+    }
+    let mut m = Machine::new(head, true);
+    m.max_ops = Some(SNIFF_OPCODES);
+    match m.run() {
+        Ok(_) => true,
+        Err(e) => m.ops_exhausted || e.starts_with(REFUSING),
     }
 }
 
@@ -281,8 +308,8 @@ struct Parsed {
 fn parse_file(map: &[u8]) -> Result<Parsed, String> {
     match map.first() {
         Some(b'P') if map.starts_with(b"PK") => parse_zip(map),
-        Some(0x80) => parse_legacy(map),
-        _ => Err("not a PyTorch file: neither a zip archive nor a pickle stream".into()),
+        Some(_) => parse_legacy(map),
+        None => Err("not a PyTorch file: neither a zip archive nor a pickle stream".into()),
     }
 }
 
@@ -429,12 +456,14 @@ fn read_small_entry(
 
 /// torch < 1.6 (`_use_new_zipfile_serialization=False`): magic pickle, protocol pickle, sys_info
 /// pickle, main pickle, storage-key list pickle, then one `<u64 numel><bytes>` record per key.
+/// The pickles may be of any protocol (`pickle_protocol=0` and `1` give ones without PROTO).
 fn parse_legacy(map: &[u8]) -> Result<Parsed, String> {
     let mut pos = 0usize;
     let (_, magic) = next_pickle(map, &mut pos, "first", false)?;
     if !matches!(magic, Value::Int(LEGACY_MAGIC)) {
         return Err(
-            "not a torch.save file: the stream does not start with torch's magic number".into(),
+            "a pickle, but not a torch.save file: it does not start with torch's magic number"
+                .into(),
         );
     }
     let (_, proto) = next_pickle(map, &mut pos, "protocol", false)?;
@@ -724,6 +753,46 @@ enum Global {
     DtypeObject(Dtype),
     /// `_codecs.encode`, which protocol-2 pickles use to spell `bytes` objects.
     CodecsEncode,
+    /// `torch._utils._rebuild_device_tensor_from_numpy` (accepted by name, as A1111 does; its
+    /// tensors hold numpy arrays, which are not read).
+    RebuildDeviceTensorFromNumpy,
+    /// Checkpoint data that is no tensor: the rest of A1111's allow-list. Materialised as inert
+    /// values; what their constructors would have built is never needed for tensor data.
+    Inert(InertGlobal),
+}
+
+/// The non-tensor globals A1111's `RestrictedUnpickler.find_class` (modules/safe.py) accepts,
+/// which original SD 1.x checkpoints carry beside the state dict (pytorch_lightning callback
+/// state, numpy scores). Nothing of theirs is imported or called.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum InertGlobal {
+    /// `numpy.core.multiarray.scalar`: a numpy scalar from (dtype, bytes).
+    NumpyScalar,
+    /// `numpy.core.multiarray._reconstruct`: an empty ndarray, filled by BUILD.
+    NumpyReconstruct,
+    /// `numpy.dtype`.
+    NumpyDtype,
+    /// `numpy.ndarray`, the class handed to `_reconstruct`.
+    NumpyNdarray,
+    /// `__builtin__.set` (protocol-2 pickles spell a set as `set(list)`).
+    Set,
+    /// `pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`.
+    ModelCheckpoint,
+    /// The module `pytorch_lightning.callbacks.model_checkpoint` itself.
+    ModelCheckpointModule,
+    /// `torch.nn.modules.container.ParameterDict`.
+    ParameterDict,
+}
+
+impl InertGlobal {
+    /// Whether calling it (REDUCE, NEWOBJ) stands for building a value; a module or the ndarray
+    /// class on its own is never called by the pickles that carry them.
+    fn builds_value(self) -> bool {
+        !matches!(
+            self,
+            InertGlobal::NumpyNdarray | InertGlobal::ModelCheckpointModule
+        )
+    }
 }
 
 fn resolve_global(module: &str, name: &str) -> Option<Global> {
@@ -775,6 +844,23 @@ fn resolve_global(module: &str, name: &str) -> Option<Global> {
         ("torch._utils", "_rebuild_parameter_with_state") => Global::RebuildParameterWithState,
         ("torch" | "torch.storage", "UntypedStorage") => Global::UntypedStorage,
         ("_codecs", "encode") => Global::CodecsEncode,
+        ("torch._utils", "_rebuild_device_tensor_from_numpy") => {
+            Global::RebuildDeviceTensorFromNumpy
+        }
+        ("numpy.core.multiarray", "scalar") => Global::Inert(InertGlobal::NumpyScalar),
+        ("numpy.core.multiarray", "_reconstruct") => Global::Inert(InertGlobal::NumpyReconstruct),
+        ("numpy", "dtype") => Global::Inert(InertGlobal::NumpyDtype),
+        ("numpy", "ndarray") => Global::Inert(InertGlobal::NumpyNdarray),
+        ("__builtin__", "set") => Global::Inert(InertGlobal::Set),
+        ("torch.nn.modules.container", "ParameterDict") => {
+            Global::Inert(InertGlobal::ParameterDict)
+        }
+        ("pytorch_lightning.callbacks", "model_checkpoint") => {
+            Global::Inert(InertGlobal::ModelCheckpointModule)
+        }
+        ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint") => {
+            Global::Inert(InertGlobal::ModelCheckpoint)
+        }
         ("torch", n) => match storage(n) {
             Some(d) => Global::TypedStorage(d),
             None => Global::DtypeObject(dtype(n)?),
@@ -804,6 +890,8 @@ enum Value {
     Storage(usize),
     /// Index into `Machine::tensors`.
     Tensor(usize),
+    /// An object built by an inert global (a numpy scalar, a callback's state); never inspected.
+    Inert(InertGlobal),
 }
 
 impl Value {
@@ -821,6 +909,7 @@ impl Value {
             Value::Global(_) => "global",
             Value::Storage(_) => "storage",
             Value::Tensor(_) => "tensor",
+            Value::Inert(_) => "object",
         }
     }
 }
@@ -883,6 +972,10 @@ struct Machine<'a> {
     storages: Vec<StorageRef>,
     by_key: HashMap<String, usize>,
     tensors: Vec<TensorDesc>,
+    /// The most opcodes to run (the sniff), and whether they all ran.
+    max_ops: Option<usize>,
+    ops_started: usize,
+    ops_exhausted: bool,
 }
 
 impl<'a> Machine<'a> {
@@ -899,6 +992,9 @@ impl<'a> Machine<'a> {
             storages: Vec::new(),
             by_key: HashMap::new(),
             tensors: Vec::new(),
+            max_ops: None,
+            ops_started: 0,
+            ops_exhausted: false,
         }
     }
 
@@ -964,11 +1060,7 @@ impl<'a> Machine<'a> {
     /// Python 2 `str` payloads (BINSTRING): UTF-8 when valid, else Latin-1.
     fn py2_str(&mut self, n: usize) -> PResult<Value> {
         let bytes = self.take(n)?;
-        let s: String = match std::str::from_utf8(bytes) {
-            Ok(s) => s.to_string(),
-            Err(_) => bytes.iter().map(|&b| char::from(b)).collect(),
-        };
-        Ok(Value::Str(Rc::from(s)))
+        Ok(py2_text(bytes))
     }
 
     // --- stack ---
@@ -1094,7 +1186,7 @@ impl<'a> Machine<'a> {
             .map(Value::Global)
             .ok_or_else(|| {
                 format!(
-                    "{REFUSING}: it references '{}.{}', which is not a tensor-rebuild global",
+                    "{REFUSING}: it references '{}.{}', which is not on loratool's allow-list",
                     module.escape_debug(),
                     name.escape_debug()
                 )
@@ -1107,6 +1199,11 @@ impl<'a> Machine<'a> {
     fn run(&mut self) -> PResult<Value> {
         loop {
             self.op_at = self.pos;
+            if self.max_ops.is_some_and(|n| self.ops_started >= n) {
+                self.ops_exhausted = true;
+                return Err(self.err("opcode limit reached"));
+            }
+            self.ops_started += 1;
             let op = self.u8()?;
             match op {
                 0x80 => {
@@ -1364,6 +1461,9 @@ impl<'a> Machine<'a> {
                             let id = self.new_obj(Obj::Dict(Vec::new()));
                             self.push(Value::Dict(id));
                         }
+                        Value::Global(Global::Inert(inert)) if inert.builds_value() => {
+                            self.push(Value::Inert(inert));
+                        }
                         other => {
                             return Err(self
                                 .err(format!("NEWOBJ of a {} is not supported", describe(&other))))
@@ -1371,11 +1471,11 @@ impl<'a> Machine<'a> {
                     }
                 }
                 b'b' => {
-                    // BUILD sets object state (OrderedDict `_metadata`, tensor attributes); the
-                    // state carries no tensor data, so it is dropped.
+                    // BUILD sets object state (OrderedDict `_metadata`, tensor attributes, an
+                    // inert object's fields); the state carries no tensor data, so it is dropped.
                     let _state = self.pop()?;
                     let target = self.top()?;
-                    if !matches!(target, Value::Dict(_) | Value::Tensor(_)) {
+                    if !matches!(target, Value::Dict(_) | Value::Tensor(_) | Value::Inert(_)) {
                         return Err(self.err(format!("BUILD on a {}", describe(target))));
                     }
                 }
@@ -1383,6 +1483,19 @@ impl<'a> Machine<'a> {
                     let pid = self.pop()?;
                     let v = self.persistent_load(&pid)?;
                     self.push(v);
+                }
+                b'P' => {
+                    let line = self.line()?;
+                    let pid = self.text_persistent_id(line)?;
+                    let v = self.persistent_load(&pid)?;
+                    self.push(v);
+                }
+                b'S' => {
+                    let line = self.line()?;
+                    let bytes = string_literal(line).ok_or_else(|| {
+                        self.err("STRING argument is not a quoted string literal")
+                    })?;
+                    self.push(py2_text(&bytes));
                 }
                 other => {
                     return Err(self.err(format!("unsupported pickle opcode 0x{other:02x}")));
@@ -1402,6 +1515,56 @@ impl<'a> Machine<'a> {
             dst.copy_from_slice(bytes);
         }
         Ok(Value::Int(i128::from_le_bytes(buf)))
+    }
+
+    /// Protocol 0 writes a persistent id as `str()` of torch's tuple, e.g.
+    /// `('storage', <class 'torch.HalfStorage'>, '0', 'cpu', 4)` (torch.load itself cannot read
+    /// it back). Parsed into the tuple BINPERSID would carry: plain quoted strings (no escapes),
+    /// integers, `None`, and classes, which go through the same allow-list as GLOBAL.
+    fn text_persistent_id(&mut self, line: &[u8]) -> PResult<Value> {
+        let bad = |m: &Self| m.err("text persistent id is not a tuple torch writes");
+        let text = std::str::from_utf8(line).map_err(|_| bad(self))?;
+        let inner = text
+            .trim()
+            .strip_prefix('(')
+            .and_then(|t| t.strip_suffix(')'))
+            .ok_or_else(|| bad(self))?;
+        let mut items = Vec::new();
+        let mut rest = inner.trim_start();
+        while !rest.is_empty() {
+            if items.len() >= MAX_ARGS {
+                return Err(bad(self));
+            }
+            let (item, after) = if let Some(r) = rest.strip_prefix("<class '") {
+                let end = r.find("'>").ok_or_else(|| bad(self))?;
+                let (module, name) = r[..end].rsplit_once('.').ok_or_else(|| bad(self))?;
+                (self.global(module, name)?, &r[end + 2..])
+            } else if let Some(q) = rest.chars().next().filter(|c| *c == '\'' || *c == '"') {
+                let r = &rest[1..];
+                let end = r.find(q).ok_or_else(|| bad(self))?;
+                if r[..end].contains('\\') {
+                    return Err(bad(self));
+                }
+                (Value::Str(Rc::from(&r[..end])), &r[end + 1..])
+            } else if let Some(r) = rest.strip_prefix("None") {
+                (Value::None, r)
+            } else {
+                let end = rest
+                    .find(|c: char| c == ',' || c.is_whitespace())
+                    .unwrap_or(rest.len());
+                let v: i128 = rest[..end].parse().map_err(|_| bad(self))?;
+                (Value::Int(v), &rest[end..])
+            };
+            items.push(item);
+            let after = after.trim_start();
+            rest = match after.strip_prefix(',') {
+                Some(r) => r.trim_start(),
+                None if after.is_empty() => after,
+                None => return Err(bad(self)),
+            };
+        }
+        let id = self.new_obj(Obj::Seq(items));
+        Ok(Value::Tuple(id))
     }
 
     fn persistent_load(&mut self, pid: &Value) -> PResult<Value> {
@@ -1520,7 +1683,14 @@ impl<'a> Machine<'a> {
                 }
                 _ => Err(self.err("_codecs.encode needs (string, encoding)")),
             },
-            Global::TypedStorage(_) | Global::UntypedStorage | Global::DtypeObject(_) => {
+            Global::RebuildDeviceTensorFromNumpy => Err(self.err(
+                "tensors rebuilt from numpy arrays (_rebuild_device_tensor_from_numpy) are not supported",
+            )),
+            Global::Inert(inert) if inert.builds_value() => Ok(Value::Inert(*inert)),
+            Global::TypedStorage(_)
+            | Global::UntypedStorage
+            | Global::DtypeObject(_)
+            | Global::Inert(_) => {
                 Err(self.err(format!("REDUCE on {} is not supported", describe(func))))
             }
         }
@@ -1609,8 +1779,71 @@ fn as_usize(v: &Value) -> Option<usize> {
 fn describe(v: &Value) -> String {
     match v {
         Value::Global(g) => format!("{g:?}"),
+        Value::Inert(g) => format!("{g:?} object"),
         other => other.kind().to_string(),
     }
+}
+
+/// Python 2 `str` bytes as text: UTF-8 when valid, else Latin-1.
+fn py2_text(bytes: &[u8]) -> Value {
+    let s: String = match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => bytes.iter().map(|&b| char::from(b)).collect(),
+    };
+    Value::Str(Rc::from(s))
+}
+
+/// The argument of protocol 0's STRING opcode: a quoted Python 2 `str` literal, unescaped as
+/// Python's `codecs.escape_decode` does (`\\`, `\'`, `\n`, `\xHH`, octal, ...; an unknown escape
+/// keeps its backslash).
+fn string_literal(line: &[u8]) -> Option<Vec<u8>> {
+    let (&first, rest) = line.split_first()?;
+    let (&last, body) = rest.split_last()?;
+    if first != last || !matches!(first, b'\'' | b'"') {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        i += 1;
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        let &e = body.get(i)?;
+        i += 1;
+        match e {
+            b'\n' => {}
+            b'\\' | b'\'' | b'"' => out.push(e),
+            b'a' => out.push(7),
+            b'b' => out.push(8),
+            b'f' => out.push(12),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(11),
+            b'0'..=b'7' => {
+                let mut v = u32::from(e - b'0');
+                for _ in 0..2 {
+                    match body.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            v = v * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                out.push((v & 0xff) as u8);
+            }
+            b'x' => {
+                let hex = std::str::from_utf8(body.get(i..i + 2)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            other => out.extend_from_slice(&[b'\\', other]),
+        }
+    }
+    Some(out)
 }
 
 /// Decodes Python's raw-unicode-escape (`\uXXXX` and `\UXXXXXXXX`; other bytes are Latin-1).
@@ -1698,7 +1931,7 @@ mod tests {
         let (_, r) = run(p);
         assert_eq!(
             r.unwrap_err(),
-            "refusing to load pickle: it references 'os.system', which is not a tensor-rebuild global"
+            "refusing to load pickle: it references 'os.system', which is not on loratool's allow-list"
         );
         let mut p = vec![0x80, 4];
         p.extend(short_str("builtins"));
@@ -1819,6 +2052,123 @@ mod tests {
         let p = b"\x80\x02ccollections\nOrderedDict\n]\x85R.";
         let (_, r) = run(p);
         assert!(r.unwrap_err().contains("item list"));
+    }
+
+    #[test]
+    fn a1111_globals_are_inert_data_and_the_list_is_exact() {
+        // {'s': set([1]), 'x': numpy scalar(dtype('f8') + BUILD, b'...'), 'cb': ModelCheckpoint
+        // instance (NEWOBJ + BUILD), 'm': the module, 'k': {ModelCheckpoint: 1}} at protocol 2.
+        let mut p = b"\x80\x02}(".to_vec();
+        p.extend(short_str("s"));
+        p.extend_from_slice(b"c__builtin__\nset\n]K\x01a\x85R");
+        p.extend(short_str("x"));
+        p.extend_from_slice(b"cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\n");
+        p.extend(short_str("f8"));
+        p.extend_from_slice(b"\x89\x88\x87R(K\x03tbc_codecs\nencode\n");
+        p.extend(short_str("\u{0}\u{0}"));
+        p.extend(short_str("latin1"));
+        p.extend_from_slice(b"\x86R\x86R");
+        p.extend(short_str("cb"));
+        p.extend_from_slice(
+            b"cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\n)\x81}b",
+        );
+        p.extend(short_str("m"));
+        p.extend_from_slice(b"cpytorch_lightning.callbacks\nmodel_checkpoint\n");
+        p.extend(short_str("k"));
+        p.extend_from_slice(
+            b"}cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\nK\x01su.",
+        );
+        let (m, r) = run(&p);
+        let Value::Dict(id) = r.unwrap() else {
+            panic!()
+        };
+        let d = m.dict(id).unwrap();
+        assert_eq!(d.len(), 5);
+        assert!(matches!(d[0].1, Value::Inert(InertGlobal::Set)));
+        assert!(matches!(d[1].1, Value::Inert(InertGlobal::NumpyScalar)));
+        assert!(matches!(d[2].1, Value::Inert(InertGlobal::ModelCheckpoint)));
+        assert!(matches!(
+            d[3].1,
+            Value::Global(Global::Inert(InertGlobal::ModelCheckpointModule))
+        ));
+        // Near misses of A1111's names stay refused: numpy 2's module, Python 3's builtins,
+        // other Lightning callbacks, tensor-subclass rebuilds A1111 does not list.
+        for (module, name) in [
+            ("numpy._core.multiarray", "scalar"),
+            ("builtins", "set"),
+            (
+                "pytorch_lightning.callbacks.early_stopping",
+                "EarlyStopping",
+            ),
+            ("pytorch_lightning.callbacks", "ModelCheckpoint"),
+            ("torch._tensor", "_rebuild_from_type_v2"),
+            ("numpy", "load"),
+        ] {
+            assert!(resolve_global(module, name).is_none(), "{module}.{name}");
+        }
+        // A module is not callable, and neither is a global that names one.
+        let (_, r) = run(b"\x80\x02cpytorch_lightning.callbacks\nmodel_checkpoint\n)R.");
+        assert!(r.unwrap_err().contains("not supported"));
+    }
+
+    #[test]
+    fn protocol_0_strings_and_text_persistent_ids() {
+        assert_eq!(
+            string_literal(b"'a\\'b\\x41\\101\\n\\q'").unwrap(),
+            b"a'bAA\n\\q"
+        );
+        assert_eq!(string_literal(b"\"it's\"").unwrap(), b"it's");
+        for bad in [&b"'abc"[..], b"abc", b"'", b"'\\x4'", b"'a\""] {
+            assert!(string_literal(bad).is_none(), "{bad:?}");
+        }
+        let mut m = Machine::new(b"", true);
+        let pid = m
+            .text_persistent_id(b"('storage', <class 'torch.HalfStorage'>, '0', 'cpu', 4)")
+            .unwrap();
+        let Value::Storage(s) = m.persistent_load(&pid).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.storages[s].numel, m.storages[s].kind),
+            (4, StorageKind::Typed(Dtype::F16))
+        );
+        let e = m
+            .text_persistent_id(b"('storage', <class 'os.system'>, '0', 'cpu', 4)")
+            .unwrap_err();
+        assert!(e.starts_with(REFUSING), "{e}");
+        for bad in [
+            &b"storage"[..],
+            b"('storage', <class 'torch.HalfStorage', '0')",
+            b"('a\\'b')",
+            b"(1 2)",
+            b"(1,,2)",
+        ] {
+            assert!(m.text_persistent_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unversioned_pickle_sniff() {
+        assert!(looks_like_unversioned_pickle(
+            b"L119547037146038801333356L\n."
+        ));
+        assert!(looks_like_unversioned_pickle(
+            b"(dp0\nVa\np1\nI1\nsVb\np2\nI2\ns."
+        ));
+        assert!(looks_like_unversioned_pickle(b"cos\nsystem\n(S'ls'\ntR."));
+        // Eight clean opcodes count even when the window ends inside the pickle.
+        assert!(looks_like_unversioned_pickle(
+            b"(I1\nI2\nI3\nI4\nI5\nI6\nI7\nI8\nI9\n"
+        ));
+        for not in [
+            &b"{\"a\": 1}"[..],
+            b"L12",
+            b"(\xff\xff",
+            b"X\xff\xff\xff\xff",
+            b"hello",
+        ] {
+            assert!(!looks_like_unversioned_pickle(not), "{not:?}");
+        }
     }
 
     #[test]
