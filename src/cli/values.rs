@@ -2,6 +2,7 @@
 //! choices and the `--lora PATH[:W…]` argument.
 
 use clap::ValueEnum;
+use loratool::family::block_weight::BlockWeightSpec;
 use loratool::ops::convert::TargetFormat;
 use loratool::ops::patch_plan::LoraWeight;
 use loratool::tensors::Dtype;
@@ -45,12 +46,21 @@ impl From<LoraFormatArg> for TargetFormat {
     }
 }
 
-/// Parses `PATH`, `PATH:W` or `PATH:TE_W:UNET_W` (A1111's order). Weights are split off at the
+/// Parses `PATH`, `PATH:W` or `PATH:TE_W:UNET_W` (A1111's order), each optionally followed by
+/// `:lbw=SPEC` (block weights: a preset or comma-separated numbers). Weights are split off at the
 /// last `:` whose suffix parses as a number, so paths containing `:` keep working; an argument
 /// that names an existing file as a whole is that file, even when its name ends in `:<number>`.
 pub fn parse_lora(arg: &str) -> Result<LoraWeight> {
     if Path::new(arg).is_file() {
         return Ok(LoraWeight::new(arg));
+    }
+    if let Some((rest, spec)) = arg.rsplit_once(":lbw=") {
+        let block_weights = BlockWeightSpec::parse(spec)
+            .map_err(|e| Error::Invalid(format!("--lora '{arg}': {e}")))?;
+        return Ok(LoraWeight {
+            block_weights: Some(block_weights),
+            ..parse_lora(rest)?
+        });
     }
     let number =
         |s: &str| -> Option<f32> { s.trim().parse::<f32>().ok().filter(|v| v.is_finite()) };
@@ -115,6 +125,30 @@ mod tests {
             PathBuf::from("dir:with:colons/x.safetensors")
         );
         assert!(parse_lora(":0.5").is_err());
+    }
+
+    #[test]
+    fn block_weights_follow_the_weights() {
+        let l = parse_lora("a.safetensors:0.8:lbw=OUTALL").unwrap();
+        assert_eq!(l.unet, 0.8);
+        assert_eq!(
+            l.block_weights,
+            Some(BlockWeightSpec::Preset("OUTALL".into()))
+        );
+        let l = parse_lora("a.safetensors:0.5:1:lbw=1,0,0,0,1,1,1,0,0,0,1,1,1,1,1,1,1").unwrap();
+        assert_eq!((l.text_encoder, l.unet), (0.5, 1.0));
+        assert!(matches!(l.block_weights, Some(BlockWeightSpec::Values(v)) if v.len() == 17));
+        assert_eq!(
+            parse_lora("a.safetensors:lbw=ALL").unwrap().block_weights,
+            Some(BlockWeightSpec::Preset("ALL".into()))
+        );
+        let err = parse_lora("a.safetensors:1:lbw=1,R,0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--lora 'a.safetensors:1:lbw=1,R,0': lbw=1,R,0:"),
+            "{err}"
+        );
     }
 
     #[test]

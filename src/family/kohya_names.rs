@@ -100,9 +100,9 @@ pub fn module_kohya_name(m: &AdapterModule, family: BaseModel) -> String {
 }
 
 /// kohya module name → (component, dotted path) for every module an SD1/SD2/SDXL UNet or CLIP
-/// text encoder can have, under every spelling a file of `family` may use: the name kohya writes,
-/// the diffusers-path spelling of SDXL UNet modules some LyCORIS files use, and every text-encoder
-/// prefix.
+/// text encoder can have, under every spelling a file of `family` may use: the name kohya writes
+/// ([`kohya_name`]), both the diffusers and the LDM spelling of UNet modules, and every
+/// text-encoder prefix.
 pub fn kohya_to_dotted(family: BaseModel) -> HashMap<String, (Component, String)> {
     let mut map = HashMap::new();
     for p in unet_paths() {
@@ -110,8 +110,18 @@ pub fn kohya_to_dotted(family: BaseModel) -> HashMap<String, (Component, String)
             format!("lora_unet_{}", flat(&p)),
             (Component::Unet, p.clone()),
         );
-        map.entry(kohya_name(Component::Unet, &p, family))
-            .or_insert((Component::Unet, p.clone()));
+        // The LDM spelling: kohya's own for SDXL, and what some trainers write for SD1/SD2.
+        let has_attentions = |i: usize| {
+            if family == BaseModel::Sdxl {
+                i < 2
+            } else {
+                i > 0
+            }
+        };
+        if let Some(ldm) = diffusers_to_ldm(&p, has_attentions) {
+            map.entry(format!("lora_unet_{}", flat(&ldm)))
+                .or_insert((Component::Unet, p.clone()));
+        }
     }
     for p in text_encoder_paths() {
         for (prefix, c) in KOHYA_PREFIXES {

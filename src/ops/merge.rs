@@ -550,6 +550,7 @@ fn spawn_merge_record(loras: &[LoraWeight]) -> std::thread::JoinHandle<Result<St
                 "file": lw.path.file_name().map(|n| n.to_string_lossy().into_owned()),
                 "text_encoder_weight": lw.text_encoder,
                 "unet_weight": lw.unet,
+                "lbw": lw.block_weights.as_ref().map(|b| b.to_string()),
                 "autov3": autov3,
             }));
         }

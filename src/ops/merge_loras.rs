@@ -272,13 +272,10 @@ pub fn merge_loras(
     let mut order: Vec<String> = Vec::new();
     let mut groups: HashMap<String, Vec<Part>> = HashMap::new();
     for (a, lw) in adapters.iter().zip(loras) {
+        let blocks = lw.block_weights_for(fam)?;
         for m in &a.modules {
             let name = module_kohya_name(m, fam);
-            let weight = if m.component.is_text_encoder() {
-                lw.text_encoder
-            } else {
-                lw.unet
-            };
+            let weight = lw.multiplier(m, blocks.as_ref());
             groups
                 .entry(name.clone())
                 .or_insert_with(|| {
@@ -363,7 +360,16 @@ pub fn merge_loras(
     };
     let parts: Vec<String> = loras
         .iter()
-        .map(|l| format!("{}:{}:{}", stem(&l.path), l.text_encoder, l.unet))
+        .map(|l| {
+            let lbw = l.block_weights.as_ref().map(|b| format!(":lbw={b}"));
+            format!(
+                "{}:{}:{}{}",
+                stem(&l.path),
+                l.text_encoder,
+                l.unet,
+                lbw.unwrap_or_default()
+            )
+        })
         .collect();
     meta.insert(
         "ss_training_comment".into(),

@@ -11,6 +11,7 @@
 
 use crate::adapter::keys::Role;
 use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
+use crate::family::block_weight::{BlockWeightSpec, BlockWeights};
 use crate::family::checkpoint::{KeyMap, Target};
 use crate::family::layout::Checkpoint;
 use crate::family::{self, BaseModel, Component};
@@ -28,6 +29,8 @@ pub struct LoraWeight {
     pub text_encoder: f32,
     /// Multiplier for UNet / transformer modules.
     pub unet: f32,
+    /// Per-block multipliers on top (the LoRA Block Weight convention, `lbw=`).
+    pub block_weights: Option<BlockWeightSpec>,
 }
 
 impl LoraWeight {
@@ -37,6 +40,7 @@ impl LoraWeight {
             path: path.into(),
             text_encoder: 1.0,
             unet: 1.0,
+            block_weights: None,
         }
     }
 
@@ -56,6 +60,24 @@ impl LoraWeight {
         } else {
             self.unet
         }
+    }
+
+    /// The block weights for a model of `family`, checked against it (an `lbw=` list of the wrong
+    /// length is an error naming this LoRA).
+    pub fn block_weights_for(&self, family: BaseModel) -> Result<Option<BlockWeights>> {
+        self.block_weights
+            .as_ref()
+            .map(|spec| {
+                spec.resolve(family)
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", self.path.display())))
+            })
+            .transpose()
+    }
+
+    /// What one module of this LoRA is multiplied by, besides its own scale: the weight of its
+    /// component times its block's weight. Every caller takes it from here.
+    pub fn multiplier(&self, m: &AdapterModule, blocks: Option<&BlockWeights>) -> f32 {
+        self.component_weight(m.component) * blocks.map_or(1.0, |b| b.weight_for(m))
     }
 }
 
@@ -160,6 +182,19 @@ impl<'c> PatchPlan<'c> {
             }
         }
 
+        // Block weights follow the checkpoint's layout; a LoRA's own family decides only when
+        // the checkpoint does not tell.
+        let blocks: Vec<Option<BlockWeights>> = adapters
+            .iter()
+            .zip(loras)
+            .map(|(a, lw)| {
+                let fam = match family {
+                    BaseModel::Unknown => family::detect(a.file.metadata(), &a.modules).base_model,
+                    f => f,
+                };
+                lw.block_weights_for(fam)
+            })
+            .collect::<Result<_>>()?;
         let mut matched: Vec<Vec<bool>> = adapters
             .iter()
             .map(|a| vec![false; a.modules.len()])
@@ -179,7 +214,7 @@ impl<'c> PatchPlan<'c> {
                     };
                     check_fits(base, target, m, adapter)?;
                     matched[li][mi] = true;
-                    let multiplier = lw.component_weight(m.component);
+                    let multiplier = lw.multiplier(m, blocks[li].as_ref());
                     if multiplier == 0.0 {
                         // Matched, but it changes nothing: the tensor keeps its exact bits.
                         continue;
