@@ -24,6 +24,10 @@ pub enum Error {
     /// The file is a readable tensor file, but not an adapter this tool understands.
     #[error("{path}: {reason}")]
     NotAnAdapter { path: PathBuf, reason: String },
+    /// The output path exists (checked before the work, or created by someone else while the
+    /// output was being written: `appeared`).
+    #[error("{}: already exists{}", path.display(), if *appeared { " (it appeared while this output was being written)" } else { "" })]
+    OutputExists { path: PathBuf, appeared: bool },
     /// A LoRA made for another model family than what it is combined with; `other` says what
     /// that is ("x.safetensors is a sdxl checkpoint", "the other inputs are sdxl").
     #[error("{lora}: this is a {lora_family} LoRA but {other}")]

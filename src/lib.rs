@@ -3,9 +3,11 @@
 //! The library is layered so that each concern has one home:
 //! - [`tensors`]: reading (safetensors, legacy pickle) and writing tensor files, dtypes, hashes.
 //! - [`adapter`]: any LoRA file format parsed into one [`adapter::Adapter`] model, and the delta math.
-//! - [`family`]: base-model families (SD1, SD2, SDXL, SD3, Flux) and their detection.
-//! - [`linalg`]: dense f32 matrix products used by the delta math (faer underneath).
-//! - [`ops`]: whole operations (inspect today; merge, convert, extract, resize next) over the above.
+//! - [`family`]: base-model families (SD1, SD2, SDXL, SD3, Flux), what a model file holds (read from
+//!   its keys), and every key-name map (LDM ⇄ diffusers, kohya names, block weights).
+//! - [`linalg`]: matrix products, factor-space and randomized SVD, the fused merge kernel.
+//! - [`ops`]: whole operations — inspect, merge, convert, extract, resize — and the patch plan that
+//!   merge and the preview sampler share.
 //!
 //! Nothing below `cli` knows about clap or terminal output.
 

@@ -14,7 +14,9 @@ pub struct MergeArgs {
     /// BFL Flux file). Without it, the LoRAs are merged into one LoRA.
     #[arg(long)]
     pub base: Option<PathBuf>,
-    /// A LoRA and its weight: PATH, PATH:W, or PATH:TE_W:UNET_W (A1111's order). Repeatable.
+    /// A LoRA and its weight: PATH, PATH:W, or PATH:TE_W:UNET_W (A1111's order), optionally
+    /// followed by :lbw=PRESET or :lbw=W1,W2,… (per-block weights, the LoRA Block Weight
+    /// convention). Repeatable.
     #[arg(long = "lora", required = true, value_name = "PATH[:W]")]
     pub loras: Vec<String>,
     /// Output file.
@@ -70,7 +72,7 @@ pub fn run(args: MergeArgs) -> Result<i32> {
     };
     let report = merge_into_checkpoint(&base, &loras, &args.output, &opts);
     bar.finish_and_clear();
-    let report = report.map_err(with_force_hint)?;
+    let report = report?;
     for (path, matched, unmatched) in &report.loras {
         if !unmatched.is_empty() {
             let first: Vec<&str> = unmatched.iter().take(3).map(String::as_str).collect();
@@ -108,7 +110,7 @@ fn merge_into_lora(args: &MergeArgs, loras: &[LoraWeight]) -> Result<i32> {
         dtype: args.dtype.map(Into::into),
         force: args.force,
     };
-    let r = merge_loras(loras, &args.output, &opts).map_err(with_force_hint)?;
+    let r = merge_loras(loras, &args.output, &opts)?;
     let ranks = if r.ranks.0 == r.ranks.1 {
         r.ranks.1.to_string()
     } else {
@@ -125,14 +127,4 @@ fn merge_into_lora(args: &MergeArgs, loras: &[LoraWeight]) -> Result<i32> {
         r.family.map(|f| f.name()).unwrap_or("unknown")
     );
     Ok(0)
-}
-
-/// Says which flag overrides a refusal that `--force` can override.
-fn with_force_hint(e: Error) -> Error {
-    match e {
-        Error::FamilyMismatch { .. } => {
-            Error::Invalid(format!("{e} (use --force to merge anyway)"))
-        }
-        e => e,
-    }
 }

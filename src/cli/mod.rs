@@ -10,6 +10,7 @@ mod resize;
 mod values;
 
 use clap::{Parser, Subcommand};
+use loratool::Error;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,11 +39,31 @@ pub enum Command {
 
 /// Runs a command and returns the process exit code.
 pub fn run(cli: Cli) -> loratool::Result<i32> {
-    match cli.command {
+    let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
         Command::Extract(args) => extract::run(args),
+    };
+    result.map_err(with_flag_hints)
+}
+
+/// Names the flag that overrides a refusal the user may override; the library knows no flags.
+fn with_flag_hints(e: Error) -> Error {
+    match e {
+        Error::OutputExists { path, appeared } => Error::Invalid(format!(
+            "{}: already exists ({}use --force to overwrite)",
+            path.display(),
+            if appeared {
+                "it appeared while this output was being written; "
+            } else {
+                ""
+            }
+        )),
+        Error::FamilyMismatch { .. } => {
+            Error::Invalid(format!("{e} (use --force to merge anyway)"))
+        }
+        e => e,
     }
 }

@@ -142,15 +142,6 @@ fn open_pairs(base: &Path, tuned: &Path) -> Result<(Vec<Pair>, BaseModel)> {
         )));
     }
     let (fb, ft) = (b.family(), t.family());
-    if fb != ft {
-        return Err(Error::Invalid(format!(
-            "{} is a {} checkpoint but {} is a {} checkpoint",
-            base.display(),
-            fb.name(),
-            tuned.display(),
-            ft.name()
-        )));
-    }
     let mut tuned_files = t.files;
     let mut pairs = Vec::new();
     for bf in b.files {
@@ -171,6 +162,15 @@ fn open_pairs(base: &Path, tuned: &Path) -> Result<(Vec<Pair>, BaseModel)> {
             )));
         };
         let tf = tuned_files.swap_remove(at);
+        if fb != ft {
+            return Err(Error::Invalid(format!(
+                "{} is a {} checkpoint but {} is a {} checkpoint",
+                base.display(),
+                fb.name(),
+                tuned.display(),
+                ft.name()
+            )));
+        }
         pairs.push(Pair {
             base_map: KeyMap::build(bf.file.tensors(), bf.layout, fb),
             tuned_map: KeyMap::build(tf.file.tensors(), tf.layout, fb),

@@ -108,10 +108,10 @@ impl Write for OutputFile {
 /// The error of a final link or rename: a name that appeared meanwhile is the "exists" refusal.
 pub(crate) fn placed_error(target: &Path, e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::AlreadyExists {
-        Error::Invalid(format!(
-            "{}: already exists (it appeared while this output was being written; use --force to overwrite)",
-            target.display()
-        ))
+        Error::OutputExists {
+            path: target.to_path_buf(),
+            appeared: true,
+        }
     } else {
         Error::io(target, e)
     }
@@ -304,9 +304,9 @@ mod tests {
             assert_eq!(names(dir.path()).len(), visible, "{how}: the temp");
             f.write_all(b"new").unwrap();
             fs::write(&out, b"theirs").unwrap();
-            let e = f.commit().unwrap_err().to_string();
+            let e = f.commit().unwrap_err();
             assert!(
-                e.contains("already exists") && e.contains("--force"),
+                matches!(e, Error::OutputExists { appeared: true, .. }),
                 "{how}: {e}"
             );
             assert_eq!(fs::read(&out).unwrap(), b"theirs");

@@ -143,8 +143,17 @@ mod tests {
         staged(&out, false, b"one").unwrap().commit().unwrap();
         assert_eq!(fs::read(out.join("unet/w.safetensors")).unwrap(), b"one");
 
-        let e = staged(&out, false, b"x").err().unwrap().to_string();
-        assert!(e.contains("already exists (use --force"), "{e}");
+        let e = staged(&out, false, b"x").err().unwrap();
+        assert!(
+            matches!(
+                e,
+                Error::OutputExists {
+                    appeared: false,
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         fs::write(out.join("stale-extra"), b"old").unwrap();
         staged(&out, true, b"two").unwrap().commit().unwrap();
@@ -159,9 +168,9 @@ mod tests {
         let late = dir.path().join("late");
         let s = staged(&late, false, b"three").unwrap();
         fs::create_dir(&late).unwrap();
-        let e = s.commit().unwrap_err().to_string();
+        let e = s.commit().unwrap_err();
         assert!(
-            e.contains("already exists") && e.contains("appeared"),
+            matches!(e, Error::OutputExists { appeared: true, .. }),
             "{e}"
         );
         assert_eq!(entries(&late), 0);

@@ -157,10 +157,10 @@ fn check_output(target: &Path, opts: &WriteOptions, folder: bool) -> Result<()> 
         _ => {}
     }
     if target.exists() && !opts.force {
-        return Err(Error::Invalid(format!(
-            "{}: already exists (use --force to overwrite)",
-            target.display()
-        )));
+        return Err(Error::OutputExists {
+            path: target.to_path_buf(),
+            appeared: false,
+        });
     }
     Ok(())
 }
