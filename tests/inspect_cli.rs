@@ -28,6 +28,7 @@ fn json_reports_kohya_metadata_sidecar_and_tags() {
     let (code, json, _) = run_json(&[], &[f]);
     assert_eq!(code, 0);
     let r = &json[0];
+    assert_eq!(r["kind"], "lora");
     assert_eq!(r["format"], "kohya");
     assert_eq!(r["network"], "lora");
     assert_eq!(r["base_model"], "sd1");
@@ -209,17 +210,6 @@ fn bad_input_gets_one_line_errors_and_the_rest_is_still_reported() {
                 ),
             ),
             "unknown dtype 'Q4_K'",
-        ),
-        (
-            bad_file(
-                d,
-                "checkpoint.safetensors",
-                &safetensors_with_header(
-                    r#"{"model.diffusion_model.out.2.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
-                    &[0; 4],
-                ),
-            ),
-            "not a LoRA: this is a model checkpoint",
         ),
         (fixtures().join("legacy/malicious.ckpt"), "os.system"),
         (d.join("missing.safetensors"), "No such file"),

@@ -12,14 +12,30 @@ fn ckpt() -> std::path::PathBuf {
 
 #[test]
 fn inspect_names_it_a_checkpoint() {
-    let out = loratool().arg("inspect").arg(ckpt()).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("not a LoRA: this is a model checkpoint"),
-        "{stderr}"
+    let out = loratool()
+        .args(["inspect", "--json"])
+        .arg(ckpt())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &json[0];
+    assert_eq!(r["kind"], "checkpoint");
+    assert_eq!(r["container"], "pickle");
+    assert_eq!(r["family"], "sd1");
+    assert_eq!(r["has_vae"], true);
+    let params: u64 = TensorFile::open(&ckpt())
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|t| t.numel() as u64)
+        .sum();
+    assert_eq!(r["parameters"], params);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `loratool inspect`: flags and rendering (table or JSON).
 
 use clap::Args;
-use loratool::ops::inspect::{inspect_many, InspectOptions, InspectReport};
+use loratool::ops::inspect::{inspect_many, InspectOptions, InspectReport, Report};
+use loratool::ops::inspect_model::{ModelKind, ModelReport};
 use std::io::Write;
 use std::path::PathBuf;
 use tabled::builder::Builder;
@@ -9,7 +10,8 @@ use tabled::settings::Style;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// LoRA files (.safetensors, or .ckpt/.pt/.bin read without running code).
+    /// LoRA files (.safetensors, or .ckpt/.pt/.bin read without running code); also checkpoints,
+    /// diffusers pipeline folders, VAEs, text encoders and embeddings.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Print a JSON array, one object per file (schema: docs/INSPECT_JSON.md).
@@ -56,7 +58,12 @@ pub fn run(args: InspectArgs) -> loratool::Result<i32> {
             if i > 0 {
                 let _ = writeln!(out);
             }
-            let _ = write!(out, "{}", render(rep, args.modules || args.norms));
+            let text = match rep {
+                Report::Lora(rep) => render(rep, args.modules || args.norms),
+                Report::Model(rep) if rep.kind == ModelKind::Checkpoint => render_checkpoint(rep),
+                Report::Model(rep) => describe_file(rep),
+            };
+            let _ = write!(out, "{text}");
         }
     }
     for e in results.iter().filter_map(|r| r.as_ref().err()) {
@@ -151,23 +158,10 @@ fn render(rep: &InspectReport, list_modules: bool) -> String {
         b.push_record(["top tags", &tags.join(", ")]);
     }
     for (k, v) in &rep.training {
-        let v = if v.len() > 100 {
-            format!(
-                "{}…",
-                &v[..v.char_indices().nth(100).map(|c| c.0).unwrap_or(v.len())]
-            )
-        } else {
-            v.clone()
-        };
-        b.push_record([format!("training: {}", k.replace('_', " ")), v]);
+        b.push_record([format!("training: {}", k.replace('_', " ")), clip(v)]);
     }
     if let Some(h) = &rep.hashes {
-        b.push_record(["sha256", &h.sha256]);
-        b.push_record(["AutoV2", &h.autov2]);
-        if let (Some(a), Some(v3)) = (&h.addnet, &h.autov3) {
-            b.push_record(["addnet hash", a]);
-            b.push_record(["AutoV3", v3]);
-        }
+        push_hashes(&mut b, h);
     }
     for w in &rep.warnings {
         b.push_record(["warning", w]);
@@ -204,4 +198,194 @@ fn render(rep: &InspectReport, list_modules: bool) -> String {
         text.push('\n');
     }
     text
+}
+
+/// Parameter counts as people say them (860 M, 2.6 B).
+fn human_count(n: u64) -> String {
+    match n {
+        0..=9_999 => n.to_string(),
+        10_000..=999_999 => format!("{:.1} K", n as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} M", n as f64 / 1e6),
+        _ => format!("{:.2} B", n as f64 / 1e9),
+    }
+}
+
+fn dtype_mix(rep: &ModelReport) -> String {
+    rep.dtypes
+        .iter()
+        .map(|(d, c)| format!("{d} {} ({})", c.tensors, human_size(c.bytes)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn family_line(rep: &ModelReport) -> String {
+    match (&rep.prediction, &rep.prediction_source) {
+        (Some(p), Some(src)) => {
+            let p = serde_json::to_value(p).unwrap_or_default();
+            format!(
+                "{} (prediction: {} from {src})",
+                rep.family,
+                p.as_str().unwrap_or("?")
+            )
+        }
+        _ => rep.family.to_string(),
+    }
+}
+
+fn render_checkpoint(rep: &ModelReport) -> String {
+    let mut b = Builder::default();
+    b.push_record(["file", &rep.path]);
+    b.push_record([
+        "kind",
+        &format!(
+            "checkpoint ({}, {})",
+            rep.layout.unwrap_or("?"),
+            rep.container
+        ),
+    ]);
+    b.push_record(["family", &family_line(rep)]);
+    b.push_record([
+        "parameters",
+        &format!("{} ({})", human_count(rep.parameters), rep.parameters),
+    ]);
+    b.push_record(["dtypes", &dtype_mix(rep)]);
+    b.push_record(["size", &human_size(rep.file_size)]);
+    let vae = match (rep.has_vae, rep.files.is_some()) {
+        (true, false) => "baked in",
+        (true, true) => "included (vae/)",
+        (false, _) => "not included",
+    };
+    b.push_record(["VAE", vae]);
+    let ema = match &rep.ema {
+        Some(e) => format!(
+            "present: {} tensors, {} parameters",
+            e.tensor_count,
+            human_count(e.parameters)
+        ),
+        None => "none".into(),
+    };
+    b.push_record(["EMA", &ema]);
+    for (k, v) in &rep.modelspec {
+        b.push_record([format!("modelspec.{k}"), clip(v)]);
+    }
+    for (k, v) in &rep.training {
+        b.push_record([format!("training: {}", k.replace('_', " ")), clip(v)]);
+    }
+    if let Some(h) = &rep.hashes {
+        push_hashes(&mut b, h);
+    }
+    for w in &rep.warnings {
+        b.push_record(["warning", w]);
+    }
+    let mut text = b.build().with(Style::sharp()).to_string();
+    text.push('\n');
+
+    let mut c = Builder::default();
+    let with_files = rep.components.iter().any(|p| p.file.is_some());
+    let mut head = vec!["component", "encoder", "tensors", "parameters", "size"];
+    if with_files {
+        head.push("file");
+    }
+    c.push_record(head);
+    for p in &rep.components {
+        let mut row = vec![
+            p.name.name().to_string(),
+            p.encoder.map(|e| e.describe()).unwrap_or("–").to_string(),
+            p.tensor_count.to_string(),
+            human_count(p.parameters),
+            human_size(p.bytes),
+        ];
+        if with_files {
+            row.push(p.file.clone().unwrap_or_default());
+        }
+        c.push_record(row);
+    }
+    text.push_str(&c.build().with(Style::sharp()).to_string());
+    text.push('\n');
+
+    // A pipeline's weight files, each hashed on its own.
+    let hashed: Vec<_> = rep
+        .files
+        .iter()
+        .flatten()
+        .filter_map(|f| Some((f, f.hashes.as_ref()?)))
+        .collect();
+    if !hashed.is_empty() {
+        let mut h = Builder::default();
+        h.push_record(["weight file", "size", "sha256", "AutoV2", "AutoV3"]);
+        for (f, hashes) in hashed {
+            h.push_record([
+                f.path.clone(),
+                human_size(f.file_size),
+                hashes.sha256.clone(),
+                hashes.autov2.clone(),
+                hashes.autov3.clone().unwrap_or("–".into()),
+            ]);
+        }
+        text.push_str(&h.build().with(Style::sharp()).to_string());
+        text.push('\n');
+    }
+    text
+}
+
+/// One line for a VAE, text encoder, embedding or unknown file (and one for its hashes).
+fn describe_file(rep: &ModelReport) -> String {
+    let what = match rep.kind {
+        ModelKind::Vae => format!("a VAE ({})", rep.layout.unwrap_or("?")),
+        ModelKind::TextEncoder => {
+            let encoders: Vec<&str> = rep
+                .components
+                .iter()
+                .filter_map(|p| p.encoder.map(|e| e.describe()))
+                .collect();
+            format!(
+                "a text encoder ({}, {})",
+                encoders.join(" + "),
+                rep.layout.unwrap_or("?")
+            )
+        }
+        ModelKind::Embedding => format!(
+            "a textual-inversion embedding ({}, {} vectors)",
+            rep.family,
+            rep.embedding_vectors
+                .map(|v| v.to_string())
+                .unwrap_or("?".into())
+        ),
+        ModelKind::Unknown => format!(
+            "not a LoRA or a model file loratool knows ({} tensors)",
+            rep.tensor_count
+        ),
+        ModelKind::Checkpoint => "a checkpoint".into(),
+    };
+    let mut line = format!(
+        "{}: {what}, {} parameters, {}, {}\n",
+        rep.path,
+        human_count(rep.parameters),
+        rep.dtype,
+        human_size(rep.file_size)
+    );
+    if let Some(h) = &rep.hashes {
+        line.push_str(&format!("  sha256 {}, AutoV2 {}", h.sha256, h.autov2));
+        if let (Some(a), Some(v3)) = (&h.addnet, &h.autov3) {
+            line.push_str(&format!(", addnet {a}, AutoV3 {v3}"));
+        }
+        line.push('\n');
+    }
+    line
+}
+
+fn clip(v: &str) -> String {
+    match v.char_indices().nth(100) {
+        Some((i, _)) => format!("{}…", &v[..i]),
+        None => v.to_string(),
+    }
+}
+
+fn push_hashes(b: &mut Builder, h: &loratool::tensors::hash::FileHashes) {
+    b.push_record(["sha256", &h.sha256]);
+    b.push_record(["AutoV2", &h.autov2]);
+    if let (Some(a), Some(v3)) = (&h.addnet, &h.autov3) {
+        b.push_record(["addnet hash", a]);
+        b.push_record(["AutoV3", v3]);
+    }
 }

@@ -14,7 +14,8 @@ use super::BaseModel;
 use super::Component;
 use crate::adapter::{AdapterModule, Format};
 use crate::tensors::TensorInfo;
-use std::collections::{HashMap, HashSet};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
 /// Where a LoRA module lands.
@@ -96,6 +97,143 @@ pub fn checkpoint_family(tensors: &[TensorInfo], layout: Layout) -> BaseModel {
         }
         Layout::DiffusersComponent(Component::TextEncoder2) => BaseModel::Sdxl,
         Layout::DiffusersComponent(_) => BaseModel::Unknown,
+    }
+}
+
+/// A checkpoint's family as curators name it: the `BaseModel` LoRAs are matched against, refined
+/// where the file tells more (SD2 768-v, the SDXL refiner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Variant {
+    Sd1,
+    Sd2,
+    /// SD2 with v-prediction (the 768-v models), known only from what the file says.
+    Sd2V,
+    Sdxl,
+    SdxlRefiner,
+    Sd3,
+    Flux,
+    Unknown,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Sd1 => "sd1",
+            Variant::Sd2 => "sd2",
+            Variant::Sd2V => "sd2-v",
+            Variant::Sdxl => "sdxl",
+            Variant::SdxlRefiner => "sdxl-refiner",
+            Variant::Sd3 => "sd3",
+            Variant::Flux => "flux",
+            Variant::Unknown => "unknown",
+        }
+    }
+
+    /// The family LoRAs of this checkpoint are made for.
+    pub fn base(self) -> BaseModel {
+        match self {
+            Variant::Sd1 => BaseModel::Sd1,
+            Variant::Sd2 | Variant::Sd2V => BaseModel::Sd2,
+            Variant::Sdxl | Variant::SdxlRefiner => BaseModel::Sdxl,
+            Variant::Sd3 => BaseModel::Sd3,
+            Variant::Flux => BaseModel::Flux,
+            Variant::Unknown => BaseModel::Unknown,
+        }
+    }
+
+    /// The variant of a family; `refiner` and `prediction` refine it where they apply.
+    pub fn of(family: BaseModel, refiner: bool, prediction: Option<Prediction>) -> Variant {
+        match family {
+            BaseModel::Sd1 => Variant::Sd1,
+            BaseModel::Sd2 if prediction == Some(Prediction::V) => Variant::Sd2V,
+            BaseModel::Sd2 => Variant::Sd2,
+            BaseModel::Sdxl if refiner => Variant::SdxlRefiner,
+            BaseModel::Sdxl => Variant::Sdxl,
+            BaseModel::Sd3 => Variant::Sd3,
+            BaseModel::Flux => Variant::Flux,
+            BaseModel::Unknown => Variant::Unknown,
+        }
+    }
+}
+
+/// What a diffusion model is trained to predict (for the families that differ in it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    Epsilon,
+    V,
+}
+
+/// The prediction target a file declares, and the metadata key or tensor that declares it. The
+/// weights alone do not tell: A1111 runs the SD2 UNet on a probe input to find out and ComfyUI
+/// thresholds a weight statistic, both reading tensor data and both guesses; loratool reports
+/// only what the file says. In order: `modelspec.prediction_type` (SAI model spec, kohya),
+/// `modelspec.predict_key` (ComfyUI's checkpoint save), `ss_v_parameterization` (kohya training
+/// flag), a `modelspec.architecture` ending in `-v` (`stable-diffusion-v2-768-v`), then ComfyUI's
+/// marker tensors `v_pred` / `edm_vpred.sigma_max`.
+pub fn prediction(
+    meta: &BTreeMap<String, String>,
+    tensors: &[TensorInfo],
+) -> Option<(Prediction, String)> {
+    let said = |v: &str| match v.trim().to_ascii_lowercase().as_str() {
+        "v" | "v_prediction" | "v-prediction" | "v_pred" | "velocity" => Some(Prediction::V),
+        "epsilon" | "eps" | "noise" => Some(Prediction::Epsilon),
+        _ => None,
+    };
+    for key in ["modelspec.prediction_type", "modelspec.predict_key"] {
+        if let Some(p) = meta.get(key).and_then(|v| said(v)) {
+            return Some((p, key.to_string()));
+        }
+    }
+    let key = "ss_v_parameterization";
+    match meta
+        .get(key)
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("true") => return Some((Prediction::V, key.into())),
+        Some("false") => return Some((Prediction::Epsilon, key.into())),
+        _ => {}
+    }
+    let key = "modelspec.architecture";
+    if let Some(arch) = meta.get(key) {
+        let arch = arch.split('/').next().unwrap_or_default();
+        if arch.starts_with("stable-diffusion") && arch.ends_with("-v") {
+            return Some((Prediction::V, key.into()));
+        }
+    }
+    tensors
+        .iter()
+        .find(|t| t.name == "v_pred" || t.name == "edm_vpred.sigma_max")
+        .map(|t| (Prediction::V, format!("tensor {}", t.name)))
+}
+
+/// Whether an SDXL-family file is the refiner: its only text encoder is OpenCLIP-bigG in the
+/// first conditioner slot, its UNet's class embedding takes 2560 inputs (the base's 2816), or its
+/// cross-attention reads 1280-wide text (the base's 2048).
+pub fn is_sdxl_refiner(tensors: &[TensorInfo], layout: Layout) -> bool {
+    let has = |p: &str| tensors.iter().any(|t| t.name.starts_with(p));
+    let in_width = |k: &str| {
+        tensors
+            .iter()
+            .find(|t| t.name == k)
+            .and_then(|t| t.shape.get(1).copied())
+    };
+    let cross_attention_1280 = tensors
+        .iter()
+        .find(|t| t.name.ends_with("attn2.to_k.weight"))
+        .and_then(|t| t.shape.get(1).copied())
+        == Some(1280);
+    match layout {
+        Layout::SingleFile => {
+            (has("conditioner.embedders.0.model.") && !has("conditioner.embedders.1."))
+                || in_width("model.diffusion_model.label_emb.0.0.weight") == Some(2560)
+                || cross_attention_1280
+        }
+        Layout::DiffusersComponent(Component::Unet) => {
+            in_width("add_embedding.linear_1.weight") == Some(2560) || cross_attention_1280
+        }
+        Layout::DiffusersComponent(_) => false,
     }
 }
 

@@ -10,7 +10,10 @@ pub enum Component {
     Unet,
     Transformer,
     TextEncoder,
+    // Spelled as diffusers names the folders (and as docs/INSPECT_JSON.md documents them).
+    #[serde(rename = "text_encoder_2")]
     TextEncoder2,
+    #[serde(rename = "text_encoder_3")]
     TextEncoder3,
 }
 

@@ -5,7 +5,7 @@
 //! `text_encoder_2/`, …, listed in its `model_index.json`) are that format's own structure; even
 //! there each weight file's content must agree with its folder.
 
-use super::checkpoint::checkpoint_family;
+use super::checkpoint::{checkpoint_family, is_sdxl_refiner, Prediction, Variant};
 use super::{BaseModel, Component};
 use crate::tensors::{TensorFile, TensorInfo};
 use crate::{Error, Result};
@@ -251,6 +251,79 @@ impl Checkpoint {
             .find(|f| *f != BaseModel::Unknown)
             .unwrap_or(BaseModel::Unknown)
     }
+
+    /// The family as curators name it, given `family` (from `family()`, or the metadata where the
+    /// keys do not tell) and the prediction target the files declare.
+    pub fn variant(&self, family: BaseModel, prediction: Option<Prediction>) -> Variant {
+        let refiner = self
+            .files
+            .iter()
+            .any(|f| is_sdxl_refiner(f.file.tensors(), f.layout));
+        Variant::of(family, refiner, prediction)
+    }
+}
+
+/// The folder of a diffusers pipeline that holds its VAE.
+pub const PIPELINE_VAE: &str = "vae";
+
+/// The VAE weight files of a pipeline folder (`vae/*.safetensors`), relative path and file; an
+/// error when one holds something else.
+pub fn pipeline_vae(root: &Path) -> Result<Vec<(PathBuf, TensorFile)>> {
+    let Ok(entries) = std::fs::read_dir(root.join(PIPELINE_VAE)) else {
+        return Ok(Vec::new());
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let file = TensorFile::open(&path)?;
+            if detect(file.tensors()) != Some(Content::Vae) {
+                return Err(Error::bad_file(
+                    &path,
+                    format!("sits in the pipeline's {PIPELINE_VAE}/ folder but holds no VAE"),
+                ));
+            }
+            let relative = Path::new(PIPELINE_VAE).join(path.file_name().expect("a file"));
+            Ok((relative, file))
+        })
+        .collect()
+}
+
+/// How a VAE file names its weights: `ldm` (`encoder.down.N`, with or without the
+/// `first_stage_model.` prefix) or `diffusers` (`encoder.down_blocks.N`).
+pub fn vae_naming(tensors: &[TensorInfo]) -> &'static str {
+    if tensors
+        .iter()
+        .any(|t| t.name.starts_with("encoder.down_blocks."))
+    {
+        "diffusers"
+    } else {
+        "ldm"
+    }
+}
+
+/// A textual-inversion embedding's family and vector count: SDXL files carry `clip_l` and
+/// `clip_g`; SD1/SD2 ones one table whose width is the text encoder's (768 / 1024).
+pub fn embedding_facts(tensors: &[TensorInfo]) -> (BaseModel, Option<usize>) {
+    let vectors = tensors
+        .iter()
+        .find(|t| t.shape.len() == 2)
+        .map(|t| t.shape[0]);
+    let named = |n: &str| tensors.iter().any(|t| t.name == n);
+    let family = if named("clip_l") && named("clip_g") {
+        BaseModel::Sdxl
+    } else {
+        match tensors.iter().find_map(|t| t.shape.last().copied()) {
+            Some(768) => BaseModel::Sd1,
+            Some(1024) => BaseModel::Sd2,
+            _ => BaseModel::Unknown,
+        }
+    };
+    (family, vectors)
 }
 
 /// The layout of a file that must hold model weights, or an error naming what it holds instead.

@@ -13,6 +13,7 @@ mod component;
 pub mod kohya_names;
 pub mod layout;
 pub mod module_names;
+pub mod parts;
 pub mod unet_names;
 
 use crate::adapter::AdapterModule;

@@ -1,10 +1,13 @@
 //! `loratool inspect`: what a LoRA file is, read from its header (and, on request, its tensors).
 
+use super::inspect_model::{inspect_model_file, inspect_pipeline, ModelReport};
+use crate::adapter::keys::classify;
 use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
+use crate::family::layout;
 use crate::family::Component;
 use crate::family::{self, BaseModel, Detection};
 use crate::tensors::hash::{hash_file, FileHashes};
-use crate::tensors::Container;
+use crate::tensors::{Container, TensorFile};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -135,6 +138,8 @@ pub struct TagCount {
 #[derive(Debug, Clone, Serialize)]
 pub struct InspectReport {
     pub path: String,
+    /// Always `"lora"`; other files get a `ModelReport` with their own kind.
+    pub kind: &'static str,
     pub container: Container,
     pub format: &'static str,
     pub network: &'static str,
@@ -189,13 +194,54 @@ pub fn network_kind(modules: &[AdapterModule]) -> &'static str {
     }
 }
 
-/// Inspects many files in parallel; each gets its own result, in input order.
-pub fn inspect_many(paths: &[PathBuf], opts: InspectOptions) -> Vec<Result<InspectReport>> {
-    paths.par_iter().map(|p| inspect_file(p, opts)).collect()
+/// What `inspect` says about one argument: a LoRA report, or the report of a checkpoint, VAE,
+/// text encoder, embedding or unknown tensor file (serialized as it is, with its `kind`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    Lora(Box<InspectReport>),
+    Model(Box<ModelReport>),
 }
 
+/// Inspects many files in parallel; each gets its own result, in input order.
+pub fn inspect_many(paths: &[PathBuf], opts: InspectOptions) -> Vec<Result<Report>> {
+    paths.par_iter().map(|p| inspect(p, opts)).collect()
+}
+
+/// Inspects any argument: a LoRA, a model file, or a diffusers pipeline folder. What a file is
+/// comes from its content: a file with adapter tensors is a LoRA; one without is what
+/// `family::layout::detect` finds in it (or `unknown`). A file with adapter-like keys that yields
+/// no adapter module but holds model weights is reported as the model it is.
+pub fn inspect(path: &Path, opts: InspectOptions) -> Result<Report> {
+    if path.is_dir() {
+        return Ok(Report::Model(Box::new(inspect_pipeline(path, opts.hash)?)));
+    }
+    let file = TensorFile::open(path)?;
+    let content = layout::detect(file.tensors());
+    if file.tensors().iter().any(|t| classify(&t.name).is_some()) {
+        match Adapter::from_file(file) {
+            Ok(adapter) => {
+                return Ok(Report::Lora(Box::new(report_adapter(path, adapter, opts)?)));
+            }
+            Err(Error::NotAnAdapter { .. }) if content.is_some() => {}
+            Err(e) => return Err(e),
+        }
+        let file = TensorFile::open(path)?;
+        return Ok(Report::Model(Box::new(inspect_model_file(
+            path, file, content, opts.hash,
+        )?)));
+    }
+    Ok(Report::Model(Box::new(inspect_model_file(
+        path, file, content, opts.hash,
+    )?)))
+}
+
+/// Inspects a LoRA file; any other file is an error ("not a LoRA: …").
 pub fn inspect_file(path: &Path, opts: InspectOptions) -> Result<InspectReport> {
-    let adapter = Adapter::open(path)?;
+    report_adapter(path, Adapter::open(path)?, opts)
+}
+
+fn report_adapter(path: &Path, adapter: Adapter, opts: InspectOptions) -> Result<InspectReport> {
     let file = &adapter.file;
     let meta = file.metadata().clone();
     let modules = &adapter.modules;
@@ -330,6 +376,7 @@ pub fn inspect_file(path: &Path, opts: InspectOptions) -> Result<InspectReport> 
 
     Ok(InspectReport {
         path: path.display().to_string(),
+        kind: "lora",
         container: file.container(),
         format: adapter.format.name(),
         network: network_kind(modules),
@@ -423,7 +470,7 @@ pub fn top_tags(meta: &BTreeMap<String, String>, n: usize) -> Vec<TagCount> {
     list
 }
 
-fn training_summary(meta: &BTreeMap<String, String>) -> BTreeMap<&'static str, String> {
+pub(crate) fn training_summary(meta: &BTreeMap<String, String>) -> BTreeMap<&'static str, String> {
     let fields: &[(&str, &[&str])] = &[
         ("base_model_name", &["ss_sd_model_name"]),
         ("output_name", &["ss_output_name", "modelspec.title"]),

@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod extract;
 pub mod inspect;
+pub mod inspect_model;
 pub mod merge;
 pub mod merge_loras;
 pub mod patch_plan;
