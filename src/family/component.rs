@@ -35,3 +35,22 @@ impl Component {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serialised_as_named() {
+        for c in [
+            Component::Unet,
+            Component::Transformer,
+            Component::TextEncoder,
+            Component::TextEncoder2,
+            Component::TextEncoder3,
+        ] {
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(json, format!("\"{}\"", c.name()));
+        }
+    }
+}

@@ -181,7 +181,12 @@ impl Checkpoint {
         }
         let file = TensorFile::open(path)?;
         let layout = model_layout(&file)?;
-        Ok(Checkpoint {
+        Ok(Checkpoint::single(path, layout, file))
+    }
+
+    /// A checkpoint of one file already opened, whose layout is known.
+    pub fn single(path: &Path, layout: Layout, file: TensorFile) -> Checkpoint {
+        Checkpoint {
             root: path.to_path_buf(),
             pipeline: false,
             files: vec![CheckpointFile {
@@ -189,7 +194,7 @@ impl Checkpoint {
                 layout,
                 file,
             }],
-        })
+        }
     }
 
     fn open_pipeline(root: &Path) -> Result<Checkpoint> {
@@ -355,11 +360,12 @@ fn model_layout(file: &TensorFile) -> Result<Layout> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tensors::Dtype;
 
-    fn infos(keys: &[(&str, &[usize])]) -> Vec<TensorInfo> {
+    /// Tensor infos of the given keys and shapes (f16).
+    pub(crate) fn infos(keys: &[(&str, &[usize])]) -> Vec<TensorInfo> {
         keys.iter()
             .map(|(k, s)| TensorInfo {
                 name: k.to_string(),

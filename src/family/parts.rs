@@ -283,17 +283,7 @@ fn hf_encoder<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensors::Dtype;
-
-    fn infos(keys: &[(&str, &[usize])]) -> Vec<TensorInfo> {
-        keys.iter()
-            .map(|(k, s)| TensorInfo {
-                name: k.to_string(),
-                dtype: Dtype::F16,
-                shape: s.to_vec(),
-            })
-            .collect()
-    }
+    use crate::family::layout::tests::infos;
 
     fn summary(keys: &[(&str, &[usize])], content: Content) -> Vec<(Part, Option<Encoder>, usize)> {
         parts(&infos(keys), Some(content))

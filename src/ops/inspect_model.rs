@@ -4,7 +4,7 @@
 
 use super::inspect::training_summary;
 use crate::family::checkpoint::{prediction, Prediction, Variant};
-use crate::family::layout::{self, Checkpoint, CheckpointFile, Content, Layout};
+use crate::family::layout::{self, Checkpoint, Content, Layout};
 use crate::family::parts::{parts, Encoder, Part};
 use crate::family::{self, BaseModel};
 use crate::tensors::hash::{hash_file, FileHashes};
@@ -13,7 +13,7 @@ use crate::{Error, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What a non-LoRA file is, for the `kind` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -157,15 +157,7 @@ pub fn inspect_model_file(
         report.hashes = Some(hash_file(path, data_start)?);
     }
     if let Some(Content::Model(layout)) = content {
-        let checkpoint = Checkpoint {
-            root: path.to_path_buf(),
-            pipeline: false,
-            files: vec![CheckpointFile {
-                relative: PathBuf::new(),
-                layout,
-                file,
-            }],
-        };
+        let checkpoint = Checkpoint::single(path, layout, file);
         decide_family(&mut report, &checkpoint);
     }
     Ok(report)

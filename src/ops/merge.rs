@@ -562,21 +562,13 @@ fn spawn_merge_record(loras: &[LoraWeight]) -> std::thread::JoinHandle<Result<St
 mod tests {
     use super::*;
     use crate::adapter::Adapter;
-    use crate::family::layout::{CheckpointFile, Layout};
+    use crate::family::layout::Layout;
     use crate::tensors::writer::build_header;
     use std::collections::BTreeMap;
 
     /// A one-file checkpoint around `base`.
     fn checkpoint(base: TensorFile) -> Checkpoint {
-        Checkpoint {
-            root: PathBuf::from("base"),
-            pipeline: false,
-            files: vec![CheckpointFile {
-                relative: PathBuf::new(),
-                layout: Layout::SingleFile,
-                file: base,
-            }],
-        }
+        Checkpoint::single(Path::new("base"), Layout::SingleFile, base)
     }
 
     /// A plan whose patches are given by hand (all on tensor "w").
