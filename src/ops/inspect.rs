@@ -1,10 +1,10 @@
 //! `loratool inspect`: what a LoRA file is, read from its header (and, on request, its tensors).
 
-use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
+use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind, ModuleTensors};
 use crate::family::Component;
 use crate::family::{self, BaseModel, Detection};
 use crate::tensors::hash::{hash_file, FileHashes};
-use crate::tensors::Container;
+use crate::tensors::{Container, TensorSource};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -189,6 +189,25 @@ pub fn network_kind(modules: &[AdapterModule]) -> &'static str {
     }
 }
 
+/// What `--norms` learns about one module.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModuleNorm {
+    /// ‖ΔW‖_F with scale; `None` for kinds whose delta depends on the base weight.
+    pub norm: Option<f64>,
+    /// Some tensor of the module holds NaN or Inf.
+    pub non_finite: bool,
+}
+
+/// The norm and the NaN/Inf check of one module from a single read of each of its tensors
+/// (factors can be large; reading them once per check doubled `--norms`' I/O and decoding).
+pub fn module_norm(m: &AdapterModule, source: &dyn TensorSource) -> Result<ModuleNorm> {
+    let tensors = ModuleTensors::read(m, source)?;
+    Ok(ModuleNorm {
+        norm: delta::delta_norm(m, &tensors)?,
+        non_finite: tensors.has_non_finite(),
+    })
+}
+
 /// Inspects many files in parallel; each gets its own result, in input order.
 pub fn inspect_many(paths: &[PathBuf], opts: InspectOptions) -> Vec<Result<InspectReport>> {
     paths.par_iter().map(|p| inspect_file(p, opts)).collect()
@@ -221,11 +240,16 @@ pub fn inspect_file(path: &Path, opts: InspectOptions) -> Result<InspectReport> 
         *by_layer.entry(LayerType::of(m).name()).or_insert(0) += 1;
     }
 
-    let norms: Vec<Option<f64>> = if opts.norms {
+    let checked: Vec<ModuleNorm> = if opts.norms {
         modules
             .par_iter()
-            .map(|m| delta::delta_norm(m, file))
+            .map(|m| module_norm(m, file))
             .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let norms: Vec<Option<f64>> = if opts.norms {
+        checked.iter().map(|c| c.norm).collect()
     } else {
         vec![None; modules.len()]
     };
@@ -264,16 +288,11 @@ pub fn inspect_file(path: &Path, opts: InspectOptions) -> Result<InspectReport> 
         ));
     }
     if opts.norms {
-        let bad: Vec<String> = modules
-            .par_iter()
-            .filter_map(|m| {
-                let non_finite = m.tensors.values().any(|k| {
-                    file.read_f32(k)
-                        .map(|t| t.has_non_finite())
-                        .unwrap_or(false)
-                });
-                non_finite.then(|| m.name.clone())
-            })
+        let bad: Vec<&str> = modules
+            .iter()
+            .zip(&checked)
+            .filter(|(_, c)| c.non_finite)
+            .map(|(m, _)| m.name.as_str())
             .collect();
         if let Some(first) = bad.first() {
             warnings.push(format!(
