@@ -105,12 +105,16 @@ fn merge_into_lora(args: &MergeArgs, loras: &[LoraWeight]) -> Result<i32> {
         (_, Some(_)) => return Err(Error::Invalid("--rank needs --method svd".into())),
         _ => LoraMergeMethod::Concat,
     };
+    let (bar, progress) = super::progress::count_bar("merging", "modules");
     let opts = LoraMergeOptions {
         method,
         dtype: args.dtype.map(Into::into),
         force: args.force,
+        progress,
     };
-    let r = merge_loras(loras, &args.output, &opts)?;
+    let r = merge_loras(loras, &args.output, &opts);
+    bar.finish_and_clear();
+    let r = r?;
     let ranks = if r.ranks.0 == r.ranks.1 {
         r.ranks.1.to_string()
     } else {
