@@ -44,7 +44,7 @@ pub fn run(args: ResizeArgs) -> Result<i32> {
     let opts = ResizeOptions {
         rule,
         max_rank,
-        dtype: args.dtype.map(Into::into),
+        dtype: args.dtype.map(DtypeArg::uniform).transpose()?,
         force: args.force,
         progress,
     };

@@ -8,8 +8,8 @@
 //! windows of bounded size, in parallel inside a window, so peak memory does not grow with the
 //! checkpoint.
 
-use crate::family::layout::Checkpoint;
-use crate::family::BaseModel;
+use crate::family::layout::{Checkpoint, Layout};
+use crate::family::{fp8, BaseModel};
 use crate::linalg::low_rank_add::{self, PackedDown, Term};
 use crate::ops::patch_plan::{patched_rows, LoraWeight, Patch, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
@@ -18,14 +18,15 @@ use crate::tensors::staging::{copy_tree, StagingDir};
 use crate::tensors::writer::{
     check_output_folder, check_output_path, SafetensorsWriter, TensorSpec, WriteOptions,
 };
-use crate::tensors::{Dtype, TensorFile};
+use crate::tensors::{fp8_params, Dtype, TensorFile, TensorInfo};
 use crate::{linalg, Error, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
 pub struct MergeOptions {
-    /// Output dtype for float tensors; the base's dtype when `None`.
+    /// Output dtype for float tensors; the base's dtype when `None`. An fp8 type is stored only
+    /// where [`fp8::stored_as_fp8`] says (the denoiser's block matrices).
     pub dtype: Option<Dtype>,
     /// Unmatched LoRA modules, and LoRAs whose metadata and keys disagree on the family, are
     /// errors (checked before writing).
@@ -93,8 +94,8 @@ pub fn merge_into_checkpoint(
         checkpoint
             .files
             .iter()
-            .flat_map(|f| f.file.tensors())
-            .map(|t| TensorSpec::cast_from(t, opts.dtype).byte_len() as u64)
+            .flat_map(|f| f.file.tensors().iter().map(|t| (f.layout, t)))
+            .map(|(layout, t)| output_spec(t, layout, opts.dtype).byte_len() as u64)
             .sum(),
     );
     if checkpoint.pipeline {
@@ -116,6 +117,14 @@ pub fn merge_into_checkpoint(
         report.tensors_total = checkpoint.files[0].file.tensors().len();
     }
     Ok(report)
+}
+
+/// The output spec of a base tensor: `dtype` for every float tensor, except that an fp8 type goes
+/// only to the tensors [`fp8::stored_as_fp8`] names (the denoiser's block matrices); the others
+/// keep their dtype.
+fn output_spec(info: &TensorInfo, layout: Layout, dtype: Option<Dtype>) -> TensorSpec {
+    let cast = dtype.filter(|d| fp8_params(*d).is_none() || fp8::stored_as_fp8(layout, info));
+    TensorSpec::cast_from(info, cast)
 }
 
 /// How one output tensor is produced.
@@ -142,7 +151,7 @@ thread_local! {
 }
 
 fn production<'a>(
-    info: &crate::tensors::TensorInfo,
+    info: &TensorInfo,
     spec: &TensorSpec,
     patches: Option<&'a Vec<Patch>>,
     plan: &PatchPlan,
@@ -161,7 +170,7 @@ fn production<'a>(
 
 /// Bytes of working memory a tensor takes while its window is computed (mapped input pages plus
 /// the encoded output; the whole-tensor path adds an f32 copy and a delta).
-fn working_bytes(p: &Production, info: &crate::tensors::TensorInfo, spec: &TensorSpec) -> usize {
+fn working_bytes(p: &Production, info: &TensorInfo, spec: &TensorSpec) -> usize {
     let stored = info.numel() * info.dtype.size().unwrap_or(1);
     match p {
         Production::Copy => 0,
@@ -189,9 +198,10 @@ fn write_merged(
     let base = &plan.checkpoint.files[file].file;
     let patches = &plan.files[file];
     let infos = base.tensors();
+    let layout = plan.checkpoint.files[file].layout;
     let specs: Vec<TensorSpec> = infos
         .iter()
-        .map(|t| TensorSpec::cast_from(t, opts.dtype))
+        .map(|t| output_spec(t, layout, opts.dtype))
         .collect();
     let productions: Vec<Production> = infos
         .iter()
