@@ -140,6 +140,7 @@ fn sd1_blocks_get_their_share() {
             method: LoraMergeMethod::Concat,
             dtype: Some(Dtype::F32),
             force: false,
+            progress: Default::default(),
         },
     )
     .unwrap();

@@ -287,3 +287,57 @@ fn a_failing_file_is_reported_once_on_stderr() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains(&bad.display().to_string()) && stderr.contains("os.system"));
 }
+
+/// A tensor source that counts how often each tensor is read.
+struct CountingReads<'a> {
+    file: &'a TensorFile,
+    reads: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+}
+
+impl loratool::tensors::TensorSource for CountingReads<'_> {
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    fn read_f32(&self, name: &str) -> loratool::Result<loratool::tensors::Tensor> {
+        *self
+            .reads
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default() += 1;
+        self.file.read_f32(name)
+    }
+}
+
+/// `--norms` reads each tensor of each module exactly once (the NaN/Inf check and the norm share
+/// the read), for every adapter kind of the fixtures, and the norm is the one from the file.
+#[test]
+fn norms_read_each_module_tensor_once() {
+    use loratool::adapter::{delta, Adapter};
+    use loratool::ops::inspect::module_norm;
+    let mut kinds = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(fixtures().join("loras")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let adapter = Adapter::open(&path).unwrap();
+        for m in &adapter.modules {
+            let counting = CountingReads {
+                file: &adapter.file,
+                reads: Default::default(),
+            };
+            let checked = module_norm(m, &counting).unwrap();
+            let reads = counting.reads.into_inner().unwrap();
+            let expected: std::collections::BTreeMap<String, usize> =
+                m.tensors.values().map(|k| (k.clone(), 1)).collect();
+            assert_eq!(reads, expected, "{}: {}", path.display(), m.name);
+            let direct = delta::delta_norm(m, &adapter.file).unwrap();
+            assert_eq!(checked.norm, direct, "{}: {}", path.display(), m.name);
+            assert!(!checked.non_finite, "{}: {}", path.display(), m.name);
+            kinds.insert(m.kind.name());
+        }
+    }
+    assert!(kinds.len() >= 7, "{kinds:?}");
+}

@@ -64,6 +64,7 @@ fn concat_is_the_exact_sum_of_deltas() {
         method: LoraMergeMethod::Concat,
         dtype: Some(Dtype::F32),
         force: false,
+        progress: Default::default(),
     };
     let report = merge_loras(&loras, &out, &opts).unwrap();
     assert_eq!(report.family, Some(BaseModel::Sd1));
@@ -102,6 +103,7 @@ fn svd_is_within_one_percent_of_the_optimal_rank_r_error() {
         method: LoraMergeMethod::Svd { rank },
         dtype: Some(Dtype::F32),
         force: false,
+        progress: Default::default(),
     };
     merge_loras(&loras, &out, &opts).unwrap();
     let want = expected_sum(inputs, BaseModel::Sd1);
@@ -137,6 +139,7 @@ fn a_merged_lora_bakes_in_like_its_inputs() {
         method: LoraMergeMethod::Concat,
         dtype: Some(Dtype::F32),
         force: false,
+        progress: Default::default(),
     };
     merge_loras(&loras, &lora_out, &opts).unwrap();
     let mopts = MergeOptions {
@@ -162,5 +165,48 @@ fn a_merged_lora_bakes_in_like_its_inputs() {
     for t in b.tensors() {
         let (x, y) = (a.read_f32(&t.name).unwrap(), b.read_f32(&t.name).unwrap());
         assert!(x.relative_error(&y) <= 1e-5, "{}", t.name);
+    }
+}
+
+/// Progress announces the merged LoRA's modules once (modules of several inputs that land on the
+/// same output module count once) and counts each once.
+#[test]
+fn progress_counts_every_output_module_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let loras = [
+        LoraWeight::weighted(
+            common::fixtures().join("loras/sd1_kohya_lora.safetensors"),
+            0.6,
+        ),
+        LoraWeight::weighted(common::fixtures().join("loras/sd1_loha.safetensors"), 0.4),
+    ];
+    for (i, method) in [LoraMergeMethod::Concat, LoraMergeMethod::Svd { rank: 2 }]
+        .into_iter()
+        .enumerate()
+    {
+        let counted = std::sync::Arc::new(common::Counted::default());
+        let report = merge_loras(
+            &loras,
+            &dir.path().join(format!("merged{i}.safetensors")),
+            &LoraMergeOptions {
+                method,
+                dtype: None,
+                force: false,
+                progress: loratool::ops::progress::ProgressSink::new(counted.clone()),
+            },
+        )
+        .unwrap();
+        let modules = report.modules as u64;
+        let inputs: usize = loras
+            .iter()
+            .map(|l| Adapter::open(&l.path).unwrap().modules.len())
+            .sum();
+        assert!(modules > 0 && (modules as usize) < inputs, "{method:?}");
+        assert_eq!(*counted.starts.lock().unwrap(), vec![modules], "{method:?}");
+        assert_eq!(
+            counted.done.load(std::sync::atomic::Ordering::Relaxed),
+            modules,
+            "{method:?}"
+        );
     }
 }

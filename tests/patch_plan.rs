@@ -78,3 +78,76 @@ fn a_weight_0_lora_changes_no_bit() {
         assert_eq!(a.raw_bytes(&t.name).unwrap(), b.raw_bytes(&t.name).unwrap());
     }
 }
+
+/// A LoHa on q only of SDXL's fused OpenCLIP `in_proj_weight` goes through merge's whole-tensor
+/// path on the q rows alone: k and v keep their stored bytes, q is what the whole tensor in f32
+/// (the preview's `patched_tensor`) gives, rounded once.
+#[test]
+fn a_loha_on_q_of_a_fused_in_proj_leaves_k_and_v_bytes() {
+    use loratool::tensors::writer::{write_all, TensorSpec, WriteOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixtures().join("models/sdxl_ldm.safetensors");
+    let source = TensorFile::open(&fixtures().join("loras/sdxl_loha.safetensors")).unwrap();
+    let module = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.";
+    let tensors: Vec<(TensorSpec, Vec<u8>)> = source
+        .tensors()
+        .iter()
+        .filter(|t| t.name.starts_with(module))
+        .map(|t| {
+            let spec = TensorSpec {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            };
+            (spec, source.raw_bytes(&t.name).unwrap().into_owned())
+        })
+        .collect();
+    assert!(tensors.iter().any(|(s, _)| s.name.ends_with("hada_w1_a")));
+    let lora_path = dir.path().join("q_only_loha.safetensors");
+    write_all(
+        &lora_path,
+        source.metadata(),
+        &tensors,
+        &WriteOptions::default(),
+    )
+    .unwrap();
+
+    let loras = [LoraWeight::weighted(&lora_path, 0.9)];
+    let out = dir.path().join("merged.safetensors");
+    let report = merge_into_checkpoint(&base, &loras, &out, &MergeOptions::default()).unwrap();
+    assert_eq!(report.tensors_changed, 1);
+    let name = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight";
+    let (original, merged) = (
+        TensorFile::open(&base).unwrap(),
+        TensorFile::open(&out).unwrap(),
+    );
+    let info = original.get(name).unwrap().clone();
+    assert_eq!(info.dtype, Dtype::F16);
+    let width = info.shape[1];
+    let row = width * 2;
+    let (stored, written) = (
+        original.raw_bytes(name).unwrap(),
+        merged.raw_bytes(name).unwrap(),
+    );
+    assert_eq!(written.len(), stored.len());
+    assert_eq!(
+        written[width * row..],
+        stored[width * row..],
+        "k and v rows"
+    );
+    let checkpoint = Checkpoint::open(&base).unwrap();
+    let plan = PatchPlan::build(&checkpoint, &loras, &PlanOptions::default()).unwrap();
+    let whole = Dtype::F16
+        .encode_f32(&plan.patched_tensor(name).unwrap().data)
+        .unwrap();
+    assert_eq!(written[..width * row], whole[..width * row], "q rows");
+    assert_ne!(written[..width * row], stored[..width * row], "q changed");
+    for t in original.tensors().iter().filter(|t| t.name != name) {
+        assert_eq!(
+            merged.raw_bytes(&t.name).unwrap(),
+            original.raw_bytes(&t.name).unwrap(),
+            "{}",
+            t.name
+        );
+    }
+}

@@ -13,6 +13,7 @@ fn resize(lora: &str, rule: RankRule, out: &std::path::Path) -> Adapter {
         max_rank: None,
         dtype: Some(Dtype::F32),
         force: true,
+        progress: Default::default(),
     };
     resize_lora(
         &common::fixtures().join(format!("loras/{lora}.safetensors")),
@@ -62,6 +63,7 @@ fn below_the_true_rank_resize_is_optimal_and_reports_retained_energy() {
         max_rank: None,
         dtype: Some(Dtype::F32),
         force: true,
+        progress: Default::default(),
     };
     let report = resize_lora(
         &common::fixtures().join("loras/sdxl_kohya_lora.safetensors"),
@@ -106,6 +108,7 @@ fn dynamic_resize_reaches_its_target() {
         max_rank: None,
         dtype: Some(Dtype::F32),
         force: true,
+        progress: Default::default(),
     };
     let report = resize_lora(
         &common::fixtures().join("loras/sd1_kohya_lora.safetensors"),
@@ -143,6 +146,7 @@ fn a_lora_with_nan_is_refused() {
         max_rank: None,
         dtype: None,
         force: false,
+        progress: Default::default(),
     };
     let err = resize_lora(&nan, &out, &opts).unwrap_err().to_string();
     assert!(
@@ -152,4 +156,38 @@ fn a_lora_with_nan_is_refused() {
         "{err}"
     );
     assert!(!out.exists());
+}
+
+/// Progress announces every module of the input once and counts each once, resized or copied.
+#[test]
+fn progress_counts_every_module_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for lora in ["sd1_kohya_lora", "sd1_mixed"] {
+        let input = common::fixtures().join(format!("loras/{lora}.safetensors"));
+        let modules = Adapter::open(&input).unwrap().modules.len() as u64;
+        let counted = std::sync::Arc::new(common::Counted::default());
+        let report = resize_lora(
+            &input,
+            &dir.path().join(format!("{lora}.safetensors")),
+            &ResizeOptions {
+                rule: RankRule::Fixed(2),
+                max_rank: None,
+                dtype: None,
+                force: false,
+                progress: loratool::ops::progress::ProgressSink::new(counted.clone()),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (report.modules.len() + report.copied) as u64,
+            modules,
+            "{lora}"
+        );
+        assert_eq!(*counted.starts.lock().unwrap(), vec![modules], "{lora}");
+        assert_eq!(
+            counted.done.load(std::sync::atomic::Ordering::Relaxed),
+            modules,
+            "{lora}"
+        );
+    }
 }

@@ -10,7 +10,7 @@
 use super::keys::Role;
 use super::{AdapterModule, Format, ModuleKind};
 use crate::linalg;
-use crate::tensors::{Tensor, TensorFile};
+use crate::tensors::{Tensor, TensorSource};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 
@@ -56,7 +56,7 @@ struct Matrix {
 }
 
 impl Matrix {
-    fn read(file: &TensorFile, key: &str) -> Result<Matrix> {
+    fn read(file: &dyn TensorSource, key: &str) -> Result<Matrix> {
         let t = file.read_f32(key)?;
         Ok(Matrix {
             rows: t.rows(),
@@ -127,7 +127,7 @@ fn tucker(up: &Matrix, core: &Tensor, down: &Matrix) -> Matrix {
 
 /// Product of a LoRA-family factor pair, with a Tucker core when present.
 fn low_rank_product(
-    file: &TensorFile,
+    file: &dyn TensorSource,
     up_key: &str,
     down_key: &str,
     core_key: Option<&str>,
@@ -156,7 +156,7 @@ fn low_rank_product(
     }
 }
 
-fn check_inner(file: &TensorFile, key: &str, a: usize, b: usize) -> Result<()> {
+fn check_inner(file: &dyn TensorSource, key: &str, a: usize, b: usize) -> Result<()> {
     if a != b {
         return Err(Error::bad_tensor(
             file.path(),
@@ -168,7 +168,7 @@ fn check_inner(file: &TensorFile, key: &str, a: usize, b: usize) -> Result<()> {
 }
 
 /// The two LoKr factors as matrices `[a, c]` and `[b, rest]`.
-fn lokr_factors(m: &AdapterModule, file: &TensorFile) -> Result<(Matrix, Matrix)> {
+fn lokr_factors(m: &AdapterModule, file: &dyn TensorSource) -> Result<(Matrix, Matrix)> {
     let w1 = match m.tensor(Role::LokrW1) {
         Some(k) => Matrix::read(file, k)?,
         None => low_rank_product(
@@ -192,7 +192,7 @@ fn lokr_factors(m: &AdapterModule, file: &TensorFile) -> Result<(Matrix, Matrix)
     Ok((w1, w2))
 }
 
-fn loha_factors(m: &AdapterModule, file: &TensorFile) -> Result<(Matrix, Matrix)> {
+fn loha_factors(m: &AdapterModule, file: &dyn TensorSource) -> Result<(Matrix, Matrix)> {
     let tucker = m.tensor(Role::HadaT1).is_some();
     let w1 = low_rank_product(
         file,
@@ -221,7 +221,7 @@ fn loha_factors(m: &AdapterModule, file: &TensorFile) -> Result<(Matrix, Matrix)
 /// ΔW of a module that adds to the base weight independently of it (LoRA/LoCon, LoHa, LoKr, full
 /// diff, norm), scale included, shaped as [`AdapterModule::shape`]. DoRA modules return their
 /// directional delta (before the magnitude is applied). Kinds that need the base weight refuse.
-pub fn delta(m: &AdapterModule, file: &TensorFile) -> Result<Tensor> {
+pub fn delta(m: &AdapterModule, file: &dyn TensorSource) -> Result<Tensor> {
     let mat = match m.kind {
         ModuleKind::Lora => low_rank_product(
             file,
@@ -269,7 +269,7 @@ pub fn delta(m: &AdapterModule, file: &TensorFile) -> Result<Tensor> {
 }
 
 /// The bias delta a module carries (`diff_b` of full modules, `b_norm` of norm modules), if any.
-pub fn bias_delta(m: &AdapterModule, file: &TensorFile) -> Result<Option<Tensor>> {
+pub fn bias_delta(m: &AdapterModule, file: &dyn TensorSource) -> Result<Option<Tensor>> {
     let role = match m.kind {
         ModuleKind::Full => Role::DiffBias,
         ModuleKind::Norm => Role::NormBias,
@@ -282,7 +282,7 @@ pub fn bias_delta(m: &AdapterModule, file: &TensorFile) -> Result<Option<Tensor>
 /// The result has the base's shape; a delta with a different element count is an error.
 pub fn apply(
     m: &AdapterModule,
-    file: &TensorFile,
+    file: &dyn TensorSource,
     base: &Tensor,
     multiplier: f32,
 ) -> Result<Tensor> {
@@ -350,7 +350,7 @@ pub fn apply(
 /// down to norm `constraint` when larger (constraint 0 = none), `R = (I+Q)(I−Q)⁻¹`, then
 /// interpolated towards identity by the multiplier: `m·R + (1−m)·I`.
 fn oft_rotations(
-    file: &TensorFile,
+    file: &dyn TensorSource,
     blocks_key: &str,
     blocks: &[f32],
     n: usize,
@@ -398,7 +398,7 @@ fn oft_rotations(
 /// multiplies rows; alpha is the norm constraint per output row.
 fn apply_oft(
     m: &AdapterModule,
-    file: &TensorFile,
+    file: &dyn TensorSource,
     base: &Tensor,
     multiplier: f32,
 ) -> Result<Tensor> {
@@ -534,7 +534,7 @@ fn invert(a: &[f64], n: usize) -> Option<Vec<f64>> {
 /// Norms are per output row when the magnitude has one value per row, else per input channel.
 fn apply_dora(
     m: &AdapterModule,
-    file: &TensorFile,
+    file: &dyn TensorSource,
     base: &Tensor,
     d: &Tensor,
     multiplier: f32,
@@ -600,7 +600,7 @@ fn apply_dora(
 /// Frobenius norm of the module's delta (scale included), computed from the factors through
 /// small Gram products where the kind allows, never forming an `out×in` matrix for plain LoRA,
 /// LoHa or LoKr. `None` for kinds whose delta depends on the base weight (IA3, OFT, GLoRA).
-pub fn delta_norm(m: &AdapterModule, file: &TensorFile) -> Result<Option<f64>> {
+pub fn delta_norm(m: &AdapterModule, file: &dyn TensorSource) -> Result<Option<f64>> {
     let s = m.scale.abs() as f64;
     let low_rank_sq = |up_key: &str, down_key: &str| -> Result<f64> {
         let up = Matrix::read(file, up_key)?;

@@ -8,11 +8,12 @@ pub mod kohya_metadata;
 mod peft_config;
 
 use crate::family::Component;
-use crate::tensors::{Dtype, TensorFile};
+use crate::tensors::{Dtype, Tensor, TensorFile, TensorSource};
 use crate::{Error, Result};
 use keys::{classify, Role};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 pub use peft_config::PeftConfig;
 
@@ -134,6 +135,47 @@ impl AdapterModule {
             || self.tensors.contains_key(&Role::Mid)
             || self.tensors.contains_key(&Role::HadaT1)
             || self.tensors.contains_key(&Role::LokrT2)
+    }
+}
+
+/// Every tensor of one module, each read from its file and decoded once, for passes that look at
+/// the same values more than once (`inspect --norms`: the NaN/Inf check and the norm). The delta
+/// math reads from it as from the file; a key that is not the module's is an error.
+pub struct ModuleTensors<'a> {
+    path: &'a Path,
+    tensors: BTreeMap<&'a str, Tensor>,
+}
+
+impl<'a> ModuleTensors<'a> {
+    /// Reads each of `m`'s tensors from `source`, once.
+    pub fn read(m: &'a AdapterModule, source: &'a dyn TensorSource) -> Result<ModuleTensors<'a>> {
+        let tensors = m
+            .tensors
+            .values()
+            .map(|k| Ok((k.as_str(), source.read_f32(k)?)))
+            .collect::<Result<_>>()?;
+        Ok(ModuleTensors {
+            path: source.path(),
+            tensors,
+        })
+    }
+
+    /// True when any of the module's tensors holds NaN or Inf.
+    pub fn has_non_finite(&self) -> bool {
+        self.tensors.values().any(Tensor::has_non_finite)
+    }
+}
+
+impl TensorSource for ModuleTensors<'_> {
+    fn path(&self) -> &Path {
+        self.path
+    }
+
+    fn read_f32(&self, name: &str) -> Result<Tensor> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::bad_tensor(self.path, name, "not a tensor of this module"))
     }
 }
 

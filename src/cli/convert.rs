@@ -28,7 +28,7 @@ pub struct ConvertArgs {
 
 pub fn run(args: ConvertArgs) -> Result<i32> {
     let opts = ConvertOptions {
-        dtype: args.dtype.map(Into::into),
+        dtype: args.dtype.map(DtypeArg::uniform).transpose()?,
         force: args.force,
     };
     match args.to {

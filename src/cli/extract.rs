@@ -63,7 +63,7 @@ pub fn run(args: ExtractArgs) -> Result<i32> {
             .map(RankRule::parse_dynamic)
             .transpose()?,
         clamp_quantile: args.clamp_quantile,
-        dtype: args.dtype.into(),
+        dtype: args.dtype.uniform()?,
         format: args.format.into(),
         force: args.force,
         allow_empty: args.allow_empty,

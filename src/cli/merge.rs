@@ -22,7 +22,9 @@ pub struct MergeArgs {
     /// Output file.
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
-    /// Store float tensors as f32, f16 or bf16 (default: as the base).
+    /// Store float tensors as f32, f16 or bf16 (default: as the base). fp8 (float8_e4m3fn) stores
+    /// only the denoiser's block matrices as fp8 and keeps norms, biases, embedders, the final
+    /// layer, text encoders and VAE as they are (checkpoints only).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
     /// Fail, before writing anything, if any LoRA module matches nothing in the checkpoint.
@@ -105,12 +107,16 @@ fn merge_into_lora(args: &MergeArgs, loras: &[LoraWeight]) -> Result<i32> {
         (_, Some(_)) => return Err(Error::Invalid("--rank needs --method svd".into())),
         _ => LoraMergeMethod::Concat,
     };
+    let (bar, progress) = super::progress::count_bar("merging", "modules");
     let opts = LoraMergeOptions {
         method,
-        dtype: args.dtype.map(Into::into),
+        dtype: args.dtype.map(DtypeArg::uniform).transpose()?,
         force: args.force,
+        progress,
     };
-    let r = merge_loras(loras, &args.output, &opts)?;
+    let r = merge_loras(loras, &args.output, &opts);
+    bar.finish_and_clear();
+    let r = r?;
     let ranks = if r.ranks.0 == r.ranks.1 {
         r.ranks.1.to_string()
     } else {

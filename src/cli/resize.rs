@@ -40,13 +40,17 @@ pub fn run(args: ResizeArgs) -> Result<i32> {
             ))
         }
     };
+    let (bar, progress) = super::progress::count_bar("resizing", "modules");
     let opts = ResizeOptions {
         rule,
         max_rank,
-        dtype: args.dtype.map(Into::into),
+        dtype: args.dtype.map(DtypeArg::uniform).transpose()?,
         force: args.force,
+        progress,
     };
-    let report = resize_lora(&args.input, &args.output, &opts)?;
+    let report = resize_lora(&args.input, &args.output, &opts);
+    bar.finish_and_clear();
+    let report = report?;
     if args.verbose {
         for m in &report.modules {
             println!(

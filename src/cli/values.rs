@@ -15,6 +15,8 @@ pub enum DtypeArg {
     F32,
     F16,
     Bf16,
+    /// float8_e4m3fn (F8_E4M3), for checkpoints: only the denoiser's block matrices take it.
+    Fp8,
 }
 
 impl From<DtypeArg> for Dtype {
@@ -23,7 +25,22 @@ impl From<DtypeArg> for Dtype {
             DtypeArg::F32 => Dtype::F32,
             DtypeArg::F16 => Dtype::F16,
             DtypeArg::Bf16 => Dtype::BF16,
+            DtypeArg::Fp8 => Dtype::F8E4M3,
         }
+    }
+}
+
+impl DtypeArg {
+    /// The dtype of an output whose float tensors are all stored alike (LoRAs, conversions):
+    /// fp8 is a checkpoint storage, chosen per tensor by `merge --base`, and refused here.
+    pub fn uniform(self) -> Result<Dtype> {
+        if self == DtypeArg::Fp8 {
+            return Err(Error::Invalid(
+                "--dtype fp8 applies to merges into a checkpoint (merge --base); use f32, f16 or bf16 here"
+                    .into(),
+            ));
+        }
+        Ok(self.into())
     }
 }
 

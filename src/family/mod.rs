@@ -10,6 +10,7 @@
 pub mod block_weight;
 pub mod checkpoint;
 mod component;
+pub mod fp8;
 pub mod kohya_names;
 pub mod layout;
 pub mod module_names;

@@ -2,12 +2,12 @@
 
 use super::inspect_model::{inspect_model_file, inspect_pipeline, ModelReport};
 use crate::adapter::keys::classify;
-use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
+use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind, ModuleTensors};
 use crate::family::layout;
 use crate::family::Component;
 use crate::family::{self, BaseModel, Detection};
 use crate::tensors::hash::{hash_file, FileHashes};
-use crate::tensors::{Container, TensorFile};
+use crate::tensors::{Container, TensorFile, TensorSource};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -194,6 +194,25 @@ pub fn network_kind(modules: &[AdapterModule]) -> &'static str {
     }
 }
 
+/// What `--norms` learns about one module.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModuleNorm {
+    /// ‖ΔW‖_F with scale; `None` for kinds whose delta depends on the base weight.
+    pub norm: Option<f64>,
+    /// Some tensor of the module holds NaN or Inf.
+    pub non_finite: bool,
+}
+
+/// The norm and the NaN/Inf check of one module from a single read of each of its tensors
+/// (factors can be large; reading them once per check doubled `--norms`' I/O and decoding).
+pub fn module_norm(m: &AdapterModule, source: &dyn TensorSource) -> Result<ModuleNorm> {
+    let tensors = ModuleTensors::read(m, source)?;
+    Ok(ModuleNorm {
+        norm: delta::delta_norm(m, &tensors)?,
+        non_finite: tensors.has_non_finite(),
+    })
+}
+
 /// What `inspect` says about one argument: a LoRA report, or the report of a checkpoint, VAE,
 /// text encoder, embedding or unknown tensor file (serialized as it is, with its `kind`).
 #[derive(Debug, Clone, Serialize)]
@@ -267,11 +286,16 @@ fn report_adapter(path: &Path, adapter: Adapter, opts: InspectOptions) -> Result
         *by_layer.entry(LayerType::of(m).name()).or_insert(0) += 1;
     }
 
-    let norms: Vec<Option<f64>> = if opts.norms {
+    let checked: Vec<ModuleNorm> = if opts.norms {
         modules
             .par_iter()
-            .map(|m| delta::delta_norm(m, file))
+            .map(|m| module_norm(m, file))
             .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let norms: Vec<Option<f64>> = if opts.norms {
+        checked.iter().map(|c| c.norm).collect()
     } else {
         vec![None; modules.len()]
     };
@@ -310,16 +334,11 @@ fn report_adapter(path: &Path, adapter: Adapter, opts: InspectOptions) -> Result
         ));
     }
     if opts.norms {
-        let bad: Vec<String> = modules
-            .par_iter()
-            .filter_map(|m| {
-                let non_finite = m.tensors.values().any(|k| {
-                    file.read_f32(k)
-                        .map(|t| t.has_non_finite())
-                        .unwrap_or(false)
-                });
-                non_finite.then(|| m.name.clone())
-            })
+        let bad: Vec<&str> = modules
+            .iter()
+            .zip(&checked)
+            .filter(|(_, c)| c.non_finite)
+            .map(|(m, _)| m.name.as_str())
             .collect();
         if let Some(first) = bad.first() {
             warnings.push(format!(

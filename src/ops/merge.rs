@@ -8,24 +8,25 @@
 //! windows of bounded size, in parallel inside a window, so peak memory does not grow with the
 //! checkpoint.
 
-use crate::family::layout::Checkpoint;
-use crate::family::BaseModel;
+use crate::family::layout::{Checkpoint, Layout};
+use crate::family::{fp8, BaseModel};
 use crate::linalg::low_rank_add::{self, PackedDown, Term};
-use crate::ops::patch_plan::{LoraWeight, Patch, PatchPlan, PlanOptions};
+use crate::ops::patch_plan::{patched_rows, LoraWeight, Patch, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::autov3;
 use crate::tensors::staging::{copy_tree, StagingDir};
 use crate::tensors::writer::{
     check_output_folder, check_output_path, SafetensorsWriter, TensorSpec, WriteOptions,
 };
-use crate::tensors::{Dtype, TensorFile};
+use crate::tensors::{fp8_params, Dtype, TensorFile, TensorInfo};
 use crate::{linalg, Error, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
 pub struct MergeOptions {
-    /// Output dtype for float tensors; the base's dtype when `None`.
+    /// Output dtype for float tensors; the base's dtype when `None`. An fp8 type is stored only
+    /// where [`fp8::stored_as_fp8`] says (the denoiser's block matrices).
     pub dtype: Option<Dtype>,
     /// Unmatched LoRA modules, and LoRAs whose metadata and keys disagree on the family, are
     /// errors (checked before writing).
@@ -93,8 +94,8 @@ pub fn merge_into_checkpoint(
         checkpoint
             .files
             .iter()
-            .flat_map(|f| f.file.tensors())
-            .map(|t| TensorSpec::cast_from(t, opts.dtype).byte_len() as u64)
+            .flat_map(|f| f.file.tensors().iter().map(|t| (f.layout, t)))
+            .map(|(layout, t)| output_spec(t, layout, opts.dtype).byte_len() as u64)
             .sum(),
     );
     if checkpoint.pipeline {
@@ -118,6 +119,14 @@ pub fn merge_into_checkpoint(
     Ok(report)
 }
 
+/// The output spec of a base tensor: `dtype` for every float tensor, except that an fp8 type goes
+/// only to the tensors [`fp8::stored_as_fp8`] names (the denoiser's block matrices); the others
+/// keep their dtype.
+fn output_spec(info: &TensorInfo, layout: Layout, dtype: Option<Dtype>) -> TensorSpec {
+    let cast = dtype.filter(|d| fp8_params(*d).is_none() || fp8::stored_as_fp8(layout, info));
+    TensorSpec::cast_from(info, cast)
+}
+
 /// How one output tensor is produced.
 enum Production<'a> {
     /// Untouched and stored as in the base: its bytes are copied (inside the kernel when it can).
@@ -126,8 +135,8 @@ enum Production<'a> {
     /// and encoded: no full-size f32 copy or dense delta ever exists. Also the path of a tensor
     /// that is only cast to another dtype (no patches).
     Blocks(Vec<&'a Patch>),
-    /// Every other case (DoRA, OFT, IA3, LoHa, LoKr, Tucker cores, biases): the whole tensor in
-    /// f32 through [`delta::apply`].
+    /// Every other case (DoRA, OFT, IA3, LoHa, LoKr, Tucker cores, biases): the tensor in f32
+    /// through [`delta::apply`] — only the patched rows of a fused q/k/v weight.
     Whole(&'a [Patch]),
 }
 
@@ -142,7 +151,7 @@ thread_local! {
 }
 
 fn production<'a>(
-    info: &crate::tensors::TensorInfo,
+    info: &TensorInfo,
     spec: &TensorSpec,
     patches: Option<&'a Vec<Patch>>,
     plan: &PatchPlan,
@@ -161,7 +170,7 @@ fn production<'a>(
 
 /// Bytes of working memory a tensor takes while its window is computed (mapped input pages plus
 /// the encoded output; the whole-tensor path adds an f32 copy and a delta).
-fn working_bytes(p: &Production, info: &crate::tensors::TensorInfo, spec: &TensorSpec) -> usize {
+fn working_bytes(p: &Production, info: &TensorInfo, spec: &TensorSpec) -> usize {
     let stored = info.numel() * info.dtype.size().unwrap_or(1);
     match p {
         Production::Copy => 0,
@@ -189,9 +198,10 @@ fn write_merged(
     let base = &plan.checkpoint.files[file].file;
     let patches = &plan.files[file];
     let infos = base.tensors();
+    let layout = plan.checkpoint.files[file].layout;
     let specs: Vec<TensorSpec> = infos
         .iter()
-        .map(|t| TensorSpec::cast_from(t, opts.dtype))
+        .map(|t| output_spec(t, layout, opts.dtype))
         .collect();
     let productions: Vec<Production> = infos
         .iter()
@@ -501,19 +511,22 @@ fn convert_rows(
     dst: &mut [std::mem::MaybeUninit<u8>],
     out_dtype: Dtype,
 ) {
-    if in_dtype == out_dtype {
-        dst.write_copy_of_slice(src);
-        return;
-    }
-    let n = dst.len() / out_dtype.size().expect("float dtype");
-    let mut values = vec![0f32; n];
-    in_dtype.decode_into(src, &mut values).expect("float dtype");
-    let encoded = out_dtype.encode_f32(&values).expect("float dtype");
-    dst.write_copy_of_slice(&encoded);
+    dst.write_copy_of_slice(&recoded(src, in_dtype, out_dtype).expect("float dtypes"));
 }
 
-/// The new bytes of tensor `i` through one f32 copy of the whole tensor (see
-/// [`Production::Whole`]).
+/// Stored values as `out_dtype`: the very bytes when the type is the same (-0.0 and NaN payloads
+/// included), else decoded and rounded once. `None` when either type is not a float type.
+fn recoded(src: &[u8], in_dtype: Dtype, out_dtype: Dtype) -> Option<std::borrow::Cow<'_, [u8]>> {
+    if in_dtype == out_dtype {
+        return Some(std::borrow::Cow::Borrowed(src));
+    }
+    let values = in_dtype.decode_f32(src)?;
+    out_dtype.encode_f32(&values).map(std::borrow::Cow::Owned)
+}
+
+/// The new bytes of tensor `i` through f32 (see [`Production::Whole`]). When the patches cover row
+/// slices only (q/k/v of a fused OpenCLIP `in_proj_weight`, Flux `qkv`/`linear1`), only those rows
+/// are decoded and patched; the others keep their stored bytes (re-encoded when cast).
 fn produce_whole(
     plan: &PatchPlan,
     base: &TensorFile,
@@ -522,15 +535,35 @@ fn produce_whole(
     patches: &[Patch],
 ) -> Result<Vec<u8>> {
     let info = &base.tensors()[i];
-    let w = plan.apply(base, &info.name, patches)?;
-    let bytes = spec.dtype.encode_f32(&w.data).ok_or_else(|| {
+    let cannot_store = || {
         Error::bad_tensor(
             base.path(),
             &info.name,
-            format!("cannot store as {}", spec.dtype),
+            format!("cannot store {} as {}", info.dtype, spec.dtype),
         )
-    })?;
-    Ok(bytes)
+    };
+    let Some(patched) = patched_rows(patches) else {
+        let w = plan.apply(base, &info.name, patches)?;
+        return spec.dtype.encode_f32(&w.data).ok_or_else(cannot_store);
+    };
+    let rows = info.shape.first().copied().unwrap_or(1);
+    let row_bytes = info.numel() / rows.max(1) * info.dtype.size().ok_or_else(cannot_store)?;
+    let stored = base.raw_bytes(&info.name)?;
+    let mut out = Vec::with_capacity(spec.byte_len());
+    let mut next = 0; // first row not yet written
+    for r in patched.iter().cloned().chain(std::iter::once(rows..rows)) {
+        let untouched = &stored[next * row_bytes..r.start * row_bytes];
+        out.extend_from_slice(
+            &recoded(untouched, info.dtype, spec.dtype).ok_or_else(cannot_store)?,
+        );
+        if r.is_empty() {
+            break;
+        }
+        let w = plan.apply_rows(base, &info.name, r.clone(), patches)?;
+        out.extend(spec.dtype.encode_f32(&w.data).ok_or_else(cannot_store)?);
+        next = r.end;
+    }
+    Ok(out)
 }
 
 /// What was merged (file names, weights, AutoV3 hashes), recorded in the output's metadata
@@ -718,6 +751,102 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The whole-tensor path on a row slice (a LoHa on q of a fused weight) decodes and patches
+    /// only those rows: the others keep their stored bytes (-0.0 included), or are rounded once
+    /// when cast, and the patched rows are what the whole tensor in f32 gives.
+    #[test]
+    fn whole_path_patches_only_the_rows_of_its_slices() {
+        let (rows, cols, rank) = (6, 10, 2);
+        let mut base_vals = pseudo_random(rows * cols, 7, 0.1);
+        base_vals[2 * cols + 3] = -0.0;
+        base_vals[5 * cols] = -0.0;
+        let hada = |suffix: &str, shape: Vec<usize>, seed: u32| {
+            let n = shape.iter().product();
+            (
+                format!("lora_unet_q.{suffix}"),
+                Dtype::F32,
+                shape,
+                pseudo_random(n, seed, 0.5),
+            )
+        };
+        let t = [
+            hada("hada_w1_a", vec![2, rank], 11),
+            hada("hada_w1_b", vec![rank, cols], 12),
+            hada("hada_w2_a", vec![2, rank], 13),
+            hada("hada_w2_b", vec![rank, cols], 14),
+        ];
+        let lora: Vec<(&str, Dtype, Vec<usize>, Vec<f32>)> = t
+            .iter()
+            .map(|(n, d, s, v)| (n.as_str(), *d, s.clone(), v.clone()))
+            .collect();
+        let adapters = vec![Adapter::from_file(
+            TensorFile::from_safetensors_bytes(Path::new("lora"), safetensors(&lora)).unwrap(),
+        )
+        .unwrap()];
+        let patch = Patch {
+            lora: 0,
+            module: 0,
+            rows: Some(3..5),
+            multiplier: 0.8,
+            bias: false,
+        };
+        // A signalling NaN with a payload in an untouched row: decoding and encoding again would
+        // quieten it (0x7F81 → 0x7FC1), so it keeps its bits only if its row is never decoded.
+        let mut bytes = safetensors(&[("w", Dtype::BF16, vec![rows, cols], base_vals)]);
+        let data = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let at = data + 2 * (cols + 4);
+        bytes[at..at + 2].copy_from_slice(&0x7F81u16.to_le_bytes());
+        let ck = checkpoint(TensorFile::from_safetensors_bytes(Path::new("base"), bytes).unwrap());
+        let plan = plan(&ck, adapters, std::slice::from_ref(&patch));
+        assert!(!plan.is_plain_low_rank(&patch));
+        let base = &ck.files[0].file;
+        let whole = plan.apply(base, "w", std::slice::from_ref(&patch)).unwrap();
+        let stored = base.raw_bytes("w").unwrap();
+        for out_dtype in [Dtype::BF16, Dtype::F32] {
+            let spec = TensorSpec {
+                name: "w".into(),
+                dtype: out_dtype,
+                shape: vec![rows, cols],
+            };
+            let out = produce_whole(&plan, base, 0, &spec, std::slice::from_ref(&patch)).unwrap();
+            let row = cols * out_dtype.size().unwrap();
+            let expected = out_dtype.encode_f32(&whole.data).unwrap();
+            assert_eq!(
+                out[3 * row..5 * row],
+                expected[3 * row..5 * row],
+                "{out_dtype}"
+            );
+            assert_ne!(
+                out[3 * row..5 * row],
+                expected_untouched(&stored, out_dtype)[3 * row..5 * row]
+            );
+            for r in [0..3, 5..6] {
+                let range = r.start * row..r.end * row;
+                assert_eq!(
+                    out[range.clone()],
+                    expected_untouched(&stored, out_dtype)[range],
+                    "{out_dtype} rows {r:?}"
+                );
+            }
+            if out_dtype == Dtype::BF16 {
+                assert_eq!(out[2 * (cols + 4)..2 * (cols + 5)], 0x7F81u16.to_le_bytes());
+            }
+            let back = out_dtype.decode_f32(&out).unwrap();
+            assert!(back[2 * cols + 3].is_sign_negative() && back[2 * cols + 3] == 0.0);
+            assert!(back[5 * cols].is_sign_negative() && back[5 * cols] == 0.0);
+        }
+    }
+
+    /// Stored bf16 bytes as `dtype`: the same bytes, or each value rounded once.
+    fn expected_untouched(stored: &[u8], dtype: Dtype) -> Vec<u8> {
+        if dtype == Dtype::BF16 {
+            return stored.to_vec();
+        }
+        dtype
+            .encode_f32(&Dtype::BF16.decode_f32(stored).unwrap())
+            .unwrap()
     }
 
     /// Rows outside a patch's row slice keep their exact bytes (-0.0 included) on both kernels.

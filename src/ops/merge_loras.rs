@@ -11,6 +11,7 @@
 //! `concat` stores the exact sum as a LyCORIS `diff` module, `svd` truncates it.
 
 use super::patch_plan::LoraWeight;
+use super::progress::ProgressSink;
 use crate::adapter::kohya_metadata::{self, NetworkShape};
 use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
 use crate::family::kohya_names::module_kohya_name;
@@ -34,6 +35,8 @@ pub struct LoraMergeOptions {
     pub method: LoraMergeMethod,
     pub dtype: Option<Dtype>,
     pub force: bool,
+    /// Told the number of output modules up front, then each module as it is merged.
+    pub progress: ProgressSink,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -308,9 +311,15 @@ pub fn merge_loras(
     let mut conv_rank = None;
     // Modules are independent: merged and encoded in parallel (each f32 result is dropped as soon
     // as it is encoded), written in first-appearance order.
+    opts.progress.start(order.len() as u64);
     let merged: Vec<EncodedModule> = order
         .par_iter()
-        .map(|name| merge_module(&groups[name], opts.method).map(|m| encode_module(name, m, dtype)))
+        .map(|name| {
+            let merged = merge_module(&groups[name], opts.method)?;
+            let encoded = encode_module(name, merged, dtype);
+            opts.progress.advance(1);
+            Ok(encoded)
+        })
         .collect::<Result<_>>()?;
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
     let mut ranks = Vec::new();

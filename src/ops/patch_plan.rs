@@ -330,16 +330,76 @@ impl<'c> PatchPlan<'c> {
         let mut w = file.read_f32(name)?;
         for p in patches {
             let (adapter, m) = self.module(p);
-            apply_patch(&mut w, p, m, adapter)?;
+            apply_patch(&mut w, 0, p, m, adapter)?;
+        }
+        Ok(w)
+    }
+
+    /// Rows `rows` of `name` from `file` (a range [`patched_rows`] gave), decoded to f32, with the
+    /// patches whose row slices lie inside it applied in order; patches elsewhere are skipped. The
+    /// rows equal the same rows of [`PatchPlan::apply`]'s result.
+    pub fn apply_rows(
+        &self,
+        file: &TensorFile,
+        name: &str,
+        rows: Range<usize>,
+        patches: &[Patch],
+    ) -> Result<Tensor> {
+        let mut w = file.read_f32_rows(name, rows.clone())?;
+        for p in patches {
+            let inside = match &p.rows {
+                Some(r) if rows.start <= r.start && r.end <= rows.end => true,
+                Some(r) if r.end <= rows.start || rows.end <= r.start => false,
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "'{name}': a patch of rows {:?} is not inside rows {rows:?}",
+                        p.rows
+                    )))
+                }
+            };
+            if inside {
+                let (adapter, m) = self.module(p);
+                apply_patch(&mut w, rows.start, p, m, adapter)?;
+            }
         }
         Ok(w)
     }
 }
 
-fn apply_patch(w: &mut Tensor, p: &Patch, m: &AdapterModule, adapter: &Adapter) -> Result<()> {
+/// The rows of a tensor that `patches` change, as sorted, disjoint ranges (overlapping or
+/// adjacent slices joined); `None` when a patch covers the whole tensor. A LoRA on q of a fused
+/// `in_proj_weight` gives the first third: the other rows need not be decoded at all.
+pub fn patched_rows(patches: &[Patch]) -> Option<Vec<Range<usize>>> {
+    let mut ranges: Vec<Range<usize>> = patches
+        .iter()
+        .map(|p| p.rows.clone())
+        .collect::<Option<_>>()?;
+    ranges.retain(|r| !r.is_empty());
+    ranges.sort_by_key(|r| r.start);
+    let mut joined: Vec<Range<usize>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match joined.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => joined.push(r),
+        }
+    }
+    Some(joined)
+}
+
+/// Applies one patch to `w`, which holds the target's rows from `first_row` on.
+fn apply_patch(
+    w: &mut Tensor,
+    first_row: usize,
+    p: &Patch,
+    m: &AdapterModule,
+    adapter: &Adapter,
+) -> Result<()> {
     let file = &adapter.file;
     let cols = w.cols();
-    let rows = p.rows.clone().unwrap_or(0..w.rows());
+    let rows = match &p.rows {
+        Some(r) => r.start - first_row..r.end - first_row,
+        None => 0..w.rows(),
+    };
     let slice_shape = {
         let mut s = w.shape.clone();
         if !s.is_empty() {

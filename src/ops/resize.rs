@@ -13,6 +13,7 @@ use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind};
 use crate::family::kohya_names::module_kohya_name;
 use crate::family::{self, BaseModel};
 use crate::linalg::{self, LowRank};
+use crate::ops::progress::ProgressSink;
 use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor};
 use crate::{Error, Result};
@@ -103,6 +104,8 @@ pub struct ResizeOptions {
     pub max_rank: Option<usize>,
     pub dtype: Option<Dtype>,
     pub force: bool,
+    /// Told the number of modules up front, then each module as it is resized or copied.
+    pub progress: ProgressSink,
 }
 
 #[derive(Debug, Clone)]
@@ -163,10 +166,15 @@ pub fn resize_lora(input: &Path, out: &Path, opts: &ResizeOptions) -> Result<Res
     let fam = family::detect(adapter.file.metadata(), &adapter.modules).base_model;
     let file = &adapter.file;
     // Modules are independent: factorized in parallel, assembled in file order.
+    opts.progress.start(adapter.modules.len() as u64);
     let per_module: Vec<ResizedModule> = adapter
         .modules
         .par_iter()
-        .map(|m| resize_module(m, &adapter, fam, opts))
+        .map(|m| {
+            let resized = resize_module(m, &adapter, fam, opts)?;
+            opts.progress.advance(1);
+            Ok(resized)
+        })
         .collect::<Result<_>>()?;
     let mut report = ResizeReport::default();
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();

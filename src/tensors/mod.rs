@@ -227,6 +227,21 @@ impl TensorFile {
 
     /// A scalar tensor (alpha, on_input, ...) as f32; any element count other than one is refused.
     pub fn read_scalar(&self, name: &str) -> Result<f32> {
+        TensorSource::read_scalar(self, name)
+    }
+}
+
+/// Where math reads named tensors from: a tensor file, or tensors already decoded (so that one
+/// pass over a module can hand the same values to several checks without reading them again).
+pub trait TensorSource {
+    /// The file the tensors come from, for error messages.
+    fn path(&self) -> &Path;
+
+    /// A tensor converted to f32.
+    fn read_f32(&self, name: &str) -> Result<Tensor>;
+
+    /// A scalar tensor as f32; any element count other than one is refused.
+    fn read_scalar(&self, name: &str) -> Result<f32> {
         let t = self.read_f32(name)?;
         match t.data.as_slice() {
             [v] => Ok(*v),
@@ -236,6 +251,16 @@ impl TensorFile {
                 format!("expected a scalar, found shape {:?}", t.shape),
             )),
         }
+    }
+}
+
+impl TensorSource for TensorFile {
+    fn path(&self) -> &Path {
+        TensorFile::path(self)
+    }
+
+    fn read_f32(&self, name: &str) -> Result<Tensor> {
+        TensorFile::read_f32(self, name)
     }
 }
 
