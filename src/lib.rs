@@ -6,7 +6,7 @@
 //! - [`family`]: base-model families (SD1, SD2, SDXL, SD3, Flux), what a model file holds (read from
 //!   its keys), and every key-name map (LDM ⇄ diffusers, kohya names, block weights).
 //! - [`linalg`]: matrix products, factor-space and randomized SVD, the fused merge kernel.
-//! - [`ops`]: whole operations — inspect, merge, convert, extract, resize — and the patch plan that
+//! - [`ops`]: whole operations — inspect, merge, convert, extract, resize, meta — and the patch plan that
 //!   merge and the preview sampler share.
 //!
 //! Nothing below `cli` knows about clap or terminal output.

@@ -5,6 +5,7 @@ mod convert;
 mod extract;
 mod inspect;
 mod merge;
+mod meta;
 mod progress;
 mod resize;
 mod values;
@@ -35,6 +36,9 @@ pub enum Command {
     Resize(resize::ResizeArgs),
     /// Make a LoRA from the difference between a fine-tuned checkpoint and its base, by SVD.
     Extract(extract::ExtractArgs),
+    /// Print or edit a safetensors file's metadata (--set, --unset, --strip-training); tensors
+    /// and data are copied unchanged.
+    Meta(meta::MetaArgs),
 }
 
 /// Runs a command and returns the process exit code.
@@ -45,6 +49,7 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
         Command::Extract(args) => extract::run(args),
+        Command::Meta(args) => meta::run(args),
     };
     result.map_err(with_flag_hints)
 }

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod inspect_model;
 pub mod merge;
 pub mod merge_loras;
+pub mod meta;
 pub mod patch_plan;
 pub mod progress;
 pub mod resize;

@@ -63,6 +63,21 @@ pub enum Container {
     Pickle,
 }
 
+impl Container {
+    /// Which reader a file goes to, from its first bytes (not its extension): a pickle when it
+    /// does not start like safetensors and starts like a zip archive or a pickle; otherwise
+    /// safetensors, whose reader then validates it (or says what is wrong).
+    pub fn sniff(path: &Path) -> Result<Container> {
+        Ok(
+            if !looks_like_safetensors(path)? && PickleFile::sniff(path)? {
+                Container::Pickle
+            } else {
+                Container::Safetensors
+            },
+        )
+    }
+}
+
 enum Inner {
     Safetensors(SafetensorsFile),
     Pickle(PickleFile),
@@ -79,10 +94,9 @@ impl TensorFile {
     /// Opens a tensor file, choosing the reader by content (not by extension): zip archives and
     /// raw pickles go to the safe pickle reader, everything else must be safetensors.
     pub fn open(path: &Path) -> Result<TensorFile> {
-        let inner = if !looks_like_safetensors(path)? && PickleFile::sniff(path)? {
-            Inner::Pickle(PickleFile::open(path)?)
-        } else {
-            Inner::Safetensors(SafetensorsFile::open(path)?)
+        let inner = match Container::sniff(path)? {
+            Container::Pickle => Inner::Pickle(PickleFile::open(path)?),
+            Container::Safetensors => Inner::Safetensors(SafetensorsFile::open(path)?),
         };
         Ok(Self::with_inner(inner))
     }

@@ -93,6 +93,67 @@ impl SafetensorsFile {
         8 + self.header_len
     }
 
+    /// This file's header with `__metadata__` replaced by `metadata` and nothing else changed:
+    /// every tensor entry is kept with its dtype, shape and data offsets, in the header's own
+    /// order (so the data section can be copied unchanged after it), kept metadata keys stay in
+    /// their order and new ones follow. An empty `metadata` drops `__metadata__`; a new one goes
+    /// first, where the writer puts it. Padded with spaces to a multiple of 8, as safetensors does.
+    pub fn header_with_metadata(&self, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+        use serde_json::{Map, Value};
+        let start = 8;
+        let text = &self.bytes()[start..start + self.header_len as usize];
+        // Validated on open; parsed again here keeping the key order (serde_json's preserve_order).
+        let entries: Map<String, Value> = serde_json::from_slice(text)
+            .map_err(|e| Error::bad_file(&self.path, format!("header is not valid JSON: {e}")))?;
+        let mut meta = Map::new();
+        if let Some(Value::Object(old)) = entries.get("__metadata__") {
+            for key in old.keys() {
+                if let Some(v) = metadata.get(key) {
+                    meta.insert(key.clone(), Value::String(v.clone()));
+                }
+            }
+        }
+        for (k, v) in metadata {
+            if !meta.contains_key(k) {
+                meta.insert(k.clone(), Value::String(v.clone()));
+            }
+        }
+        let mut meta = (!meta.is_empty()).then_some(Value::Object(meta));
+        let mut header = Map::new();
+        if !entries.contains_key("__metadata__") {
+            if let Some(m) = meta.take() {
+                header.insert("__metadata__".into(), m);
+            }
+        }
+        for (k, v) in entries {
+            if k == "__metadata__" {
+                if let Some(m) = meta.take() {
+                    header.insert(k, m);
+                }
+            } else {
+                header.insert(k, v);
+            }
+        }
+        let mut bytes = serde_json::to_vec(&header).expect("header serializes");
+        super::writer::pad_header(&mut bytes);
+        if bytes.len() as u64 > MAX_HEADER_LEN {
+            return Err(Error::Invalid(format!(
+                "{}: the new header would be {} bytes, more than the 100 MB safetensors allows",
+                self.path.display(),
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// The open file, for files read from disk (in-kernel copies of its data section).
+    pub fn file(&self) -> Option<&File> {
+        match &self.buffer {
+            Buffer::Mapped(_, f) => Some(f),
+            Buffer::Owned(_) => None,
+        }
+    }
+
     /// The whole mapped file.
     pub fn bytes(&self) -> &[u8] {
         match &self.buffer {

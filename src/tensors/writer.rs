@@ -6,7 +6,7 @@
 //! fsynced, then linked into place without replacing anything unless forced. On any error, a
 //! signal, or if the writer is dropped unfinished, nothing appears at the target.
 
-use super::{Dtype, OutputFile, Tensor, TensorInfo};
+use super::{Dtype, OutputFile, SafetensorsFile, Tensor, TensorInfo};
 use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -208,10 +208,15 @@ pub fn build_header(metadata: &BTreeMap<String, String>, specs: &[TensorSpec]) -
         offset = end;
     }
     let mut header = serde_json::to_vec(&map).expect("header serializes");
+    pad_header(&mut header);
+    header
+}
+
+/// Pads a header with spaces to a multiple of 8 bytes, so the data section stays aligned.
+pub(crate) fn pad_header(header: &mut Vec<u8>) {
     while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
-    header
 }
 
 impl SafetensorsWriter {
@@ -239,6 +244,17 @@ impl SafetensorsWriter {
                 )));
             }
         }
+        let header = build_header(metadata, &specs);
+        Self::start(target, &header, specs, opts)
+    }
+
+    /// Opens the output and writes the length-prefixed `header` (padded JSON).
+    fn start(
+        target: &Path,
+        header: &[u8],
+        specs: Vec<TensorSpec>,
+        opts: &WriteOptions,
+    ) -> Result<SafetensorsWriter> {
         let file = OutputFile::create(target, opts)?;
         let mut writer = SafetensorsWriter {
             target: target.to_path_buf(),
@@ -249,9 +265,8 @@ impl SafetensorsWriter {
             data_hash: None,
             writeback: Writeback::default(),
         };
-        let header = build_header(metadata, &writer.specs);
         writer.put(&(header.len() as u64).to_le_bytes())?;
-        writer.put(&header)?;
+        writer.put(header)?;
         Ok(writer)
     }
 
@@ -290,6 +305,14 @@ impl SafetensorsWriter {
     /// through this process's memory. Falls back to reading and writing.
     pub fn copy_tensor(&mut self, name: &str, src: &File, offset: u64, len: usize) -> Result<()> {
         self.expect_next(name, len)?;
+        self.copy_bytes(src, offset, len)?;
+        self.next += 1;
+        self.start_writeback()
+    }
+
+    /// Appends `len` bytes at `offset` of `src`: in the kernel unless the data is being hashed
+    /// or the kernel declines, else through a buffer.
+    fn copy_bytes(&mut self, src: &File, offset: u64, len: usize) -> Result<()> {
         let mut copied = 0usize;
         if self.data_hash.is_none() {
             let out = self.out.as_mut().expect("writer is open");
@@ -309,8 +332,7 @@ impl SafetensorsWriter {
             self.put(&buf[..n])?;
             copied += n;
         }
-        self.next += 1;
-        self.start_writeback()
+        Ok(())
     }
 
     /// Checks that tensor `name` of `len` bytes is the one the header promised next.
@@ -461,6 +483,47 @@ pub fn sshs_model_hash(tensors: &[(TensorSpec, Vec<u8>)]) -> String {
     hex(&h.finalize())
 }
 
+/// Writes `source` again with `metadata` as its `__metadata__` and nothing else changed: the
+/// header is the source's own with only the metadata replaced
+/// ([`SafetensorsFile::header_with_metadata`]), and the data section is copied unchanged inside
+/// the kernel (with early writeback), so a metadata edit of a multi-GB checkpoint costs one copy
+/// and no pass through memory, and its data-section hashes (addnet, AutoV3) stay the same. When
+/// `target` is `source` itself (an in-place edit, `opts.force`), the new file keeps its
+/// permissions.
+pub fn write_with_metadata(
+    target: &Path,
+    source: &SafetensorsFile,
+    metadata: &BTreeMap<String, String>,
+    opts: &WriteOptions,
+) -> Result<WriteSummary> {
+    let header = source.header_with_metadata(metadata)?;
+    let mut w = SafetensorsWriter::start(target, &header, Vec::new(), opts)?;
+    if same_file(target, source.path()) {
+        let mode = fs::metadata(source.path())
+            .map_err(|e| Error::io(source.path(), e))?
+            .permissions();
+        let out = w.out.as_ref().expect("writer is open").get_ref();
+        out.file()
+            .set_permissions(mode)
+            .map_err(|e| Error::io(target, e))?;
+    }
+    let start = source.data_start();
+    let data = &source.bytes()[start as usize..];
+    match source.file() {
+        Some(file) => {
+            let mut done = 0usize;
+            while done < data.len() {
+                let n = (data.len() - done).min(Writeback::STEP as usize);
+                w.copy_bytes(file, start + done as u64, n)?;
+                w.start_writeback()?;
+                done += n;
+            }
+        }
+        None => w.put(data)?,
+    }
+    w.finish()
+}
+
 /// Writes whole in-memory tensors (small outputs such as LoRA files) through the streaming writer.
 pub fn write_all(
     target: &Path,
@@ -479,7 +542,6 @@ pub fn write_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensors::SafetensorsFile;
 
     fn spec(name: &str, n: usize) -> TensorSpec {
         TensorSpec {
@@ -567,6 +629,40 @@ mod tests {
         assert!(outputs.iter().all(|o| o == &outputs[0]));
         let f = SafetensorsFile::open(&dir.path().join("o1.safetensors")).unwrap();
         assert_eq!(f.tensor_bytes(0), payload.as_slice());
+    }
+
+    /// A file held in memory is written out the same way as one copied in the kernel.
+    #[test]
+    fn metadata_rewrite_keeps_the_data_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        let data = Dtype::F32.encode_f32(&[1.0, -2.0, 3.0]).unwrap();
+        let src = dir.path().join("src.safetensors");
+        write_all(
+            &src,
+            &meta,
+            &[(spec("w", 3), data.clone())],
+            &WriteOptions::default(),
+        )
+        .unwrap();
+        let new = BTreeMap::from([("other".to_string(), "x".repeat(13))]);
+        let mut outputs = Vec::new();
+        for (i, source) in [
+            SafetensorsFile::open(&src).unwrap(),
+            SafetensorsFile::from_bytes(&src, fs::read(&src).unwrap()).unwrap(),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let out = dir.path().join(format!("o{i}.safetensors"));
+            write_with_metadata(&out, source, &new, &WriteOptions::default()).unwrap();
+            let f = SafetensorsFile::open(&out).unwrap();
+            assert_eq!(f.metadata(), &new);
+            assert_eq!(f.tensor_bytes(0), data.as_slice());
+            assert_eq!(f.header_len() % 8, 0);
+            outputs.push(fs::read(&out).unwrap());
+        }
+        assert_eq!(outputs[0], outputs[1]);
     }
 
     #[test]
