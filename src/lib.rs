@@ -6,6 +6,7 @@
 //! - [`family`]: base-model families (SD1, SD2, SDXL, SD3, Flux), what a model file holds (read from
 //!   its keys), and every key-name map (LDM ⇄ diffusers, kohya names, block weights).
 //! - [`linalg`]: matrix products, factor-space and randomized SVD, the fused merge kernel.
+//! - [`library`]: a collection of LoRA files: the index, and similarity between LoRAs.
 //! - [`ops`]: whole operations — inspect, merge, convert, extract, resize, meta — and the patch plan that
 //!   merge and the preview sampler share.
 //!
@@ -14,6 +15,7 @@
 pub mod adapter;
 pub mod error;
 pub mod family;
+pub mod library;
 pub mod linalg;
 pub mod ops;
 pub mod tensors;

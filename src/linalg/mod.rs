@@ -387,3 +387,100 @@ mod randomized_tests {
         assert!(e_approx <= 1.01 * e_exact, "{e_approx} vs {e_exact}");
     }
 }
+
+/// `A (m×k) · B (k×n)` in f64, all row-major: the small products of similarity (factor Grams,
+/// sketches), where f32 accumulation over thousands of rows would cost digits.
+pub fn matmul_f64(a: &[f64], m: usize, k: usize, b: &[f64], n: usize) -> Vec<f64> {
+    assert_eq!(a.len(), m * k, "lhs size");
+    assert_eq!(b.len(), k * n, "rhs size");
+    let mut out = vec![0f64; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    let lhs = MatRef::from_row_major_slice(a, m, k);
+    let rhs = MatRef::from_row_major_slice(b, k, n);
+    let dst = MatMut::from_row_major_slice_mut(&mut out, m, n);
+    faer_matmul(dst, Accum::Replace, lhs, rhs, 1.0f64, par_for(m * n * k));
+    out
+}
+
+/// `⟨U₁V₁, U₂V₂⟩_F` of two low-rank products of the same `m×n` shape (`Uᵢ` is `m×rᵢ`, `Vᵢ` is
+/// `rᵢ×n`, row-major, f64), from the factors: `trace((U₁ᵀU₂)(V₂V₁ᵀ))` = the sum of the elementwise
+/// product of the cross Grams `U₁ᵀU₂` and `V₁V₂ᵀ` (both `r₁×r₂`). O((m+n)·r₁·r₂); the `m×n`
+/// products are never formed. With `U₂ = U₁`, `V₂ = V₁` it is `‖U₁V₁‖²`.
+#[allow(clippy::too_many_arguments)]
+pub fn inner_of_products(
+    u1: &[f64],
+    r1: usize,
+    v1: &[f64],
+    u2: &[f64],
+    r2: usize,
+    v2: &[f64],
+    m: usize,
+    n: usize,
+) -> f64 {
+    assert_eq!(u1.len(), m * r1, "u1 size");
+    assert_eq!(v1.len(), r1 * n, "v1 size");
+    assert_eq!(u2.len(), m * r2, "u2 size");
+    assert_eq!(v2.len(), r2 * n, "v2 size");
+    if m == 0 || n == 0 || r1 == 0 || r2 == 0 {
+        return 0.0;
+    }
+    let mut gu = vec![0f64; r1 * r2];
+    let mut gv = vec![0f64; r1 * r2];
+    let (u1, u2) = (
+        MatRef::from_row_major_slice(u1, m, r1),
+        MatRef::from_row_major_slice(u2, m, r2),
+    );
+    let (v1, v2) = (
+        MatRef::from_row_major_slice(v1, r1, n),
+        MatRef::from_row_major_slice(v2, r2, n),
+    );
+    faer_matmul(
+        MatMut::from_row_major_slice_mut(&mut gu, r1, r2),
+        Accum::Replace,
+        u1.transpose(),
+        u2,
+        1.0f64,
+        par_for(m * r1 * r2),
+    );
+    faer_matmul(
+        MatMut::from_row_major_slice_mut(&mut gv, r1, r2),
+        Accum::Replace,
+        v1,
+        v2.transpose(),
+        1.0f64,
+        par_for(n * r1 * r2),
+    );
+    gu.iter().zip(&gv).map(|(a, b)| a * b).sum()
+}
+
+#[cfg(test)]
+mod inner_tests {
+    use super::*;
+
+    #[test]
+    fn inner_of_products_equals_the_dense_inner_product() {
+        let (m, n, r1, r2) = (7, 5, 3, 2);
+        let f = |len: usize, seed: f64| -> Vec<f64> {
+            (0..len).map(|i| ((i as f64 + seed) * 0.7).sin()).collect()
+        };
+        let (u1, v1, u2, v2) = (
+            f(m * r1, 1.0),
+            f(r1 * n, 2.0),
+            f(m * r2, 3.0),
+            f(r2 * n, 4.0),
+        );
+        let p1 = matmul_f64(&u1, m, r1, &v1, n);
+        let p2 = matmul_f64(&u2, m, r2, &v2, n);
+        let dense: f64 = p1.iter().zip(&p2).map(|(a, b)| a * b).sum();
+        let got = inner_of_products(&u1, r1, &v1, &u2, r2, &v2, m, n);
+        assert!(
+            (got - dense).abs() < 1e-12 * dense.abs().max(1.0),
+            "{got} vs {dense}"
+        );
+        let norm: f64 = p1.iter().map(|a| a * a).sum();
+        let got = inner_of_products(&u1, r1, &v1, &u1, r1, &v1, m, n);
+        assert!((got - norm).abs() < 1e-12 * norm);
+    }
+}

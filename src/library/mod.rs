@@ -1,0 +1,3 @@
+//! The LoRA library: an index of a collection of LoRA files, and how alike they are.
+
+pub mod similarity;
