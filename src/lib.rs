@@ -14,6 +14,7 @@
 pub mod adapter;
 pub mod error;
 pub mod family;
+pub mod library;
 pub mod linalg;
 pub mod ops;
 pub mod tensors;

@@ -4,6 +4,7 @@
 mod convert;
 mod extract;
 mod inspect;
+mod library;
 mod merge;
 mod progress;
 mod resize;
@@ -35,6 +36,8 @@ pub enum Command {
     Resize(resize::ResizeArgs),
     /// Make a LoRA from the difference between a fine-tuned checkpoint and its base, by SVD.
     Extract(extract::ExtractArgs),
+    /// Index a LoRA and checkpoint collection (SQLite): scan, list, search, show, dupes, verify.
+    Library(library::LibraryArgs),
 }
 
 /// Runs a command and returns the process exit code.
@@ -45,6 +48,7 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
         Command::Extract(args) => extract::run(args),
+        Command::Library(args) => library::run(args),
     };
     result.map_err(with_flag_hints)
 }
