@@ -382,7 +382,7 @@ fn a_file_that_changes_while_read_is_reread_or_left_out() {
         &["loras/sd1_locon.safetensors", "loras/sd1_loha.safetensors"],
     );
     let mut lib = Library::open(&t.path().join("lib.db")).unwrap();
-    let roots = lib.add_roots(&[c.clone()]).unwrap();
+    let roots = lib.add_roots(std::slice::from_ref(&c)).unwrap();
 
     // Changes once (during the first read): read again, indexed with the final content's hash.
     let calls = Arc::new(AtomicUsize::new(0));
