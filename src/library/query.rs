@@ -180,6 +180,37 @@ fn complete(conn: &Connection, e: &mut Entry) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// [`complete`] for many entries: two queries in all instead of two per entry.
+fn complete_all(conn: &Connection, list: &mut [Entry]) -> rusqlite::Result<()> {
+    use std::collections::HashMap;
+    let mut tags: HashMap<i64, Vec<String>> = HashMap::new();
+    let mut stmt = conn.prepare_cached("SELECT file_id, tag FROM tags ORDER BY tag")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+        let (id, tag) = row?;
+        tags.entry(id).or_default().push(tag);
+    }
+    let mut sides: HashMap<i64, Vec<SidecarEntry>> = HashMap::new();
+    let mut stmt = conn.prepare_cached("SELECT file_id, kind, path FROM sidecars ORDER BY path")?;
+    for row in stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            SidecarEntry {
+                kind: r.get(1)?,
+                path: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(2)?).into_owned(),
+            },
+        ))
+    })? {
+        let (id, s) = row?;
+        sides.entry(id).or_default().push(s);
+    }
+    for e in list {
+        e.tags = tags.remove(&e.id).unwrap_or_default();
+        e.sidecars = sides.remove(&e.id).unwrap_or_default();
+        e.has_preview = e.sidecars.iter().any(|s| s.kind == "preview");
+    }
+    Ok(())
+}
+
 /// Recomputes the full-text row of one entry (after a scan, a tag or a note changed it).
 pub(crate) fn refresh_fts(conn: &Connection, id: i64) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM files_fts WHERE rowid = ?1")?
@@ -334,8 +365,12 @@ impl Library {
             .map_err(self.err())?
             .collect::<rusqlite::Result<_>>()
             .map_err(self.err())?;
-        for e in &mut list {
-            complete(&self.conn, e).map_err(self.err())?;
+        if list.len() <= 64 {
+            for e in &mut list {
+                complete(&self.conn, e).map_err(self.err())?;
+            }
+        } else {
+            complete_all(&self.conn, &mut list).map_err(self.err())?;
         }
         Ok(list)
     }
@@ -447,11 +482,21 @@ impl Library {
             return by_ids(found);
         }
         if text.len() >= 8 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let prefix = format!("{}%", text.to_ascii_lowercase());
-            let found = ids(
-                "SELECT id FROM files WHERE sha256 LIKE ?1 OR addnet LIKE ?1",
-                &prefix,
-            )?;
+            // A range on the indexed columns ('g' sorts after every hex digit).
+            let lo = text.to_ascii_lowercase();
+            let hi = format!("{lo}g");
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT id FROM files WHERE sha256 >= ?1 AND sha256 < ?2
+                     UNION SELECT id FROM files WHERE addnet >= ?1 AND addnet < ?2",
+                )
+                .map_err(self.err())?;
+            let found = stmt
+                .query_map([&lo, &hi], |r| r.get(0))
+                .map_err(self.err())?
+                .collect::<rusqlite::Result<Vec<i64>>>()
+                .map_err(self.err())?;
             return by_ids(found);
         }
         Ok(Resolved::None)
