@@ -4,6 +4,7 @@
 mod convert;
 mod extract;
 mod inspect;
+mod library;
 mod merge;
 mod meta;
 mod progress;
@@ -39,6 +40,8 @@ pub enum Command {
     /// Print or edit a safetensors file's metadata (--set, --unset, --strip-training); tensors
     /// and data are copied unchanged.
     Meta(meta::MetaArgs),
+    /// Index a LoRA and checkpoint collection (SQLite): scan, list, search, show, dupes, verify.
+    Library(library::LibraryArgs),
 }
 
 /// Runs a command and returns the process exit code.
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
         Command::Resize(args) => resize::run(args),
         Command::Extract(args) => extract::run(args),
         Command::Meta(args) => meta::run(args),
+        Command::Library(args) => library::run(args),
     };
     result.map_err(with_flag_hints)
 }
