@@ -24,12 +24,16 @@ use crate::family::BaseModel;
 use crate::linalg::{self, LowRank};
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::hash_file;
-use crate::tensors::writer::{build_header, write_all, TensorSpec, WriteOptions};
+use crate::tensors::writer::{build_header, hex, SafetensorsWriter, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile, TensorInfo};
 use crate::{Error, Result};
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 #[derive(Debug, Clone)]
 pub struct ExtractOptions {
@@ -486,7 +490,55 @@ struct Factors {
     conv: bool,
     /// ‖up·down‖² of the stored factors (after any clamp).
     kept: f64,
-    tensors: [(TensorSpec, Vec<u8>); 3],
+    /// alpha, down, up, and where their bytes are in the [`Spill`].
+    tensors: [(TensorSpec, u64); 3],
+}
+
+/// Encoded factors of finished modules, in the order they finish, in an unnamed temporary file
+/// beside the output. The output is written from it at the end, since its header (which holds
+/// kohya's hash of all the data) comes first: so the LoRA being built is never held in memory,
+/// which would grow with the model (255 MB for SDXL at rank 32, four times that at rank 128).
+struct Spill {
+    /// Named in errors: the output the spill is for.
+    out: PathBuf,
+    file: Mutex<(File, u64)>,
+}
+
+impl Spill {
+    fn beside(out: &Path) -> Result<Spill> {
+        let dir = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let file = tempfile::tempfile_in(dir).map_err(|e| Error::io(out, e))?;
+        Ok(Spill {
+            out: out.to_path_buf(),
+            file: Mutex::new((file, 0)),
+        })
+    }
+
+    /// Appends `bytes`; returns where they start.
+    fn put(&self, bytes: &[u8]) -> Result<u64> {
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, len) = &mut *guard;
+        let at = *len;
+        file.write_all(bytes).map_err(|e| Error::io(&self.out, e))?;
+        *len += bytes.len() as u64;
+        Ok(at)
+    }
+
+    /// The file and a reader of byte ranges of it, once every module is done.
+    fn finish(self) -> (File, PathBuf) {
+        let (file, _) = self.file.into_inner().unwrap_or_else(|e| e.into_inner());
+        (file, self.out)
+    }
+}
+
+fn read_at(file: &File, out: &Path, at: u64, len: usize) -> Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut bytes, at)
+        .map_err(|e| Error::io(out, e))?;
+    Ok(bytes)
 }
 
 /// What one item gave: its modules, and the difference it holds that no module took.
@@ -526,6 +578,7 @@ fn extract_module(
     shape: Vec<usize>,
     job: &Job,
     opts: &ExtractOptions,
+    spill: &Spill,
 ) -> Result<Extracted> {
     let m = job.module;
     let energy = sum_of_squares(d);
@@ -553,24 +606,31 @@ fn extract_module(
         k,
     );
     let (up_shape, down_shape) = crate::adapter::lora_factor_shapes(&shape, k);
-    let encode = |suffix: &str, t: Tensor| {
-        TensorSpec::encode(format!("{}.{suffix}", m.kohya_name), &t, opts.dtype)
+    let encode = |suffix: &str, t: Tensor| -> Result<(TensorSpec, u64)> {
+        let (spec, bytes) =
+            TensorSpec::encode(format!("{}.{suffix}", m.kohya_name), &t, opts.dtype);
+        Ok((spec, spill.put(&bytes)?))
     };
     out.factors = Some(Factors {
         rank: k,
         conv: shape.len() == 4 && shape[2] * shape[3] > 1,
         kept,
         tensors: [
-            encode("alpha", Tensor::new(vec![], vec![k as f32])),
-            encode("lora_down.weight", Tensor::new(down_shape, lr.down)),
-            encode("lora_up.weight", Tensor::new(up_shape, lr.up)),
+            encode("alpha", Tensor::new(vec![], vec![k as f32]))?,
+            encode("lora_down.weight", Tensor::new(down_shape, lr.down))?,
+            encode("lora_up.weight", Tensor::new(up_shape, lr.up))?,
         ],
     });
     Ok(out)
 }
 
 /// One tensor: the difference read once and every module cut from it, or a comparison.
-fn process(item: &Item, pairs: &[Pair], opts: &ExtractOptions) -> Result<ItemResult> {
+fn process(
+    item: &Item,
+    pairs: &[Pair],
+    opts: &ExtractOptions,
+    spill: &Spill,
+) -> Result<ItemResult> {
     let p = &pairs[item.pair];
     let Some(tuned) = item.tuned else {
         return Ok(ItemResult::default());
@@ -622,6 +682,7 @@ fn process(item: &Item, pairs: &[Pair], opts: &ExtractOptions) -> Result<ItemRes
             slice_shape,
             job,
             opts,
+            spill,
         )?;
         opts.progress.advance(1);
         if e.factors.is_none() && e.energy > 0.0 {
@@ -790,10 +851,12 @@ pub fn extract_lora(
     // All tensors in parallel, each read once and its pages released when done; results keep
     // file order, and only the encoded factors outlive their tensor.
     opts.progress.start(modules as u64);
+    let spill = Spill::beside(out)?;
     let results: Vec<ItemResult> = items
         .par_iter()
-        .map(|item| process(item, &pairs, opts))
+        .map(|item| process(item, &pairs, opts, &spill))
         .collect::<Result<_>>()?;
+    let (spill, out_label) = spill.finish();
     drop(items);
 
     let mut report = ExtractReport {
@@ -802,7 +865,7 @@ pub fn extract_lora(
         ..Default::default()
     };
     let mut left: BTreeMap<Unextracted, NotExtracted> = BTreeMap::new();
-    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<(TensorSpec, u64)> = Vec::new();
     let mut conv_used = None;
     for r in results {
         report.total_energy += r.energy;
@@ -883,12 +946,30 @@ pub fn extract_lora(
         "loratool.extracted_from".into(),
         serde_json::Value::Object(record).to_string(),
     );
-    kohya_metadata::seal(&mut meta, &tensors);
     match opts.format {
         TargetFormat::Kohya => {
-            write_all(out, &meta, &tensors, &write_opts)?;
+            // kohya's hash of the data in write order, then the data copied from the spill.
+            let mut hash = Sha256::new();
+            for (spec, at) in &tensors {
+                hash.update(read_at(&spill, &out_label, *at, spec.byte_len())?);
+            }
+            kohya_metadata::seal_with_hash(&mut meta, hex(&hash.finalize()));
+            let specs = tensors.iter().map(|(s, _)| s.clone()).collect();
+            let mut w = SafetensorsWriter::create(out, &meta, specs, &write_opts)?;
+            for (spec, at) in &tensors {
+                w.copy_tensor(&spec.name, &spill, *at, spec.byte_len())?;
+            }
+            w.finish()?;
         }
         TargetFormat::Peft => {
+            let tensors = tensors
+                .into_iter()
+                .map(|(spec, at)| {
+                    let bytes = read_at(&spill, &out_label, at, spec.byte_len())?;
+                    Ok((spec, bytes))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            kohya_metadata::seal(&mut meta, &tensors);
             // Converted in memory and written once, through the same atomic writer.
             let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
             let header = build_header(&meta, &specs);
@@ -958,11 +1039,12 @@ mod tests {
         let (pairs, _) = open_pairs(&base_path, &tuned_path).unwrap();
         let opts = opts(2);
         let plan = plan(&pairs, &opts).unwrap();
+        let spill = Spill::beside(&dir.path().join("out.safetensors")).unwrap();
         let fused: Vec<&Item> = plan.items.iter().filter(|i| i.jobs.len() > 1).collect();
         assert!(!fused.is_empty(), "the fixture has fused in_proj weights");
         for item in fused {
             assert!(item.base.name.ends_with("in_proj_weight"));
-            let got = process(item, &pairs, &opts).unwrap();
+            let got = process(item, &pairs, &opts, &spill).unwrap();
             assert_eq!(got.modules.len(), 3);
             let p = &pairs[item.pair];
             for (job, e) in item.jobs.iter().zip(&got.modules) {
@@ -973,11 +1055,16 @@ mod tests {
                     p.tuned.read_f32_rows(w, rows).unwrap(),
                 );
                 let d: Vec<f32> = t.data.iter().zip(&b.data).map(|(t, b)| t - b).collect();
-                let want = extract_module(&d, b.shape.clone(), job, &opts).unwrap();
+                let want = extract_module(&d, b.shape.clone(), job, &opts, &spill).unwrap();
                 assert_eq!(e.name, want.name);
                 assert_eq!(e.energy, want.energy);
                 let (f, w) = (e.factors.as_ref().unwrap(), want.factors.unwrap());
-                assert_eq!(f.tensors, w.tensors, "{}", e.name);
+                let guard = spill.file.lock().unwrap();
+                for ((a, at), (b, bt)) in f.tensors.iter().zip(&w.tensors) {
+                    assert_eq!(a, b);
+                    let read = |at: u64| read_at(&guard.0, &spill.out, at, a.byte_len()).unwrap();
+                    assert_eq!(read(*at), read(*bt), "{}", a.name);
+                }
             }
         }
     }
