@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark data for bench/extract_resize.sh.  Deterministic (fixed seeds); existing files are skipped.
 
-    /work/fixtures-venv/bin/python bench/make_extract_data.py [data-dir]     (default: bench-data)
+    /work/fixtures-venv/bin/python bench/make_extract_data.py [data-dir] [--sdxl]     (default: bench-data)
 
-Needs data-dir/sd15_ldm.safetensors and data-dir/lora_r32.safetensors (bench/make_sd15.py).  Writes:
+Needs data-dir/sd15_ldm.safetensors and data-dir/lora_r32.safetensors (bench/make_sd15.py); with
+--sdxl also data-dir/sdxl_ldm.safetensors (bench/make_sdxl.py).  Writes:
 
   sd15_tuned.safetensors   tuned = base + U.V + noise on every 2-D and 4-D (conv) weight of the UNet
                            (model.diffusion_model.*) and text encoder (cond_stage_model.*):
@@ -14,6 +15,9 @@ Needs data-dir/sd15_ldm.safetensors and data-dir/lora_r32.safetensors (bench/mak
   lora_r128.safetensors    kohya LoRA on the same modules as lora_r32.safetensors, rank 128, alpha 64,
                            lora_down/lora_up of the same shapes as rank 32 but with 128 rows/cols,
                            entries ~ normal(0, 0.01), f16.
+  sdxl_tuned.safetensors   (--sdxl) the same change on sdxl_ldm.safetensors: every 2-D and 4-D weight of
+                           the UNet and both text encoders (conditioner.embedders.*, including TE2's
+                           fused attn.in_proj_weight) gets base + U.V + noise as above.
 """
 import json
 import os
@@ -26,7 +30,8 @@ import numpy as np
 
 DELTA_RANK, DELTA_STD, NOISE_STD = 16, 0.02, 1e-4
 LORA_RANK, LORA_ALPHA, LORA_STD = 128, 64, 0.01
-PREFIXES = ("model.diffusion_model.", "cond_stage_model.")
+PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
+TE_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
 DT = {"F16": np.float16, "F32": np.float32, "BF16": None, "I64": np.int64}
 
 
@@ -58,7 +63,7 @@ def make_tuned(base, out):
             fi.seek(data_start + a)
             raw = fi.read(b - a)
             shape = info["shape"]
-            if (name.startswith(PREFIXES) and name.endswith(".weight") and len(shape) in (2, 4)
+            if (name.startswith(PREFIXES) and name.endswith((".weight", "_weight")) and len(shape) in (2, 4)
                     and info["dtype"] == "F16"):
                 w = np.frombuffer(raw, dtype=np.float16).astype(np.float32).reshape(shape[0], -1)
                 g = rng_for(name, 1)
@@ -66,7 +71,7 @@ def make_tuned(base, out):
                 v = g.standard_normal((DELTA_RANK, w.shape[1]), dtype=np.float32) * DELTA_STD
                 noise = g.standard_normal(w.shape, dtype=np.float32) * NOISE_STD
                 d = u @ v + noise
-                if name.startswith("cond_stage_model."):
+                if name.startswith(TE_PREFIXES):
                     te_max = max(te_max, float(np.abs(d).max()))
                 w += d
                 raw = w.astype(np.float16).tobytes()
@@ -109,9 +114,12 @@ def make_lora(r32, out):
 
 
 def main():
-    data = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-data")
+    args = [a for a in sys.argv[1:] if a != "--sdxl"]
+    data = Path(args[0] if args else "bench-data")
     make_tuned(data / "sd15_ldm.safetensors", data / "sd15_tuned.safetensors")
     make_lora(data / "lora_r32.safetensors", data / "lora_r128.safetensors")
+    if "--sdxl" in sys.argv[1:]:
+        make_tuned(data / "sdxl_ldm.safetensors", data / "sdxl_tuned.safetensors")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! `extract`: from tuned = base + known low-rank deltas (+ small noise), the extracted LoRA reaches
 //! within 1.01× of the optimal rank-R error per module, is exact when the rank suffices, merges
-//! back onto the base to reproduce the fine-tune, and bad input is refused.
+//! back onto the base to reproduce the fine-tune, says which changed tensors it left out and how
+//! much of the difference they hold, and bad input is refused.
 
 mod common;
 
@@ -9,7 +10,7 @@ use loratool::family::checkpoint::{checkpoint_family, KeyMap};
 use loratool::family::layout::Layout;
 use loratool::linalg;
 use loratool::ops::convert::TargetFormat;
-use loratool::ops::extract::{extract_lora, ExtractOptions};
+use loratool::ops::extract::{extract_lora, ExtractOptions, Unextracted};
 use loratool::ops::merge::{merge_into_checkpoint, MergeOptions};
 use loratool::ops::patch_plan::LoraWeight;
 use loratool::tensors::writer::{write_all, TensorSpec, WriteOptions};
@@ -373,4 +374,104 @@ fn progress_counts_every_module_once() {
             modules
         );
     }
+}
+
+/// A LoCon with 3×3 convs (and conv_in/out, time embedding, resnet linears) merged into SD1:
+/// without --conv-rank the report names the conv layers it left out, with the count and the share
+/// of ‖tuned − base‖² computed here from the tensors; with --conv-rank they are extracted.
+#[test]
+fn changed_tensors_left_out_are_reported_with_their_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = fx("models/sd1_ldm.safetensors");
+    let tuned_path = dir.path().join("tuned.safetensors");
+    make_tuned(
+        &base_path,
+        "loras/sd1_locon.safetensors",
+        0.8,
+        0.0,
+        &tuned_path,
+    );
+    let (base, tuned) = (
+        TensorFile::open(&base_path).unwrap(),
+        TensorFile::open(&tuned_path).unwrap(),
+    );
+    // Independently: every tensor's ‖tuned − base‖², and which changed ones are resnet or
+    // sampler 3×3 convs (LDM names: not conv_in `input_blocks.0.0`, not conv_out `out.2`) or
+    // resnet time_emb_proj / 1×1 shortcuts.
+    let (mut total, mut conv, mut resnet_linear) = (0f64, (0, 0f64), (0, 0f64));
+    for t in base.tensors() {
+        if !t.dtype.is_float() {
+            continue;
+        }
+        let (b, u) = (
+            base.read_f32(&t.name).unwrap(),
+            tuned.read_f32(&t.name).unwrap(),
+        );
+        let e: f64 = u
+            .data
+            .iter()
+            .zip(&b.data)
+            .map(|(u, b)| ((u - b) as f64).powi(2))
+            .sum();
+        total += e;
+        if e == 0.0 {
+            continue;
+        }
+        let unet = t.name.strip_prefix("model.diffusion_model.");
+        let is_3x3 = t.shape.len() == 4 && t.shape[2..] == [3, 3];
+        if unet.is_some_and(|n| is_3x3 && n != "input_blocks.0.0.weight" && n != "out.2.weight") {
+            conv = (conv.0 + 1, conv.1 + e);
+        }
+        if unet.is_some_and(|n| {
+            n.ends_with("emb_layers.1.weight") || n.ends_with("skip_connection.weight")
+        }) {
+            resnet_linear = (resnet_linear.0 + 1, resnet_linear.1 + e);
+        }
+    }
+    assert!(conv.0 > 0 && resnet_linear.0 > 0, "the LoCon changes convs");
+
+    let out = dir.path().join("out.safetensors");
+    let report = extract_lora(&base_path, &tuned_path, &out, &opts(2)).unwrap();
+    assert!((report.total_energy - total).abs() <= 1e-9 * total);
+    let entry = |kind| report.not_extracted.iter().find(|n| n.kind == kind);
+    let c = entry(Unextracted::Conv).expect("conv layers reported");
+    assert_eq!(c.count, conv.0);
+    let share = conv.1 / total;
+    assert!(
+        (report.share(c.energy) - share).abs() <= 1e-9 * share,
+        "{} vs {share}",
+        report.share(c.energy)
+    );
+    let r = entry(Unextracted::ResnetLinear).expect("resnet linears reported");
+    assert_eq!(
+        (r.count, (r.energy - resnet_linear.1).abs() <= 1e-9 * total),
+        (resnet_linear.0, true)
+    );
+    assert_eq!(entry(Unextracted::ConvInOut).map(|n| n.count), Some(2));
+    assert_eq!(entry(Unextracted::TimeEmbedding).map(|n| n.count), Some(2));
+    assert_eq!(report.unpaired, 0);
+    // Extracted modules and the tensors left out account for the whole difference.
+    let extracted: f64 = report.components.values().map(|s| s.total_energy).sum();
+    let left: f64 = report.not_extracted.iter().map(|n| n.energy).sum();
+    assert!((extracted + left - total).abs() <= 1e-9 * total);
+
+    let with_conv = extract_lora(
+        &base_path,
+        &tuned_path,
+        &out,
+        &ExtractOptions {
+            conv_rank: Some(2),
+            ..opts(2)
+        },
+    )
+    .unwrap();
+    let kinds: Vec<Unextracted> = with_conv.not_extracted.iter().map(|n| n.kind).collect();
+    assert!(
+        !kinds.contains(&Unextracted::Conv) && !kinds.contains(&Unextracted::ResnetLinear),
+        "{kinds:?}"
+    );
+    let count = |r: &loratool::ops::extract::ExtractReport| -> usize {
+        r.components.values().map(|s| s.extracted).sum()
+    };
+    assert_eq!(count(&with_conv), count(&report) + conv.0 + resnet_linear.0);
 }

@@ -76,9 +76,15 @@ pub fn set_network(meta: &mut BTreeMap<String, String>, shape: &NetworkShape) {
 /// The last step before writing: kohya's `sshs_model_hash` of exactly these tensor bytes, and no
 /// field that described other tensors (`sshs_legacy_hash`, peft's `lora_adapter_metadata`).
 pub fn seal(meta: &mut BTreeMap<String, String>, tensors: &[(TensorSpec, Vec<u8>)]) {
+    seal_with_hash(meta, sshs_model_hash(tensors));
+}
+
+/// [`seal`] for tensors that are not in memory: `data_sha256` is the sha256 (hex) of their bytes
+/// in write order.
+pub fn seal_with_hash(meta: &mut BTreeMap<String, String>, data_sha256: String) {
     meta.remove("sshs_legacy_hash");
     meta.remove("lora_adapter_metadata");
-    meta.insert("sshs_model_hash".into(), sshs_model_hash(tensors));
+    meta.insert("sshs_model_hash".into(), data_sha256);
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use super::values::{DtypeArg, LoraFormatArg};
 use clap::Args;
-use loratool::ops::extract::{extract_lora, ExtractOptions};
+use loratool::ops::extract::{extract_lora, ExtractOptions, ExtractReport, Unextracted};
 use loratool::ops::resize::RankRule;
 use loratool::Result;
 use std::path::PathBuf;
@@ -89,6 +89,38 @@ pub fn run(args: ExtractArgs) -> Result<i32> {
                 .unwrap_or_default()
         );
     }
+    print_not_extracted(&report);
     println!("wrote {}", args.output.display());
     Ok(0)
+}
+
+/// One line per kind of changed tensor the LoRA leaves out, with the flag that would take it in.
+fn print_not_extracted(report: &ExtractReport) {
+    for n in &report.not_extracted {
+        let hint = match n.kind {
+            Unextracted::Conv | Unextracted::ResnetLinear => "; add --conv-rank",
+            Unextracted::BelowMinDiff => "; lower --min-diff",
+            _ => "",
+        };
+        println!(
+            "{} changed {} not extracted ({} of the difference){hint}",
+            n.count,
+            n.kind.describe(),
+            percent(report.share(n.energy))
+        );
+    }
+    if report.unpaired > 0 {
+        println!(
+            "{} tensors are in only one of the checkpoints or differ in shape (not compared)",
+            report.unpaired
+        );
+    }
+}
+
+fn percent(share: f64) -> String {
+    if share > 0.0 && share < 0.0005 {
+        "<0.1%".into()
+    } else {
+        format!("{:.1}%", 100.0 * share)
+    }
 }

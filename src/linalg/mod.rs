@@ -6,10 +6,13 @@ pub mod low_rank_add;
 use faer::linalg::matmul::matmul as faer_matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-/// Parallelism for one product: tiny products stay on the calling thread (callers already run
-/// modules in parallel); large ones use the rayon pool.
+/// Parallelism for one product: tiny products, and any product computed on a rayon worker (the
+/// caller already runs modules in parallel), stay on the calling thread; large ones from outside
+/// the pool use it. A worker waiting on a parallel product would steal and start further modules
+/// of its caller, each with its own working memory, so memory would no longer be bounded by the
+/// number of threads.
 fn par_for(flops: usize) -> Par {
-    if flops >= 1 << 24 {
+    if flops >= 1 << 24 && rayon::current_thread_index().is_none() {
         Par::rayon(0)
     } else {
         Par::Seq
@@ -27,6 +30,22 @@ pub fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
     let lhs = MatRef::from_row_major_slice(a, m, k);
     let rhs = MatRef::from_row_major_slice(b, k, n);
     let dst = MatMut::from_row_major_slice_mut(&mut out, m, n);
+    faer_matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par_for(m * n * k));
+    out
+}
+
+/// `Aᵀ · B` for row-major `A (m×k)` and `B (m×n)`: a `k×n` product read through a transposed
+/// view of `A`, so no transposed copy of a large matrix is made.
+pub fn matmul_transposed(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
+    assert_eq!(a.len(), m * k, "lhs size");
+    assert_eq!(b.len(), m * n, "rhs size");
+    let mut out = vec![0f32; k * n];
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    let lhs = MatRef::from_row_major_slice(a, m, k).transpose();
+    let rhs = MatRef::from_row_major_slice(b, m, n);
+    let dst = MatMut::from_row_major_slice_mut(&mut out, k, n);
     faer_matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par_for(m * n * k));
     out
 }
@@ -338,14 +357,14 @@ pub fn truncate_randomized(
         }
         out
     };
-    let at = transpose(a, m, n);
+    // Aᵀ is only ever read through a transposed view: no second m×n copy.
     let mut q = orthonormal(&matmul(a, m, n, &omega, l), m);
     for _ in 0..power_iterations {
-        let z = orthonormal(&matmul(&at, n, m, &q, l), n);
+        let z = orthonormal(&matmul_transposed(a, m, n, &q, l), n);
         q = orthonormal(&matmul(a, m, n, &z, l), m);
     }
     // B = Qᵀ A (l×n), small.
-    let b = matmul(&transpose(&q, m, l), l, m, a, n);
+    let b = matmul_transposed(&q, m, l, a, n);
     let svd = to_mat(&b, l, n)
         .thin_svd()
         .map_err(|e| format!("SVD did not converge: {e:?}"))?;

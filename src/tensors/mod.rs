@@ -187,6 +187,13 @@ impl TensorFile {
         }
     }
 
+    /// Lets go of the mapped pages of one tensor, once a streaming reader is done with it.
+    pub fn release_tensor(&self, name: &str) {
+        if let Some(&i) = self.index.get(name) {
+            self.release_tensor_pages(i, i);
+        }
+    }
+
     /// Raw little-endian, row-major bytes of a tensor in its stored dtype.
     pub fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let i = self.index_of(name)?;
