@@ -5,6 +5,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use loratool::library::query::{Entry, ListFilter, Resolved, Sort};
 use loratool::library::scan::{ScanOptions, ScanReport};
 use loratool::library::sidecar::{write_user_metadata, UserMetadataEdit};
+use loratool::library::similar::{NearReport, SimilarReport, Skipped};
 use loratool::library::{db, Library};
 use loratool::ops::progress::ProgressSink;
 use loratool::{Error, Result};
@@ -47,8 +48,23 @@ enum LibraryCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Identical files, identical tensors under other metadata, and A1111 name collisions.
+    /// Identical files, identical tensors under other metadata, and A1111 name collisions; with
+    /// `--near`, LoRAs whose effects (ΔW) are alike.
     Dupes {
+        #[arg(long)]
+        json: bool,
+        /// Group LoRAs whose ΔW cosine is at least the threshold (resized, re-saved copies).
+        #[arg(long)]
+        near: bool,
+        #[arg(long, default_value_t = 0.95, requires = "near")]
+        threshold: f64,
+    },
+    /// The LoRAs of the same base model whose effect (ΔW) is most like NAME's.
+    Similar {
+        name: OsString,
+        /// How many to compare exactly and show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
         #[arg(long)]
         json: bool,
     },
@@ -219,7 +235,30 @@ pub fn run(args: LibraryArgs) -> Result<i32> {
             }
             Ok(0)
         }
-        LibraryCommand::Dupes { json } => {
+        LibraryCommand::Dupes {
+            json,
+            near: true,
+            threshold,
+        } => {
+            let report = lib.near_dupes(threshold)?;
+            if json {
+                print_json(&report);
+            } else {
+                print_near(&report);
+            }
+            Ok(0)
+        }
+        LibraryCommand::Similar { name, top, json } => {
+            let e = resolve_one(&lib, &name)?;
+            let report = lib.similar(e.id, top)?;
+            if json {
+                print_json(&report);
+            } else {
+                print_similar(&report);
+            }
+            Ok(0)
+        }
+        LibraryCommand::Dupes { json, .. } => {
             let groups = lib.dupes()?;
             if json {
                 print_json(&groups);
@@ -504,4 +543,81 @@ fn print_entry(e: &Entry) {
         row("warning", w.clone());
     }
     print_table(b);
+}
+
+fn share(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.0}%", x * 100.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_skipped(skipped: &[Skipped]) {
+    for s in skipped {
+        eprintln!("loratool: note: {}: skipped: {}", s.path, s.reason);
+    }
+}
+
+fn print_similar(r: &SimilarReport) {
+    print_skipped(&r.skipped);
+    if r.matches.is_empty() {
+        println!(
+            "{}: no other LoRA of base model {} to compare",
+            r.query.path,
+            r.query.base_model.as_deref().unwrap_or("unknown")
+        );
+        return;
+    }
+    let mut b = Builder::default();
+    b.push_record(["name", "cosine", "shared", "energy (query/file)", "path"]);
+    for m in &r.matches {
+        b.push_record([
+            m.file.stem.clone(),
+            format!("{:.4}", m.cosine),
+            m.shared_modules.to_string(),
+            format!(
+                "{} / {}",
+                share(m.shared_energy_query),
+                share(m.shared_energy_file)
+            ),
+            m.file.path.clone(),
+        ]);
+    }
+    print_table(b);
+    println!(
+        "{} compared exactly ({} computed, {} cached) of {} candidates ranked by sketch",
+        r.matches.len(),
+        r.computed,
+        r.matches.len() - r.computed,
+        r.candidates
+    );
+}
+
+fn print_near(r: &NearReport) {
+    print_skipped(&r.skipped);
+    if r.groups.is_empty() {
+        println!("no LoRAs with a ΔW cosine of {} or more", r.threshold);
+    }
+    for g in &r.groups {
+        println!(
+            "near duplicates ({}, cosine ≥ {}):",
+            g.base_model.as_deref().unwrap_or("unknown"),
+            r.threshold
+        );
+        for f in &g.files {
+            println!("  {}", f.path);
+        }
+        for p in &g.pairs {
+            let name = |id: i64| {
+                g.files
+                    .iter()
+                    .find(|f| f.id == id)
+                    .map(|f| f.stem.clone())
+                    .unwrap_or_default()
+            };
+            println!("    {} ~ {}: {:.4}", name(p.a), name(p.b), p.cosine);
+        }
+    }
+    eprintln!(
+        "{} sketch estimates, {} pairs compared exactly ({} computed)",
+        r.estimates, r.confirmed, r.computed
+    );
 }

@@ -7,11 +7,13 @@
 //! - [`query`]: entries, listing and search (FTS5), name resolution as A1111 does it, duplicates,
 //!   verification, export.
 //! - [`similarity`]: how alike two LoRAs' effects are, from their factors.
+//! - [`similar`]: `similar` and `dupes --near` over the index (stored sketches, cached exact cosines).
 
 pub mod db;
 pub mod query;
 pub mod scan;
 pub mod sidecar;
+pub mod similar;
 pub mod similarity;
 
 use crate::{Error, Result};
