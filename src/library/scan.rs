@@ -74,6 +74,8 @@ pub struct ScanReport {
     pub bytes_read: u64,
     /// Files whose hashes came from A1111's cache.json instead of a read.
     pub hashes_from_a1111_cache: usize,
+    /// Files of an interrupted `organize` moved together first (forward or back).
+    pub interrupted_moves: usize,
     pub problems: Vec<Problem>,
 }
 
@@ -481,6 +483,16 @@ impl Library {
     /// Scans `roots` (which must be roots of the index or lie under one).
     pub fn scan_roots(&mut self, roots: &[PathBuf], opts: &ScanOptions) -> Result<ScanReport> {
         let mut report = ScanReport::default();
+        // No organize runs meanwhile; one that was killed is finished or undone first.
+        let _lock = self.lock_moves()?;
+        let recovered = self.finish_interrupted_moves()?;
+        report.interrupted_moves = recovered.forward + recovered.back;
+        for p in recovered.problems {
+            report.problems.push(Problem {
+                path: String::new(),
+                message: format!("interrupted organize: {p}"),
+            });
+        }
         let found = walk(roots, &mut report.problems);
         report.files = found.len();
         let known = self.known()?;
