@@ -12,6 +12,9 @@
 //!    what it committed and the next scan goes on from there. A new path with the sha256 of an
 //!    indexed file whose path is gone takes over that entry (a move keeps id, tags and notes).
 //! 5. Indexed files under the scanned roots that are gone are marked missing (`--prune`: removed).
+//!
+//! Each LoRA read also gets its similarity sketch (`files.sketch`). Before walking, the scan takes
+//! the lock it shares with `organize` and finishes what a killed organize left (`organize.rs`).
 
 use super::db::db_error;
 use super::sidecar::{self, path_bytes, path_from_bytes, A1111Cache, Sidecar};
