@@ -2,9 +2,11 @@
 
 use super::progress::bytes_bar;
 use clap::{Args, Subcommand, ValueEnum};
+use loratool::library::organize::{GroupBy, OrganizeOptions, OrganizeReport};
 use loratool::library::query::{Entry, ListFilter, Resolved, Sort};
 use loratool::library::scan::{ScanOptions, ScanReport};
 use loratool::library::sidecar::{write_user_metadata, UserMetadataEdit};
+use loratool::library::similar::{NearReport, SimilarReport, Skipped};
 use loratool::library::{db, Library};
 use loratool::ops::progress::ProgressSink;
 use loratool::{Error, Result};
@@ -47,8 +49,23 @@ enum LibraryCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Identical files, identical tensors under other metadata, and A1111 name collisions.
+    /// Identical files, identical tensors under other metadata, and A1111 name collisions; with
+    /// `--near`, LoRAs whose effects (ΔW) are alike.
     Dupes {
+        #[arg(long)]
+        json: bool,
+        /// Group LoRAs whose ΔW cosine is at least the threshold (resized, re-saved copies).
+        #[arg(long)]
+        near: bool,
+        #[arg(long, default_value_t = 0.95, requires = "near")]
+        threshold: f64,
+    },
+    /// The LoRAs of the same base model whose effect (ΔW) is most like NAME's.
+    Similar {
+        name: OsString,
+        /// How many to compare exactly and show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
         #[arg(long)]
         json: bool,
     },
@@ -72,6 +89,8 @@ enum LibraryCommand {
     Note { name: OsString, text: String },
     /// Write A1111's `<stem>.json` (keeping every field it does not set) and re-index the file.
     Sidecar(SidecarArgs),
+    /// Move indexed files, each with all its sidecars, into DIR/<group>/ (never overwriting).
+    Organize(OrganizeArgs),
     /// The whole index as JSON (schema: docs/LIBRARY.md).
     Export {
         #[arg(long, required = true)]
@@ -142,6 +161,34 @@ struct ListArgs {
     json: bool,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ByArg {
+    /// sd1, sd2, sdxl, sd3, flux, unknown.
+    Base,
+    /// lora, locon, loha, … (checkpoint, vae, … for other files).
+    Kind,
+    /// The Civitai creator (.civitai.info), else modelspec.author, else unknown.
+    Creator,
+    /// The first tag alphabetically, else untagged.
+    Tag,
+}
+
+#[derive(Args, Debug)]
+struct OrganizeArgs {
+    #[arg(long, value_enum)]
+    by: ByArg,
+    /// The folder to organize into (added as a root when it is not under one).
+    #[arg(long, value_name = "DIR")]
+    into: PathBuf,
+    #[arg(long = "type", value_enum, default_value = "lora")]
+    file_type: TypeArg,
+    /// Print the plan; move nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args, Debug)]
 struct SidecarArgs {
     name: OsString,
@@ -185,10 +232,7 @@ pub fn run(args: LibraryArgs) -> Result<i32> {
         LibraryCommand::Scan(flags) => run_scan(&mut lib, None, &flags),
         LibraryCommand::List(a) => {
             let filter = ListFilter {
-                file_type: match a.file_type {
-                    TypeArg::All => None,
-                    t => t.to_possible_value().map(|v| v.get_name().to_string()),
-                },
+                file_type: type_filter(a.file_type),
                 base: a.base,
                 kind: a.kind,
                 tag: a.tag,
@@ -219,7 +263,30 @@ pub fn run(args: LibraryArgs) -> Result<i32> {
             }
             Ok(0)
         }
-        LibraryCommand::Dupes { json } => {
+        LibraryCommand::Dupes {
+            json,
+            near: true,
+            threshold,
+        } => {
+            let report = lib.near_dupes(threshold)?;
+            if json {
+                print_json(&report);
+            } else {
+                print_near(&report);
+            }
+            Ok(0)
+        }
+        LibraryCommand::Similar { name, top, json } => {
+            let e = resolve_one(&lib, &name)?;
+            let report = lib.similar(e.id, top)?;
+            if json {
+                print_json(&report);
+            } else {
+                print_similar(&report);
+            }
+            Ok(0)
+        }
+        LibraryCommand::Dupes { json, .. } => {
             let groups = lib.dupes()?;
             if json {
                 print_json(&groups);
@@ -290,6 +357,27 @@ pub fn run(args: LibraryArgs) -> Result<i32> {
             lib.reindex_file(&model)?;
             println!("wrote {}", written.display());
             Ok(0)
+        }
+        LibraryCommand::Organize(a) => {
+            let opts = OrganizeOptions {
+                by: match a.by {
+                    ByArg::Base => GroupBy::Base,
+                    ByArg::Kind => GroupBy::Kind,
+                    ByArg::Creator => GroupBy::Creator,
+                    ByArg::Tag => GroupBy::Tag,
+                },
+                into: a.into,
+                file_type: type_filter(a.file_type),
+                dry_run: a.dry_run,
+            };
+            let report = lib.organize(&opts)?;
+            if a.json {
+                print_json(&report);
+            } else {
+                print_organize(&report);
+            }
+            let failed = report.plan.iter().any(|p| p.skipped.is_some());
+            Ok(if failed { 1 } else { 0 })
         }
         LibraryCommand::Export { json: _ } => {
             print_json(&lib.export()?);
@@ -504,4 +592,131 @@ fn print_entry(e: &Entry) {
         row("warning", w.clone());
     }
     print_table(b);
+}
+
+fn share(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.0}%", x * 100.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_skipped(skipped: &[Skipped]) {
+    for s in skipped {
+        eprintln!("loratool: note: {}: skipped: {}", s.path, s.reason);
+    }
+}
+
+fn print_similar(r: &SimilarReport) {
+    print_skipped(&r.skipped);
+    if r.matches.is_empty() {
+        println!(
+            "{}: no other LoRA of base model {} to compare",
+            r.query.path,
+            r.query.base_model.as_deref().unwrap_or("unknown")
+        );
+        return;
+    }
+    let mut b = Builder::default();
+    b.push_record(["name", "cosine", "shared", "energy (query/file)", "path"]);
+    for m in &r.matches {
+        b.push_record([
+            m.file.stem.clone(),
+            format!("{:.4}", m.cosine),
+            m.shared_modules.to_string(),
+            format!(
+                "{} / {}",
+                share(m.shared_energy_query),
+                share(m.shared_energy_file)
+            ),
+            m.file.path.clone(),
+        ]);
+    }
+    print_table(b);
+    println!(
+        "{} compared exactly ({} computed, {} cached) of {} candidates ranked by sketch",
+        r.matches.len(),
+        r.computed,
+        r.matches.len() - r.computed,
+        r.candidates
+    );
+}
+
+fn print_near(r: &NearReport) {
+    print_skipped(&r.skipped);
+    if r.groups.is_empty() {
+        println!("no LoRAs with a ΔW cosine of {} or more", r.threshold);
+    }
+    for g in &r.groups {
+        println!(
+            "near duplicates ({}, cosine ≥ {}):",
+            g.base_model.as_deref().unwrap_or("unknown"),
+            r.threshold
+        );
+        for f in &g.files {
+            println!("  {}", f.path);
+        }
+        for p in &g.pairs {
+            let name = |id: i64| {
+                g.files
+                    .iter()
+                    .find(|f| f.id == id)
+                    .map(|f| f.stem.clone())
+                    .unwrap_or_default()
+            };
+            println!("    {} ~ {}: {:.4}", name(p.a), name(p.b), p.cosine);
+        }
+    }
+    eprintln!(
+        "{} sketch estimates, {} pairs compared exactly ({} computed)",
+        r.estimates, r.confirmed, r.computed
+    );
+}
+
+fn type_filter(t: TypeArg) -> Option<String> {
+    match t {
+        TypeArg::All => None,
+        t => t.to_possible_value().map(|v| v.get_name().to_string()),
+    }
+}
+
+fn print_organize(r: &OrganizeReport) {
+    let rec = &r.recovered;
+    if rec.forward + rec.back > 0 {
+        println!(
+            "interrupted organize: {} moves finished, {} undone",
+            rec.forward, rec.back
+        );
+    }
+    for p in &rec.problems {
+        eprintln!("loratool: interrupted organize: {p}");
+    }
+    if r.added_root {
+        println!("{}: not under a root; added as one", r.into);
+    }
+    let (mut moves, mut paths, mut conflicts) = (0, 0, 0);
+    for p in &r.plan {
+        let word = match &p.skipped {
+            Some(_) => "skip",
+            None => "move",
+        };
+        println!("{word} {} -> {}", p.model.from, p.model.to);
+        for s in &p.sidecars {
+            println!("     {} -> {}", s.from, s.to);
+        }
+        match &p.skipped {
+            Some(why) => {
+                conflicts += 1;
+                println!("     not moved: {why}");
+            }
+            None => {
+                moves += 1;
+                paths += 1 + p.sidecars.len();
+            }
+        }
+    }
+    let verb = if r.dry_run { "to move" } else { "moved" };
+    println!(
+        "{moves} files {verb} ({paths} paths with sidecars), {} already in place, {conflicts} skipped{}",
+        r.in_place,
+        if r.dry_run { "; dry run, nothing moved" } else { "" }
+    );
 }

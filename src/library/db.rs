@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another one before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Schema version 1 (documented in docs/LIBRARY.md, "The index").
 const V1: &str = r#"
@@ -132,6 +132,26 @@ CREATE VIRTUAL TABLE files_fts USING fts5(
     name, alias, trigger_words, tags, notes, metadata,
     tokenize = 'unicode61 remove_diacritics 2'
 );
+"#;
+
+/// Schema version 2: each LoRA's similarity sketch (`similarity::Sketch::to_bytes`; NULL until a
+/// scan computes it, an empty BLOB when the file has none), the shares of each side's energy in the
+/// shared weights in the similarity cache, and the journal of `library organize`
+/// (one row per path of a file being moved; a file's rows are deleted in the transaction that
+/// records its new place).
+const V2: &str = r#"
+ALTER TABLE files ADD COLUMN sketch BLOB;
+ALTER TABLE similarity ADD COLUMN energy_a REAL;
+ALTER TABLE similarity ADD COLUMN energy_b REAL;
+
+CREATE TABLE moves (
+    file_id   INTEGER NOT NULL,
+    old_path  BLOB NOT NULL,
+    new_path  BLOB NOT NULL,
+    is_model  INTEGER NOT NULL,
+    planned_at INTEGER NOT NULL,
+    PRIMARY KEY (file_id, old_path)
+) WITHOUT ROWID;
 "#;
 
 /// Where the index lives: `--db`, else `LORATOOL_DB`, else `$XDG_DATA_HOME/loratool/library.db`

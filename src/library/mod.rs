@@ -6,12 +6,16 @@
 //!   A1111's `<stem>.json`.
 //! - [`query`]: entries, listing and search (FTS5), name resolution as A1111 does it, duplicates,
 //!   verification, export.
+//! - [`organize`]: moving files with their sidecars into folders by a property, crash-safe.
 //! - [`similarity`]: how alike two LoRAs' effects are, from their factors.
+//! - [`similar`]: `similar` and `dupes --near` over the index (stored sketches, cached exact cosines).
 
 pub mod db;
+pub mod organize;
 pub mod query;
 pub mod scan;
 pub mod sidecar;
+pub mod similar;
 pub mod similarity;
 
 use crate::{Error, Result};
