@@ -2,59 +2,15 @@
 //! group together, unrelated ones stay apart, exact results are cached, and a schema-1 index gets
 //! its sketches on the next scan.
 
+mod common;
 mod library_support;
 
+use common::write_random_lora;
 use library_support::*;
-use loratool::adapter::{lora_factor_shapes, Adapter};
+use loratool::adapter::Adapter;
 use loratool::ops::resize::{resize_lora, RankRule, ResizeOptions};
-use loratool::tensors::writer::{write_all, TensorSpec, WriteOptions};
-use loratool::tensors::{Dtype, Tensor};
+use loratool::tensors::Dtype;
 use std::path::Path;
-
-/// Deterministic values in [−0.5, 0.5).
-fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
-
-/// A kohya LoRA with `template`'s modules and random factors whose rank-components decay.
-fn write_random_lora(path: &Path, template: &Adapter, rank: usize, seed: u64) {
-    let mut tensors = Vec::new();
-    for (n, m) in template.modules.iter().enumerate() {
-        let (up_shape, down_shape) = lora_factor_shapes(&m.shape, rank);
-        let (out, cols) = (up_shape[0], down_shape[1..].iter().product::<usize>());
-        let mut up = pseudo_random(out * rank, seed * 1_000_003 + 2 * n as u64);
-        for (i, v) in up.iter_mut().enumerate() {
-            *v *= 0.75f32.powi((i % rank) as i32);
-        }
-        let down = pseudo_random(rank * cols, seed * 1_000_003 + 2 * n as u64 + 1);
-        let t = Tensor::new;
-        tensors.push(TensorSpec::encode(
-            format!("{}.lora_up.weight", m.name),
-            &t(up_shape, up),
-            Dtype::F32,
-        ));
-        tensors.push(TensorSpec::encode(
-            format!("{}.lora_down.weight", m.name),
-            &t(down_shape, down),
-            Dtype::F32,
-        ));
-        tensors.push(TensorSpec::encode(
-            format!("{}.alpha", m.name),
-            &t(vec![], vec![rank as f32]),
-            Dtype::F32,
-        ));
-    }
-    let opts = WriteOptions::default();
-    write_all(path, template.file.metadata(), &tensors, &opts).unwrap();
-}
 
 /// `src` (random, rank 16), `src_r8` (its resize to rank 8), `other` (unrelated, same layout),
 /// and two fixtures (one SD1, one SDXL).
@@ -69,8 +25,8 @@ fn collection(t: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         ],
     );
     let template = Adapter::open(&fixture("loras/sd1_kohya_lora.safetensors")).unwrap();
-    write_random_lora(&c.join("src.safetensors"), &template, 16, 1);
-    write_random_lora(&c.join("other.safetensors"), &template, 8, 12);
+    write_random_lora(&c.join("src.safetensors"), &template, 16, 1, 0.75);
+    write_random_lora(&c.join("other.safetensors"), &template, 8, 12, 0.75);
     let opts = ResizeOptions {
         rule: RankRule::Fixed(8),
         max_rank: None,

@@ -3,13 +3,14 @@
 
 mod common;
 
-use loratool::adapter::{delta, lora_factor_shapes, Adapter};
+use common::write_random_lora;
+use loratool::adapter::{delta, Adapter};
 use loratool::family::{self, kohya_names::module_kohya_name};
 use loratool::library::similarity::{exact_similarity, Sketch};
 use loratool::ops::convert::{convert_adapter, ConvertOptions, TargetFormat};
 use loratool::ops::resize::{resize_lora, RankRule, ResizeOptions, ResizeReport};
 use loratool::tensors::writer::{write_all, TensorSpec, WriteOptions};
-use loratool::tensors::{Dtype, Tensor};
+use loratool::tensors::Dtype;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -66,57 +67,6 @@ fn resize_into(src: &Path, out: &Path, rule: RankRule) -> ResizeReport {
         progress: Default::default(),
     };
     resize_lora(src, out, &opts).unwrap()
-}
-
-/// Deterministic values in [−0.5, 0.5).
-fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
-
-/// A kohya LoRA with `template`'s modules (names and target shapes) and random rank-`rank` factors,
-/// component `i` of each module scaled by `decay^i` (a trained LoRA's falling spectrum).
-fn write_random_lora(path: &Path, template: &Adapter, rank: usize, seed: u64, decay: f32) {
-    let mut tensors = Vec::new();
-    for (n, m) in template.modules.iter().enumerate() {
-        let (up_shape, down_shape) = lora_factor_shapes(&m.shape, rank);
-        let (out, cols) = (up_shape[0], down_shape[1..].iter().product::<usize>());
-        let mut up = pseudo_random(out * rank, seed * 1_000_003 + 2 * n as u64);
-        for (i, v) in up.iter_mut().enumerate() {
-            *v *= decay.powi((i % rank) as i32);
-        }
-        let down = pseudo_random(rank * cols, seed * 1_000_003 + 2 * n as u64 + 1);
-        let t = |shape: Vec<usize>, data: Vec<f32>| Tensor::new(shape, data);
-        tensors.push(TensorSpec::encode(
-            format!("{}.lora_up.weight", m.name),
-            &t(up_shape, up),
-            Dtype::F32,
-        ));
-        tensors.push(TensorSpec::encode(
-            format!("{}.lora_down.weight", m.name),
-            &t(down_shape, down),
-            Dtype::F32,
-        ));
-        tensors.push(TensorSpec::encode(
-            format!("{}.alpha", m.name),
-            &t(vec![], vec![rank as f32]),
-            Dtype::F32,
-        ));
-    }
-    write_all(
-        path,
-        template.file.metadata(),
-        &tensors,
-        &WriteOptions::default(),
-    )
-    .unwrap();
 }
 
 #[test]

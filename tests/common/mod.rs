@@ -70,3 +70,60 @@ impl loratool::ops::progress::Progress for Counted {
             .fetch_add(done, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Deterministic values in [−0.5, 0.5).
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// A kohya LoRA with `template`'s modules (names and target shapes) and random rank-`rank` factors,
+/// component `i` of each module scaled by `decay^i` (a trained LoRA's falling spectrum).
+pub fn write_random_lora(
+    path: &std::path::Path,
+    template: &loratool::adapter::Adapter,
+    rank: usize,
+    seed: u64,
+    decay: f32,
+) {
+    let mut tensors = Vec::new();
+    for (n, m) in template.modules.iter().enumerate() {
+        let (up_shape, down_shape) = loratool::adapter::lora_factor_shapes(&m.shape, rank);
+        let (out, cols) = (up_shape[0], down_shape[1..].iter().product::<usize>());
+        let mut up = pseudo_random(out * rank, seed * 1_000_003 + 2 * n as u64);
+        for (i, v) in up.iter_mut().enumerate() {
+            *v *= decay.powi((i % rank) as i32);
+        }
+        let down = pseudo_random(rank * cols, seed * 1_000_003 + 2 * n as u64 + 1);
+        let t = |shape: Vec<usize>, data: Vec<f32>| loratool::tensors::Tensor::new(shape, data);
+        tensors.push(loratool::tensors::writer::TensorSpec::encode(
+            format!("{}.lora_up.weight", m.name),
+            &t(up_shape, up),
+            loratool::tensors::Dtype::F32,
+        ));
+        tensors.push(loratool::tensors::writer::TensorSpec::encode(
+            format!("{}.lora_down.weight", m.name),
+            &t(down_shape, down),
+            loratool::tensors::Dtype::F32,
+        ));
+        tensors.push(loratool::tensors::writer::TensorSpec::encode(
+            format!("{}.alpha", m.name),
+            &t(vec![], vec![rank as f32]),
+            loratool::tensors::Dtype::F32,
+        ));
+    }
+    loratool::tensors::writer::write_all(
+        path,
+        template.file.metadata(),
+        &tensors,
+        &loratool::tensors::writer::WriteOptions::default(),
+    )
+    .unwrap();
+}
