@@ -1,6 +1,6 @@
 //! `library similar` and `dupes --near` end to end: a LoRA and its resized copy rank first and
-//! group together, unrelated ones stay apart, exact results are cached, and a schema-1 index gets
-//! its sketches on the next scan.
+//! group together, unrelated ones stay apart, exact results are cached, the scan stores no sketch
+//! and the similarity commands compute the missing ones (also for a migrated schema-1 index).
 
 mod common;
 mod library_support;
@@ -123,8 +123,53 @@ fn dupes_near_groups_the_resized_copy_with_its_source() {
     assert!(text.contains("src_r8"), "{text}");
 }
 
+fn sketchless(db: &Path, stem: Option<&str>) -> i64 {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT count(*) FROM files WHERE type = 'lora' AND sketch IS NULL
+         AND (?1 IS NULL OR stem = ?1)",
+        [stem],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
 #[test]
-fn a_schema_1_index_is_migrated_and_gets_its_sketches() {
+fn the_scan_stores_no_sketch_and_similar_computes_them_once() {
+    let t = tempfile::tempdir().unwrap();
+    let (c, db) = collection(t.path());
+    assert_eq!(sketchless(&db, None), 5, "the scan reads no factors");
+    let r = json(&db, &["similar", "src", "--json"]);
+    assert_eq!(r["matches"][0]["file"]["stem"], "src_r8");
+    for stem in ["src", "src_r8", "other"] {
+        assert_eq!(
+            sketchless(&db, Some(stem)),
+            0,
+            "{stem}: sketched by similar"
+        );
+    }
+    let r = json(&db, &["dupes", "--near", "--json"]);
+    assert!(!r["groups"].as_array().unwrap().is_empty(), "{r:#}");
+    assert_eq!(sketchless(&db, None), 0, "dupes --near sketches every LoRA");
+    // An unchanged file keeps its sketch; one whose content changed loses it until the next use.
+    let r = json(&db, &["scan", "--json", "--quiet"]);
+    assert_eq!(r["unchanged"], 5);
+    assert_eq!(sketchless(&db, None), 0);
+    let template = Adapter::open(&fixture("loras/sd1_kohya_lora.safetensors")).unwrap();
+    std::fs::remove_file(c.join("other.safetensors")).unwrap();
+    write_random_lora(&c.join("other.safetensors"), &template, 8, 99, 0.75);
+    let r = json(&db, &["scan", "--json", "--quiet"]);
+    assert_eq!(r["changed"], 1, "{r:#}");
+    assert_eq!(sketchless(&db, Some("other")), 1);
+    assert_eq!(sketchless(&db, None), 1);
+    let r = json(&db, &["similar", "src", "--json"]);
+    assert_eq!(r["matches"][0]["file"]["stem"], "src_r8");
+    assert_eq!(sketchless(&db, None), 0);
+    assert_consistent(&db);
+}
+
+#[test]
+fn a_schema_1_index_is_migrated_and_gets_its_sketches_on_first_use() {
     let t = tempfile::tempdir().unwrap();
     let (_c, db) = collection(t.path());
     // Turn the index back into schema version 1.
@@ -139,33 +184,29 @@ fn a_schema_1_index_is_migrated_and_gets_its_sketches() {
         )
         .unwrap();
     }
-    let out = run(&db, &["similar", "src"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("library scan"));
+    let r = json(&db, &["scan", "--json", "--quiet"]);
+    assert_eq!(
+        r["unchanged"], 5,
+        "a migrated index is not read again: {r:#}"
+    );
+    assert_eq!(r["bytes_read"], 0);
     {
         let conn = rusqlite::Connection::open(&db).unwrap();
         let v: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, 2);
-        let nulls: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM files WHERE type = 'lora' AND sketch IS NULL",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(nulls, 5);
     }
-    let r = json(&db, &["scan", "--json", "--quiet"]);
-    assert_eq!(
-        r["changed"], 5,
-        "LoRAs without a sketch are read again: {r:#}"
-    );
-    assert_eq!(r["bytes_read"], 0, "their hashes are kept");
-    let r = json(&db, &["scan", "--json", "--quiet"]);
-    assert_eq!(r["unchanged"], 5);
+    assert_eq!(sketchless(&db, None), 5);
     let r = json(&db, &["similar", "src", "--json"]);
     assert_eq!(r["matches"][0]["file"]["stem"], "src_r8");
+    assert_eq!(
+        sketchless(&db, Some("src")),
+        0,
+        "sketches appear on first use"
+    );
+    assert_eq!(sketchless(&db, Some("src_r8")), 0);
+    json(&db, &["dupes", "--near", "--json"]);
+    assert_eq!(sketchless(&db, None), 0);
     assert_consistent(&db);
 }

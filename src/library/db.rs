@@ -134,8 +134,8 @@ CREATE VIRTUAL TABLE files_fts USING fts5(
 );
 "#;
 
-/// Schema version 2: each LoRA's similarity sketch (`similarity::Sketch::to_bytes`; NULL until a
-/// scan computes it, an empty BLOB when the file has none), the shares of each side's energy in the
+/// Schema version 2: each LoRA's similarity sketch (`similarity::Sketch::to_bytes`; NULL until
+/// `similar` / `dupes --near` computes it, an empty BLOB when the file has none), the shares of each side's energy in the
 /// shared weights in the similarity cache, and the journal of `library organize`
 /// (one row per path of a file being moved; a file's rows are deleted in the transaction that
 /// records its new place).

@@ -13,14 +13,14 @@
 //!    indexed file whose path is gone takes over that entry (a move keeps id, tags and notes).
 //! 5. Indexed files under the scanned roots that are gone are marked missing (`--prune`: removed).
 //!
-//! Each LoRA read also gets its similarity sketch (`files.sketch`). Before walking, the scan takes
-//! the lock it shares with `organize` and finishes what a killed organize left (`organize.rs`).
+//! The scan reads no LoRA factors: a LoRA whose content changed gets `files.sketch = NULL`, and
+//! `similar` / `dupes --near` compute the missing sketches on first use (`similar.rs`). Before
+//! walking, the scan takes the lock it shares with `organize` and finishes what a killed organize
+//! left (`organize.rs`).
 
 use super::db::db_error;
 use super::sidecar::{self, path_bytes, path_from_bytes, A1111Cache, Sidecar};
-use super::similarity::Sketch;
 use super::Library;
-use crate::adapter::Adapter;
 use crate::ops::inspect::{inspect, InspectOptions, Report};
 use crate::ops::inspect_model::ModelKind;
 use crate::ops::progress::ProgressSink;
@@ -100,9 +100,6 @@ struct Known {
     missing: bool,
     hashes: Option<FileHashes>,
     hash_source: Option<String>,
-    /// A LoRA without a stored sketch (indexed before schema v2): read again to compute it.
-    needs_sketch: bool,
-    has_sketch: bool,
 }
 
 /// What reading one file gave.
@@ -117,9 +114,6 @@ pub(crate) struct Analyzed {
     pub hash_source: Option<&'static str>,
     /// Whether the content was read (not only the header).
     pub read_bytes: u64,
-    /// The similarity sketch to store (`Some(empty)`: a LoRA that has none); `None` keeps the
-    /// stored one (the file's content did not change).
-    pub sketch: Option<Vec<u8>>,
 }
 
 /// What the index records of a file's content (from `ops::inspect`).
@@ -352,7 +346,6 @@ fn analyze(
     known_source: Option<&str>,
     cache: &A1111Cache,
     unique_stem: bool,
-    sketch_known: bool,
     opts: &ScanOptions,
 ) -> std::result::Result<Analyzed, Problem> {
     let path = &found.path;
@@ -399,10 +392,6 @@ fn analyze(
                 }
             }
         };
-        let sketch = match facts.file_type {
-            "lora" if !(same_as_known && sketch_known) => Some(sketch_bytes(path)),
-            _ => None,
-        };
         if let Some(hook) = &opts.after_read {
             hook(path);
         }
@@ -429,22 +418,12 @@ fn analyze(
             hashes,
             hash_source: source,
             read_bytes,
-            sketch,
         });
     }
     Err(Problem {
         path: display(path),
         message: format!("{last_change}; not indexed this time"),
     })
-}
-
-/// The stored sketch of a LoRA: [`Sketch::to_bytes`], or empty when its factors cannot be read
-/// (the next scan does not retry an unchanged file; `similar` skips it).
-fn sketch_bytes(path: &Path) -> Vec<u8> {
-    Adapter::open(path)
-        .and_then(|a| Sketch::of(&a))
-        .map(|s| s.to_bytes())
-        .unwrap_or_default()
 }
 
 fn source_name(s: &str) -> &'static str {
@@ -516,8 +495,7 @@ impl Library {
                     if k.size == f.size
                         && k.mtime_ns == f.mtime_ns
                         && k.sidecar_sig == f.sidecar_sig
-                        && !k.missing
-                        && !k.needs_sketch =>
+                        && !k.missing =>
                 {
                     report.unchanged += 1
                 }
@@ -540,12 +518,10 @@ impl Library {
                     let unique = stems.get(f.path.file_stem().unwrap_or_default()) == Some(&1);
                     let hashes = k.and_then(|k| k.hashes.as_ref());
                     let source = k.and_then(|k| k.hash_source.as_deref());
-                    let sketch_known = k.is_some_and(|k| k.has_sketch);
-                    let outcome =
-                        match analyze(f, hashes, source, &cache, unique, sketch_known, opts) {
-                            Ok(a) => Outcome::Indexed(Box::new(a)),
-                            Err(p) => Outcome::Skipped(p),
-                        };
+                    let outcome = match analyze(f, hashes, source, &cache, unique, opts) {
+                        Ok(a) => Outcome::Indexed(Box::new(a)),
+                        Err(p) => Outcome::Skipped(p),
+                    };
                     if k.is_none() {
                         opts.progress.advance(f.size);
                     }
@@ -567,8 +543,7 @@ impl Library {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT path, size, mtime_ns, sidecar_sig, missing, sha256, autov2, addnet, autov3, hash_source,
-                        type = 'lora' AND sketch IS NULL, sketch IS NOT NULL
+                "SELECT path, size, mtime_ns, sidecar_sig, missing, sha256, autov2, addnet, autov3, hash_source
                  FROM files",
             )
             .map_err(err)?;
@@ -593,8 +568,6 @@ impl Library {
                         missing: r.get::<_, i64>(4)? != 0,
                         hashes,
                         hash_source: r.get(9)?,
-                        needs_sketch: r.get(10)?,
-                        has_sketch: r.get(11)?,
                     },
                 ))
             })
@@ -738,9 +711,8 @@ impl Library {
             .and_then(|k| k.hashes.as_ref());
         let source = k.and_then(|k| k.hash_source.as_deref());
         let opts = ScanOptions::default();
-        let sketch_known = k.is_some_and(|k| k.has_sketch);
         let cache = A1111Cache::default();
-        match analyze(&found, hashes, source, &cache, false, sketch_known, &opts) {
+        match analyze(&found, hashes, source, &cache, false, &opts) {
             Ok(a) => {
                 let mut report = ScanReport::default();
                 self.write_batch(&[a], &mut report)
@@ -796,7 +768,8 @@ fn write_file(tx: &Transaction, a: &Analyzed) -> rusqlite::Result<Written> {
             dtype = ?19, module_count = ?20, tensor_count = ?21, parameters = ?22, components = ?23,
             alias = ?24, trigger_words = ?25, top_tags = ?26, metadata = ?27, user_metadata = ?28,
             warnings = ?29, error = ?30, sha256 = ?31, autov2 = ?32, addnet = ?33, autov3 = ?34,
-            hash_source = ?35, missing = 0, indexed_at = ?36, sketch = coalesce(?37, sketch)
+            hash_source = ?35, missing = 0, indexed_at = ?36,
+            sketch = CASE WHEN type = 'lora' AND ?9 = 'lora' AND sha256 IS ?31 THEN sketch END
          WHERE id = ?1",
     )?
     .execute(params![
@@ -836,7 +809,6 @@ fn write_file(tx: &Transaction, a: &Analyzed) -> rusqlite::Result<Written> {
         h.and_then(|h| h.autov3.as_deref()),
         a.hash_source,
         now(),
-        a.sketch,
     ])?;
     tx.prepare_cached("DELETE FROM sidecars WHERE file_id = ?1")?
         .execute([id])?;

@@ -1,6 +1,9 @@
 //! `library similar` and `library dupes --near`: the index's LoRAs ranked by their stored sketches
 //! (`files.sketch`), the pairs worth showing compared exactly from the files' factors, and each
 //! exact result cached in `similarity` by the two data-section sha256 (docs/LIBRARY.md).
+//!
+//! The scan stores no sketch (`NULL` for a new or changed LoRA): both commands first compute the
+//! missing sketches of the LoRAs they consider, in parallel, and store them in one transaction.
 
 use super::db::db_error;
 use super::scan::now;
@@ -10,7 +13,7 @@ use super::Library;
 use crate::adapter::Adapter;
 use crate::{Error, Result};
 use rayon::prelude::*;
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -117,7 +120,85 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The sketch to store for a LoRA: [`Sketch::to_bytes`], or empty when its factors cannot be read
+/// (it is not retried while the file is unchanged; `similar` skips it).
+fn sketch_bytes(path: &std::path::Path) -> Vec<u8> {
+    Adapter::open(path)
+        .and_then(|a| Sketch::of(&a))
+        .map(|s| s.to_bytes())
+        .unwrap_or_default()
+}
+
+/// Size and mtime of a file, as the index records them.
+fn stat(path: &std::path::Path) -> Option<(i64, i64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len() as i64, super::scan::mtime_ns(&m)))
+}
+
 impl Library {
+    /// Computes and stores the sketch of every LoRA without one (`sketch IS NULL`) that the
+    /// similarity commands consider: present LoRAs of base model `base` (`None`: all; `Some(None)`
+    /// matches NULL), plus entry `also`. Files are read in parallel; the sketches are written in
+    /// one transaction, each only if the entry still has no sketch and the file's size and mtime
+    /// are those indexed and did not move while it was read (otherwise it is left for a rescan).
+    /// Returns how many were stored.
+    pub fn fill_sketches(&self, base: Option<Option<&str>>, also: Option<i64>) -> Result<usize> {
+        let err = |e| db_error(&self.path, e);
+        let (filter_base, base_value) = match base {
+            Some(b) => (1, b),
+            None => (0, None),
+        };
+        let todo: Vec<(i64, Vec<u8>, i64, i64)> = {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT id, path, size, mtime_ns FROM files
+                     WHERE type = 'lora' AND sketch IS NULL
+                       AND ((missing = 0 AND (?1 = 0 OR base_model IS ?2)) OR id IS ?3)",
+                )
+                .map_err(err)?;
+            let rows = stmt
+                .query_map(params![filter_base, base_value, also], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .map_err(err)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(err)?
+        };
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        let sketches: Vec<(i64, i64, i64, Vec<u8>)> = todo
+            .into_par_iter()
+            .filter_map(|(id, raw, size, mtime)| {
+                let path = path_from_bytes(&raw);
+                if stat(&path)? != (size, mtime) {
+                    return None;
+                }
+                let bytes = sketch_bytes(&path);
+                (stat(&path)? == (size, mtime)).then_some((id, size, mtime, bytes))
+            })
+            .collect();
+        let tx =
+            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(err)?;
+        let mut stored = 0;
+        {
+            let mut update = tx
+                .prepare(
+                    "UPDATE files SET sketch = ?2
+                     WHERE id = ?1 AND type = 'lora' AND sketch IS NULL
+                       AND size = ?3 AND mtime_ns = ?4",
+                )
+                .map_err(err)?;
+            for (id, size, mtime, bytes) in &sketches {
+                stored += update
+                    .execute(params![id, bytes, size, mtime])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(stored)
+    }
+
     /// Present LoRAs with a usable sketch (`base`: only that base model; `None` matches NULL).
     /// Sketches that do not parse are reported and left out.
     fn sketched(&self, base: Option<Option<&str>>) -> Result<(Vec<Sketched>, Vec<Skipped>)> {
@@ -284,7 +365,7 @@ impl Library {
             )
             .optional()
             .map_err(self.err())?;
-        let Some((query, bytes, file_type)) = row else {
+        let Some((query, mut bytes, file_type)) = row else {
             return Err(Error::Invalid(format!("no entry {id}")));
         };
         if file_type != "lora" {
@@ -293,9 +374,17 @@ impl Library {
                 query.path
             )));
         }
+        self.fill_sketches(Some(query.base_model.as_deref()), Some(id))?;
+        if bytes.is_none() {
+            bytes = self
+                .conn
+                .query_row("SELECT sketch FROM files WHERE id = ?1", [id], |r| r.get(0))
+                .map_err(self.err())?;
+        }
         let bytes = bytes.ok_or_else(|| {
             Error::Invalid(format!(
-                "{}: no similarity sketch yet; run `loratool library scan`",
+                "{}: no similarity sketch (the file is gone or changed since it was indexed); \
+                 run `loratool library scan`",
                 query.path
             ))
         })?;
@@ -345,6 +434,7 @@ impl Library {
     /// least `threshold − 0.1` is compared exactly (cached); pairs at or above `threshold` join
     /// their files into groups. Cost: n(n−1)/2 sketch estimates per base model.
     pub fn near_dupes(&self, threshold: f64) -> Result<NearReport> {
+        self.fill_sketches(None, None)?;
         let (all, skipped) = self.sketched(None)?;
         let mut by_base: BTreeMap<Option<String>, Vec<Sketched>> = BTreeMap::new();
         for s in all {

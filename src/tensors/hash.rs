@@ -22,9 +22,12 @@ pub struct FileHashes {
 }
 
 /// Computes every hash in one read of the file. `data_start` is 8+N for safetensors files.
-/// The whole-file and data-section digests run on two threads over the same mapped chunk, so the
-/// wall time is that of one sha256 pass; each chunk's pages are released once hashed, so resident
-/// memory stays at one chunk whatever the file size.
+/// The whole-file and data-section digests of each mapped chunk run as a `rayon::join`: on an idle
+/// pool the two passes take two cores (the wall time of one sha256 pass); when the scan already
+/// hashes one file per core, the worker runs both itself (no extra threads, no oversubscription)
+/// and an idle worker steals the second half. The mapping is read sequentially with read-ahead
+/// (`MADV_SEQUENTIAL`, `MADV_WILLNEED` on the next chunk) and each chunk's pages are released
+/// once hashed (`MADV_DONTNEED`), so resident memory stays at two chunks whatever the file size.
 pub fn hash_file(path: &Path, data_start: Option<u64>) -> Result<FileHashes> {
     let (full, addnet) = digest_file(path, data_start, true)?;
     let full = full.expect("whole-file digest requested");
@@ -65,9 +68,21 @@ fn digest_file(
     let mut full = whole.then(Sha256::new);
     let mut data = start.map(|_| Sha256::new());
     const CHUNK: usize = 64 << 20;
+    // Read-ahead: the kernel is asked for the next chunk while this one is hashed, so a cold file
+    // streams from disk during the hashing instead of faulting page by page.
+    #[cfg(unix)]
+    let will_need = |at: usize| {
+        if at < map.len() {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, at, CHUNK.min(map.len() - at));
+        }
+    };
+    #[cfg(unix)]
+    will_need(0);
     let mut at = 0;
     while at < map.len() {
         let end = (at + CHUNK).min(map.len());
+        #[cfg(unix)]
+        will_need(end);
         let chunk = &map[at..end];
         let data_part = start.map(|s| &map[s.clamp(at, end)..end]);
         let hash_data = |data: &mut Option<Sha256>| {
