@@ -112,7 +112,7 @@ impl TorchCpuGenerator {
         for block in data.chunks_exact_mut(16) {
             transform(block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for value in tail.iter_mut() {
                 *value = self.uniform_f32();
@@ -169,7 +169,7 @@ fn cephes_ln(x: f32) -> f32 {
         -1.666_805_8E-1,
         2.000_071_5E-1,
         -2.499_999_4E-1,
-        3.333_333_1E-1,
+        3.333_333E-1,
     ];
     const LN2_LO: f32 = -2.121_944_4e-4;
     const LN2_HI: f32 = 0.693_359_4;
