@@ -9,6 +9,7 @@
 //! - [`library`]: a collection of LoRA files: the index, and similarity between LoRAs.
 //! - [`ops`]: whole operations — inspect, merge, convert, extract, resize, meta — and the patch plan that
 //!   merge and the preview sampler share.
+//! - [`preview`]: the preview sampler; today its torch-compatible noise.
 //!
 //! Nothing below `cli` knows about clap or terminal output.
 
@@ -18,6 +19,7 @@ pub mod family;
 pub mod library;
 pub mod linalg;
 pub mod ops;
+pub mod preview;
 pub mod tensors;
 
 pub use error::{Error, Result};
