@@ -3,29 +3,13 @@
 
 mod common;
 
-use common::{fixtures, loratool};
+use common::{fixtures, loratool, run_json};
 use loratool::tensors::hash::hash_file;
 use loratool::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use loratool::tensors::{Dtype, TensorFile};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-fn run_json(args: &[&str], files: &[PathBuf]) -> (i32, Value, String) {
-    let out = loratool()
-        .arg("inspect")
-        .arg("--json")
-        .args(args)
-        .args(files)
-        .output()
-        .unwrap();
-    let json = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
-    (
-        out.status.code().unwrap(),
-        json,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn one(path: &Path) -> Value {
     let (code, json, stderr) = run_json(&[], &[path.to_path_buf()]);

@@ -2,25 +2,9 @@
 
 mod common;
 
-use common::{fixtures, loratool};
+use common::{fixtures, loratool, run_json};
 use loratool::tensors::TensorFile;
 use std::path::{Path, PathBuf};
-
-fn run_json(args: &[&str], files: &[PathBuf]) -> (i32, serde_json::Value, String) {
-    let out = loratool()
-        .arg("inspect")
-        .arg("--json")
-        .args(args)
-        .args(files)
-        .output()
-        .unwrap();
-    let json = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
-    (
-        out.status.code().unwrap(),
-        json,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn json_reports_kohya_metadata_sidecar_and_tags() {

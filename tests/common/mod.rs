@@ -127,3 +127,20 @@ pub fn write_random_lora(
     )
     .unwrap();
 }
+
+/// `loratool inspect --json ARGS FILES`: exit code, the JSON on stdout, stderr.
+pub fn run_json(args: &[&str], files: &[std::path::PathBuf]) -> (i32, serde_json::Value, String) {
+    let out = loratool()
+        .arg("inspect")
+        .arg("--json")
+        .args(args)
+        .args(files)
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    (
+        out.status.code().unwrap(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
