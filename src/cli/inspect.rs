@@ -157,17 +157,7 @@ fn render(rep: &InspectReport, list_modules: bool) -> String {
             .collect();
         b.push_record(["top tags", &tags.join(", ")]);
     }
-    for (k, v) in &rep.training {
-        b.push_record([format!("training: {}", k.replace('_', " ")), clip(v)]);
-    }
-    if let Some(h) = &rep.hashes {
-        push_hashes(&mut b, h);
-    }
-    for w in &rep.warnings {
-        b.push_record(["warning", w]);
-    }
-    let mut text = b.build().with(Style::sharp()).to_string();
-    text.push('\n');
+    let mut text = finish_table(b, &rep.training, rep.hashes.as_ref(), &rep.warnings);
     if list_modules {
         let mut m = Builder::default();
         let with_norm = rep.modules.iter().any(|m| m.norm.is_some());
@@ -268,17 +258,7 @@ fn render_checkpoint(rep: &ModelReport) -> String {
     for (k, v) in &rep.modelspec {
         b.push_record([format!("modelspec.{k}"), clip(v)]);
     }
-    for (k, v) in &rep.training {
-        b.push_record([format!("training: {}", k.replace('_', " ")), clip(v)]);
-    }
-    if let Some(h) = &rep.hashes {
-        push_hashes(&mut b, h);
-    }
-    for w in &rep.warnings {
-        b.push_record(["warning", w]);
-    }
-    let mut text = b.build().with(Style::sharp()).to_string();
-    text.push('\n');
+    let mut text = finish_table(b, &rep.training, rep.hashes.as_ref(), &rep.warnings);
 
     let mut c = Builder::default();
     let with_files = rep.components.iter().any(|p| p.file.is_some());
@@ -379,6 +359,27 @@ fn clip(v: &str) -> String {
         Some((i, _)) => format!("{}…", &v[..i]),
         None => v.to_string(),
     }
+}
+
+/// The rows every report's main table ends with (training summary, hashes, warnings), rendered.
+fn finish_table(
+    mut b: Builder,
+    training: &std::collections::BTreeMap<&'static str, String>,
+    hashes: Option<&loratool::tensors::hash::FileHashes>,
+    warnings: &[String],
+) -> String {
+    for (k, v) in training {
+        b.push_record([format!("training: {}", k.replace('_', " ")), clip(v)]);
+    }
+    if let Some(h) = hashes {
+        push_hashes(&mut b, h);
+    }
+    for w in warnings {
+        b.push_record(["warning", w]);
+    }
+    let mut text = b.build().with(Style::sharp()).to_string();
+    text.push('\n');
+    text
 }
 
 fn push_hashes(b: &mut Builder, h: &loratool::tensors::hash::FileHashes) {

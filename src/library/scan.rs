@@ -25,7 +25,7 @@ use crate::ops::inspect::{inspect, InspectOptions, Report};
 use crate::ops::inspect_model::ModelKind;
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::{hash_file, FileHashes};
-use crate::tensors::Container;
+use crate::tensors::{Container, SafetensorsFile};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
@@ -374,7 +374,7 @@ fn analyze(
                     }
                     _ => {
                         let start = match safetensors {
-                            true => data_start(path),
+                            true => SafetensorsFile::data_start_of(path).ok().flatten(),
                             false => None,
                         };
                         read_bytes = before.0;
@@ -448,13 +448,6 @@ fn stat(path: &Path) -> std::io::Result<(u64, i64)> {
 }
 
 /// 8 + the header length of a safetensors file (where AutoV3's bytes start).
-fn data_start(path: &Path) -> Option<u64> {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    std::fs::File::open(path).ok()?.read_exact(&mut b).ok()?;
-    Some(8 + u64::from_le_bytes(b))
-}
-
 impl Library {
     /// Scans every root.
     pub fn scan(&mut self, opts: &ScanOptions) -> Result<ScanReport> {

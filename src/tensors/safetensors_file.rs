@@ -93,6 +93,19 @@ impl SafetensorsFile {
         8 + self.header_len
     }
 
+    /// Offset of the first data byte of the safetensors file at `path`, from its length prefix
+    /// alone (nothing else is read or checked): for callers that hash a file they inspected
+    /// separately. `None` when the file is shorter than the prefix.
+    pub fn data_start_of(path: &Path) -> std::io::Result<Option<u64>> {
+        use std::io::Read;
+        let mut prefix = [0u8; 8];
+        match std::fs::File::open(path)?.read_exact(&mut prefix) {
+            Ok(()) => Ok(Some(8 + u64::from_le_bytes(prefix))),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// This file's header with `__metadata__` replaced by `metadata` and nothing else changed:
     /// every tensor entry is kept with its dtype, shape and data offsets, in the header's own
     /// order (so the data section can be copied unchanged after it), kept metadata keys stay in
