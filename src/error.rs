@@ -61,6 +61,12 @@ pub enum Error {
     /// A request that cannot be carried out (bad arguments, refused overwrite, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A download or a Civitai/Hugging Face lookup that failed; `item` is what was asked for.
+    #[error("{item}: {problem}")]
+    Fetch {
+        item: String,
+        problem: crate::hub::Problem,
+    },
 }
 
 impl Error {

@@ -6,6 +6,7 @@
 //! - [`family`]: base-model families (SD1, SD2, SDXL, SD3, Flux), what a model file holds (read from
 //!   its keys), and every key-name map (LDM ⇄ diffusers, kohya names, block weights).
 //! - [`linalg`]: matrix products, factor-space and randomized SVD, the fused merge kernel.
+//! - [`hub`]: downloads from Civitai and Hugging Face (one engine), and lookups by hash.
 //! - [`library`]: a collection of LoRA files: the index, and similarity between LoRAs.
 //! - [`ops`]: whole operations — inspect, merge, convert, extract, resize, meta — and the patch plan that
 //!   merge and the preview sampler share.
@@ -16,6 +17,7 @@
 pub mod adapter;
 pub mod error;
 pub mod family;
+pub mod hub;
 pub mod library;
 pub mod linalg;
 pub mod ops;

@@ -268,7 +268,7 @@ fn export_roots_and_the_database_location() {
     let v: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 2);
+    assert_eq!(v, loratool::library::db::SCHEMA_VERSION);
 }
 
 #[test]

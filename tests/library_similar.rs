@@ -195,7 +195,7 @@ fn a_schema_1_index_is_migrated_and_gets_its_sketches_on_first_use() {
         let v: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 2);
+        assert_eq!(v, loratool::library::db::SCHEMA_VERSION);
     }
     assert_eq!(sketchless(&db, None), 5);
     let r = json(&db, &["similar", "src", "--json"]);

@@ -91,6 +91,29 @@ enum LibraryCommand {
     Sidecar(SidecarArgs),
     /// Move indexed files, each with all its sidecars, into DIR/<group>/ (never overwriting).
     Organize(OrganizeArgs),
+    /// Look indexed files up on Civitai by hash; write `.civitai.info`, the preview and A1111's
+    /// `<stem>.json` where missing; record the ids. Model files are never changed.
+    Identify {
+        /// Every indexed file, not only those without Civitai information.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        /// Civitai API token (default: CIVITAI_API_TOKEN).
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
+    /// Files with Civitai ids whose model has a newer version, with the command that fetches it.
+    Outdated {
+        #[arg(long)]
+        json: bool,
+        /// Ask Civitai again even for models checked in the last day.
+        #[arg(long)]
+        refresh: bool,
+        /// Civitai API token (default: CIVITAI_API_TOKEN).
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
     /// The whole index as JSON (schema: docs/LIBRARY.md).
     Export {
         #[arg(long, required = true)]
@@ -379,11 +402,26 @@ pub fn run(args: LibraryArgs) -> Result<i32> {
             let failed = report.plan.iter().any(|p| p.skipped.is_some());
             Ok(if failed { 1 } else { 0 })
         }
+        LibraryCommand::Identify { all, json, token } => {
+            super::identify::run_library(&services(token.as_deref())?, lib, all, json)
+        }
+        LibraryCommand::Outdated {
+            json,
+            refresh,
+            token,
+        } => super::identify::run_outdated(&services(token.as_deref())?, lib, json, refresh),
         LibraryCommand::Export { json: _ } => {
             print_json(&lib.export()?);
             Ok(0)
         }
     }
+}
+
+fn services(token: Option<&str>) -> Result<loratool::hub::fetch::Services> {
+    loratool::hub::fetch::Services::from_env(token).map_err(|problem| Error::Fetch {
+        item: "library".into(),
+        problem,
+    })
 }
 
 fn bar_unless(quiet: bool, label: &str) -> (indicatif::ProgressBar, ProgressSink) {

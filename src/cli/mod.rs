@@ -3,6 +3,8 @@
 
 mod convert;
 mod extract;
+mod fetch;
+mod identify;
 mod inspect;
 mod library;
 mod merge;
@@ -42,6 +44,9 @@ pub enum Command {
     Meta(meta::MetaArgs),
     /// Index a LoRA and checkpoint collection (SQLite): scan, list, search, show, dupes, verify.
     Library(library::LibraryArgs),
+    /// Download LoRAs from Civitai and Hugging Face (verified, resumable, indexed), or identify
+    /// local files on Civitai (--identify).
+    Fetch(fetch::FetchArgs),
 }
 
 /// Runs a command and returns the process exit code.
@@ -54,6 +59,7 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
         Command::Extract(args) => extract::run(args),
         Command::Meta(args) => meta::run(args),
         Command::Library(args) => library::run(args),
+        Command::Fetch(args) => fetch::run(args),
     };
     result.map_err(with_flag_hints)
 }

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a writer waits for another one before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Schema version 1 (documented in docs/LIBRARY.md, "The index").
 const V1: &str = r#"
@@ -152,6 +152,17 @@ CREATE TABLE moves (
     planned_at INTEGER NOT NULL,
     PRIMARY KEY (file_id, old_path)
 ) WITHOUT ROWID;
+"#;
+
+/// Schema version 3: what `library outdated` learnt about Civitai models (one request per model,
+/// reused for a day).
+const V3: &str = r#"
+CREATE TABLE civitai_models (
+    model_id            INTEGER PRIMARY KEY,
+    newest_version_id   INTEGER,
+    newest_version_name TEXT,
+    checked_at          INTEGER NOT NULL
+);
 "#;
 
 /// Where the index lives: `--db`, else `LORATOOL_DB`, else `$XDG_DATA_HOME/loratool/library.db`

@@ -8,6 +8,7 @@
 //!   verification, export.
 //! - [`organize`]: moving files with their sidecars into folders by a property, crash-safe.
 //! - [`similarity`]: how alike two LoRAs' effects are, from their factors.
+//! - [`sources`]: where files came from (Civitai ids, Hugging Face repo and revision).
 //! - [`similar`]: `similar` and `dupes --near` over the index (stored sketches, cached exact cosines).
 
 pub mod db;
@@ -17,6 +18,7 @@ pub mod scan;
 pub mod sidecar;
 pub mod similar;
 pub mod similarity;
+pub mod sources;
 
 use crate::{Error, Result};
 use rusqlite::{params, Connection, TransactionBehavior};
