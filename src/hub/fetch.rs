@@ -109,6 +109,10 @@ impl Services {
             (None, None) => return Err(Problem::Request("no Civitai id given".into())),
         };
         let version = self.civitai.version(http, version_id)?;
+        // Archived models keep their pages but list no files (and the download answers 410).
+        if version.pointer("/model/mode").and_then(Value::as_str) == Some("Archived") {
+            return Err(Problem::Archived);
+        }
         if let (Some(m), Some(listed)) = (model, version.get("modelId").and_then(Value::as_u64)) {
             if m != listed {
                 return Err(Problem::Request(format!(
