@@ -217,6 +217,13 @@ fn civitai_download_with_token_verifies_writes_sidecars_and_indexes() {
         )
         .unwrap();
     assert_eq!((m, v, f), (100001, 200002, 300003));
+    let show = env
+        .cmd(&["library", "show", "watercolor_v1", "--json"])
+        .output()
+        .unwrap();
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["sources"][0]["civitai_version_id"], 200002, "{show:#}");
+    assert_eq!(show["trigger_words"][0], "wtrclr style", "{show:#}");
 
     // A second fetch finds the verified file in place and downloads nothing.
     env.hub.clear_requests();

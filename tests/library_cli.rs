@@ -232,7 +232,7 @@ fn export_roots_and_the_database_location() {
     let t = tempfile::tempdir().unwrap();
     let (c, db) = collection(t.path());
     let e = json(&db, &["export", "--json"]);
-    assert_eq!(e["schema_version"], 2);
+    assert_eq!(e["schema_version"], loratool::library::db::SCHEMA_VERSION);
     assert_eq!(e["files"].as_array().unwrap().len(), 5);
     assert!(e["files"][0]["metadata"].is_object());
     assert_eq!(

@@ -620,6 +620,23 @@ fn print_entry(e: &Entry) {
         })
         .collect();
     row("sidecars", sidecars.join(", "));
+    let sources: Vec<String> = e
+        .sources
+        .iter()
+        .map(|s| match (&s.hf_repo, s.civitai_version_id) {
+            (Some(repo), _) => format!(
+                "Hugging Face {repo}/{}@{}",
+                s.hf_path.as_deref().unwrap_or("?"),
+                s.hf_revision.as_deref().unwrap_or("?")
+            ),
+            (None, Some(v)) => format!(
+                "Civitai https://civitai.com/models/{}?modelVersionId={v}",
+                s.civitai_model_id.unwrap_or(0)
+            ),
+            _ => s.source.clone(),
+        })
+        .collect();
+    row("source", sources.join(", "));
     if e.missing {
         row("missing", "yes (gone from disk)".into());
     }

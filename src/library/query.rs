@@ -60,6 +60,8 @@ pub struct Entry {
     pub tags: Vec<String>,
     pub note: String,
     pub sidecars: Vec<SidecarEntry>,
+    /// Where the file came from (`fetch`, `identify`).
+    pub sources: Vec<SourceEntry>,
     pub has_preview: bool,
     pub user_metadata: Option<serde_json::Value>,
     pub warnings: Vec<String>,
@@ -139,6 +141,7 @@ fn entry_from_row(r: &Row, full: bool) -> rusqlite::Result<Entry> {
         tags: Vec::new(),
         note: r.get(29)?,
         sidecars: Vec::new(),
+        sources: Vec::new(),
         has_preview: false,
         user_metadata: r
             .get::<_, Option<String>>(30)?
@@ -177,10 +180,53 @@ fn complete(conn: &Connection, e: &mut Entry) -> rusqlite::Result<()> {
         })?
         .collect::<rusqlite::Result<_>>()?;
     e.has_preview = e.sidecars.iter().any(|s| s.kind == "preview");
+    let mut src = conn.prepare_cached(&format!("{SOURCE_COLUMNS} WHERE file_id = ?1"))?;
+    e.sources = src
+        .query_map([e.id], source_from_row)?
+        .map(|r| r.map(|(_, s)| s))
+        .collect::<rusqlite::Result<_>>()?;
     Ok(())
 }
 
-/// [`complete`] for many entries: two queries in all instead of two per entry.
+/// A `sources` row.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceEntry {
+    pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub civitai_model_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub civitai_version_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub civitai_file_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hf_repo: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hf_revision: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hf_path: Option<String>,
+    pub fetched_at: i64,
+}
+
+const SOURCE_COLUMNS: &str = "SELECT file_id, source, civitai_model_id, civitai_version_id,
+    civitai_file_id, hf_repo, hf_revision, hf_path, fetched_at FROM sources";
+
+fn source_from_row(r: &Row) -> rusqlite::Result<(i64, SourceEntry)> {
+    Ok((
+        r.get(0)?,
+        SourceEntry {
+            source: r.get(1)?,
+            civitai_model_id: r.get(2)?,
+            civitai_version_id: r.get(3)?,
+            civitai_file_id: r.get(4)?,
+            hf_repo: r.get(5)?,
+            hf_revision: r.get(6)?,
+            hf_path: r.get(7)?,
+            fetched_at: r.get(8)?,
+        },
+    ))
+}
+
+/// [`complete`] for many entries: three queries in all instead of three per entry.
 fn complete_all(conn: &Connection, list: &mut [Entry]) -> rusqlite::Result<()> {
     use std::collections::HashMap;
     let mut tags: HashMap<i64, Vec<String>> = HashMap::new();
@@ -203,7 +249,14 @@ fn complete_all(conn: &Connection, list: &mut [Entry]) -> rusqlite::Result<()> {
         let (id, s) = row?;
         sides.entry(id).or_default().push(s);
     }
+    let mut sources: HashMap<i64, Vec<SourceEntry>> = HashMap::new();
+    let mut stmt = conn.prepare_cached(SOURCE_COLUMNS)?;
+    for row in stmt.query_map([], source_from_row)? {
+        let (id, s) = row?;
+        sources.entry(id).or_default().push(s);
+    }
     for e in list {
+        e.sources = sources.remove(&e.id).unwrap_or_default();
         e.tags = tags.remove(&e.id).unwrap_or_default();
         e.sidecars = sides.remove(&e.id).unwrap_or_default();
         e.has_preview = e.sidecars.iter().any(|s| s.kind == "preview");
