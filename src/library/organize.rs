@@ -8,17 +8,22 @@
 //! killed: [`Library::finish_interrupted_moves`] (run first by every `organize` and `scan`) moves
 //! the sidecars to the model — forward when the model reached its new place, back otherwise.
 //! `organize` and `scan` hold one lock file (`<db>.lock`) so neither sees the other's half-moves.
-//! Cross-filesystem moves are refused in this version.
+//! Across filesystems (`EXDEV`) a path moves by copy (`copy_across`): the copy is complete and
+//! fsynced before it gets the new name, and the old name goes only after that, so a kill leaves the
+//! old name, both names with the same bytes (recovery removes one), or the new name.
 
 use super::db::db_error;
 use super::scan::{is_under, now};
 use super::sidecar::{self, path_bytes, path_from_bytes};
 use super::Library;
+use crate::tensors::{remove_stale_temps, OutputFile, WriteOptions};
 use crate::{Error, Result};
 use rusqlite::{params, TransactionBehavior};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CString, OsString};
+use std::fs::{File, FileTimes};
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -169,11 +174,111 @@ fn lossy(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// Moves `from` to `to` without ever replacing `to`: a rename, or across filesystems a copy
+/// ([`copy_across`]). The error is one line naming both paths.
+fn move_path(from: &Path, to: &Path) -> std::result::Result<(), String> {
+    match rename_noreplace(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => copy_across(from, to),
+        Err(e) => Err(format!("{} → {}: {e}", from.display(), to.display())),
+    }
+}
+
+/// Moves `from` to `to` on another filesystem. The bytes go to a file in `to`'s folder that has no
+/// name until it is complete (the project's `OutputFile`: `O_TMPFILE`, else a hidden
+/// `.<name>.loratool-<pid>-<n>.tmp` that signals and later runs remove), with `from`'s permissions
+/// and times, so the next scan sees the same size and mtime and reads nothing. It is checked
+/// (length, and `from` unchanged meanwhile), fsynced, linked at `to` without replacing anything
+/// and the folder fsynced; only then is `from` unlinked and its folder fsynced.
+fn copy_across(from: &Path, to: &Path) -> std::result::Result<(), String> {
+    let on_from = |e: std::io::Error| format!("{}: {e}", from.display());
+    let mut src = File::open(from).map_err(on_from)?;
+    let before = src.metadata().map_err(on_from)?;
+    if !before.is_file() {
+        return Err(format!(
+            "{}: not a regular file; not copied",
+            from.display()
+        ));
+    }
+    let out = OutputFile::create(to, &WriteOptions::default()).map_err(|e| e.to_string())?;
+    let mut dst = out.file();
+    // On Linux `io::copy` between two files uses copy_file_range / sendfile where it can.
+    let copied = std::io::copy(&mut src, &mut dst)
+        .map_err(|e| format!("{} → {}: copy failed: {e}", from.display(), to.display()))?;
+    let times = FileTimes::new()
+        .set_accessed(before.accessed().map_err(on_from)?)
+        .set_modified(before.modified().map_err(on_from)?);
+    let on_to = |e: std::io::Error| format!("{}: {e}", to.display());
+    dst.set_permissions(before.permissions()).map_err(on_to)?;
+    dst.set_times(times).map_err(on_to)?;
+    let written = dst.metadata().map_err(on_to)?.len();
+    let after = src.metadata().map_err(on_from)?;
+    // Every write and the fsync in `commit` report their own errors; what is left to catch is a
+    // file that something else was writing while it was copied, and a short copy.
+    if after.len() != before.len() || after.modified().ok() != before.modified().ok() {
+        return Err(format!(
+            "{}: changed while being copied to {}; not moved",
+            from.display(),
+            to.display()
+        ));
+    }
+    if copied != before.len() || written != before.len() {
+        return Err(format!(
+            "{}: the copy at {} came out short ({written} of {} bytes); not moved",
+            from.display(),
+            to.display(),
+            before.len()
+        ));
+    }
+    drop(src);
+    out.commit().map_err(|e| e.to_string())?;
+    if let Err(e) = std::fs::remove_file(from) {
+        // The copy is complete, but two names must not stay: take the copy back.
+        let undone = std::fs::remove_file(to).is_ok();
+        fsync_dir(parent(to));
+        return Err(format!(
+            "{}: copied to {} but cannot be removed ({e}); {}",
+            from.display(),
+            to.display(),
+            if undone {
+                "the copy was removed"
+            } else {
+                "both names now exist"
+            }
+        ));
+    }
+    fsync_dir(parent(from));
+    Ok(())
+}
+
+/// Whether two files hold the same bytes (false when either cannot be read).
+fn same_contents(a: &Path, b: &Path) -> bool {
+    let (Ok(mut fa), Ok(mut fb)) = (File::open(a), File::open(b)) else {
+        return false;
+    };
+    let mut bufs = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = match fa.read(&mut bufs.0) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        // `read_exact` of as many bytes from `b`: a shorter `b` is a difference.
+        if fb.read_exact(&mut bufs.1[..n]).is_err() || bufs.0[..n] != bufs.1[..n] {
+            return false;
+        }
+        if n == 0 {
+            // `a` is at its end: `b` must be too.
+            return matches!(fb.read(&mut bufs.1[..1]), Ok(0));
+        }
+    }
+}
+
 /// Where one path of a journaled move is.
 enum At {
     Old,
     New,
-    /// Both names hold the same file (a link whose unlink did not happen).
+    /// Both names hold the file: one inode (a link whose unlink did not happen), or across
+    /// filesystems a complete copy whose source was not unlinked yet (same bytes).
     Both,
     /// Both hold different files, or neither exists.
     Unclear,
@@ -188,30 +293,33 @@ fn where_is(old: &Path, new: &Path) -> At {
         (Ok(_), Err(_)) => At::Old,
         (Err(_), Ok(_)) => At::New,
         (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino() => At::Both,
+        // A copy only gets its name once complete, so equal bytes mean the copy finished.
+        (Ok(a), Ok(b))
+            if a.is_file() && b.is_file() && a.len() == b.len() && same_contents(old, new) =>
+        {
+            At::Both
+        }
         _ => At::Unclear,
     }
 }
 
-/// Brings one path to `to` (`forward`) or back to `from`; a problem is described.
-fn settle(from: &Path, to: &Path, forward: bool) -> std::result::Result<(), String> {
+/// Brings one path, found `at`, to `to` (`forward`) or back to `from`; a problem is described.
+fn settle(from: &Path, to: &Path, at: At, forward: bool) -> std::result::Result<(), String> {
     let (src, dst) = if forward { (from, to) } else { (to, from) };
-    let at = where_is(from, to);
-    let r = match (at, forward) {
+    match (at, forward) {
         (At::New, true) | (At::Old, false) => Ok(()),
-        (At::Old, true) | (At::New, false) => rename_noreplace(src, dst),
-        (At::Both, _) => std::fs::remove_file(src),
-        (At::Unclear, _) => {
-            return match (src.exists(), dst.exists()) {
-                (false, false) => Ok(()), // gone meanwhile: the next scan marks it missing
-                _ => Err(format!(
-                    "{} and {} both exist; left as they are",
-                    from.display(),
-                    to.display()
-                )),
-            };
-        }
-    };
-    r.map_err(|e| format!("{} → {}: {e}", src.display(), dst.display()))
+        (At::Old, true) | (At::New, false) => move_path(src, dst),
+        (At::Both, _) => std::fs::remove_file(src)
+            .map_err(|e| format!("{}: {e} (also at {})", src.display(), dst.display())),
+        (At::Unclear, _) => match (src.exists(), dst.exists()) {
+            (false, false) => Ok(()), // gone meanwhile: the next scan marks it missing
+            _ => Err(format!(
+                "{} and {} both exist; left as they are",
+                from.display(),
+                to.display()
+            )),
+        },
+    }
 }
 
 impl Library {
@@ -260,19 +368,27 @@ impl Library {
             ));
         }
         for (id, paths) in by_file {
+            // Looked at once: across filesystems telling `Both` costs a read of both copies.
+            let places: Vec<At> = paths.iter().map(|(o, n, _)| where_is(o, n)).collect();
             let forward = paths
                 .iter()
-                .find(|p| p.2)
-                .is_some_and(|(o, n, _)| matches!(where_is(o, n), At::New | At::Both));
+                .zip(&places)
+                .find(|(p, _)| p.2)
+                .is_some_and(|(_, at)| matches!(at, At::New | At::Both));
             let mut dirs = HashSet::new();
-            for (old, new, _) in &paths {
-                if let Err(p) = settle(old, new, forward) {
+            for ((old, new, _), at) in paths.iter().zip(places) {
+                if let Err(p) = settle(old, new, at, forward) {
                     rec.problems.push(p);
                 }
                 dirs.insert(parent(old).to_path_buf());
                 dirs.insert(parent(new).to_path_buf());
             }
-            dirs.iter().for_each(|d| fsync_dir(d));
+            for d in &dirs {
+                // The hidden temp of a cross-filesystem copy that a kill interrupted (none on
+                // Linux filesystems with unnamed files).
+                remove_stale_temps(d);
+                fsync_dir(d);
+            }
             if forward {
                 let pairs: Vec<(PathBuf, PathBuf)> = paths
                     .iter()
@@ -540,22 +656,22 @@ impl Library {
             .chain(std::iter::once(&item.paths[0]))
             .collect();
         for (i, (from, to)) in order.iter().enumerate() {
-            if let Err(e) = rename_noreplace(from, to) {
-                let why = match e.raw_os_error() {
-                    Some(libc::EXDEV) => format!(
-                        "{} is on another filesystem than {}: cross-filesystem moves are not supported",
-                        from.display(),
-                        target.display()
-                    ),
-                    _ => format!("{} → {}: {e}", from.display(), to.display()),
-                };
+            if let Err(why) = move_path(from, to) {
+                // Put back what moved (copied back, across filesystems).
+                let mut put_back = true;
                 for (f, t) in order[..i].iter().rev() {
-                    let _ = rename_noreplace(t, f);
+                    put_back &= move_path(t, f).is_ok();
                 }
                 fsync_dir(parent(from));
-                let _ = self
-                    .conn
-                    .execute("DELETE FROM moves WHERE file_id = ?1", [item.id]);
+                fsync_dir(&target);
+                // What could not be put back, or a copy whose old name could not be removed (nor
+                // the copy), stays in the journal: the next organize or scan settles it.
+                let left_both = matches!(where_is(from, to), At::Both);
+                if put_back && !left_both {
+                    let _ = self
+                        .conn
+                        .execute("DELETE FROM moves WHERE file_id = ?1", [item.id]);
+                }
                 return Err(why);
             }
         }
@@ -609,5 +725,89 @@ mod tests {
         std::fs::remove_file(&b).unwrap();
         rename_noreplace(&a, &b).unwrap();
         assert!(!a.exists() && b.exists());
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The copy path works within one filesystem too, so it is tested here without a second one
+    /// (tests/library_organize.rs moves across a real one).
+    #[test]
+    fn a_copy_keeps_bytes_mode_and_mtime_and_never_replaces() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let (src_dir, dst_dir) = (t.path().join("src"), t.path().join("dst"));
+        std::fs::create_dir_all(&src_dir).unwrap();
+        std::fs::create_dir_all(&dst_dir).unwrap();
+        let (a, b) = (src_dir.join("m.safetensors"), dst_dir.join("m.safetensors"));
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&a, &bytes).unwrap();
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000, 123_456_789);
+        let f = File::options().write(true).open(&a).unwrap();
+        f.set_modified(mtime).unwrap();
+        f.set_permissions(std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        drop(f);
+
+        std::fs::write(&b, b"theirs").unwrap();
+        let e = copy_across(&a, &b).unwrap_err();
+        assert!(e.contains("already exists"), "{e}");
+        assert_eq!(std::fs::read(&b).unwrap(), b"theirs");
+        assert_eq!(std::fs::read(&a).unwrap(), bytes);
+        assert_eq!(names(&dst_dir), ["m.safetensors"], "no temp left");
+
+        std::fs::remove_file(&b).unwrap();
+        copy_across(&a, &b).unwrap();
+        assert!(!a.exists());
+        assert_eq!(std::fs::read(&b).unwrap(), bytes);
+        let m = std::fs::metadata(&b).unwrap();
+        assert_eq!(m.modified().unwrap(), mtime);
+        assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(names(&dst_dir), ["m.safetensors"]);
+        assert!(names(&src_dir).is_empty());
+
+        let e = copy_across(&a, &src_dir.join("x")).unwrap_err();
+        assert!(e.starts_with(&a.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn two_names_with_the_same_bytes_hold_one_file() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(p("old"), &big).unwrap();
+        std::fs::write(p("copy"), &big).unwrap();
+        assert!(matches!(where_is(&p("old"), &p("copy")), At::Both));
+        let mut other = big.clone();
+        *other.last_mut().unwrap() ^= 1;
+        std::fs::write(p("changed"), &other).unwrap();
+        assert!(matches!(where_is(&p("old"), &p("changed")), At::Unclear));
+        std::fs::write(p("short"), &big[..big.len() - 1]).unwrap();
+        assert!(!same_contents(&p("old"), &p("short")));
+        assert!(!same_contents(&p("short"), &p("old")));
+        assert!(matches!(where_is(&p("old"), &p("none")), At::Old));
+        assert!(matches!(where_is(&p("none"), &p("old")), At::New));
+
+        // Recovery forward removes the old name, back the new one; bytes that differ stay.
+        settle(&p("old"), &p("copy"), where_is(&p("old"), &p("copy")), true).unwrap();
+        assert!(!p("old").exists() && p("copy").exists());
+        std::fs::write(p("old"), &big).unwrap();
+        settle(
+            &p("old"),
+            &p("copy"),
+            where_is(&p("old"), &p("copy")),
+            false,
+        )
+        .unwrap();
+        assert!(p("old").exists() && !p("copy").exists());
+        let e = settle(&p("old"), &p("changed"), At::Unclear, true).unwrap_err();
+        assert!(e.contains("both exist"), "{e}");
+        assert!(p("old").exists() && p("changed").exists());
     }
 }

@@ -18,6 +18,8 @@ pub use pickle::PickleFile;
 pub use safetensors_file::SafetensorsFile;
 pub use tensor::Tensor;
 pub use unfinished::clean_up_on_signals;
+/// Removes the hidden temps that killed loratool processes left in a folder.
+pub(crate) use unfinished::remove_stale as remove_stale_temps;
 pub use writer::{SafetensorsWriter, TensorSpec, WriteOptions};
 
 use crate::{Error, Result};
