@@ -180,6 +180,7 @@ fn a_schema_1_index_is_migrated_and_gets_its_sketches_on_first_use() {
              ALTER TABLE similarity DROP COLUMN energy_a;
              ALTER TABLE similarity DROP COLUMN energy_b;
              DROP TABLE moves;
+             DROP TABLE civitai_models;
              PRAGMA user_version = 1;",
         )
         .unwrap();
