@@ -810,3 +810,40 @@ fn bad_sources_and_missing_destinations_are_one_line_errors() {
     assert!(err.contains("no destination: pass --into DIR"), "{err}");
     assert_eq!(err.lines().count(), 1);
 }
+
+#[test]
+fn library_identify_looks_up_only_files_without_civitai_information() {
+    let env = Env::new();
+    env.hub.add_civitai_model(watercolor(false));
+    let dir = env.dir();
+    std::fs::write(dir.join("mine.safetensors"), lora_bytes()).unwrap();
+    let add = env
+        .cmd(&["library", "add", "--quiet"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    ok(&add);
+    let out = ok(&env
+        .cmd(&["library", "identify", "--json"])
+        .output()
+        .unwrap());
+    let found: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(
+        &env.cmd(&["library", "identify", "--all", "--json"])
+            .output()
+            .unwrap()
+            .stdout,
+    ))
+    .unwrap();
+    assert!(out.contains("\"matched_by\": \"sha256\""), "{out}");
+    assert_eq!(found[0]["origin"]["version_id"], 200002, "{found:#}");
+    assert!(dir.join("mine.civitai.info").exists());
+    // Identified now: a plain `identify` has nothing left to do.
+    let again = ok(&env.cmd(&["library", "identify"]).output().unwrap());
+    assert!(again.contains("nothing to identify"), "{again}");
+    let show = env
+        .cmd(&["library", "show", "mine", "--json"])
+        .output()
+        .unwrap();
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["sources"][0]["civitai_model_id"], 100001, "{show:#}");
+}

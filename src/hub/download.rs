@@ -586,6 +586,16 @@ mod tests {
     }
 
     #[test]
+    fn too_little_space_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_space(dir.path(), 1024).is_ok());
+        let e = check_space(dir.path(), u64::MAX / 4).unwrap_err();
+        assert!(matches!(e, Problem::DiskFull { .. }));
+        assert!(e.to_string().starts_with("not enough disk space: "), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
     fn safetensors_starts_are_checked() {
         let mut ok = 96u64.to_le_bytes().to_vec();
         ok.push(b'{');
