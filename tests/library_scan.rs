@@ -432,3 +432,58 @@ fn a_file_that_changes_while_read_is_reread_or_left_out() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Counts what a scan reports to its progress bar.
+struct CountedProgress {
+    total: AtomicUsize,
+    done: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+impl loratool::ops::progress::Progress for CountedProgress {
+    fn start(&self, total: u64) {
+        self.total.store(total as usize, Ordering::SeqCst);
+    }
+    fn advance(&self, done: u64) {
+        self.done.fetch_add(done as usize, Ordering::SeqCst);
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn progress_counts_every_byte_once_and_moves_inside_large_files() {
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c");
+    copy(&c, &["loras/sd1_locon.safetensors"]);
+    // 150 MiB: the hash reports it in several chunks (64 MiB mapped, 16 MiB direct).
+    let big = c.join("big.safetensors");
+    {
+        let bytes = std::fs::read(fixture("loras/sd1_locon.safetensors")).unwrap();
+        let mut f = std::fs::File::create(&big).unwrap();
+        std::io::Write::write_all(&mut f, &bytes).unwrap();
+        f.set_len(150 << 20).unwrap();
+    }
+    let expected: u64 = ["sd1_locon.safetensors", "big.safetensors"]
+        .iter()
+        .map(|n| std::fs::metadata(c.join(n)).unwrap().len())
+        .sum();
+    let counted = Arc::new(CountedProgress {
+        total: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        calls: AtomicUsize::new(0),
+    });
+    let mut lib = Library::open(&t.path().join("lib.db")).unwrap();
+    let roots = lib.add_roots(std::slice::from_ref(&c)).unwrap();
+    let opts = ScanOptions {
+        progress: loratool::ops::progress::ProgressSink::new(counted.clone()),
+        ..Default::default()
+    };
+    let r = lib.scan_roots(&roots, &opts).unwrap();
+    assert_eq!(r.new, 2, "{r:?}");
+    assert_eq!(counted.total.load(Ordering::SeqCst) as u64, expected);
+    assert_eq!(counted.done.load(Ordering::SeqCst) as u64, expected);
+    assert!(
+        counted.calls.load(Ordering::SeqCst) >= 4,
+        "the 150 MiB file was reported in chunks"
+    );
+}

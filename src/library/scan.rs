@@ -24,7 +24,7 @@ use super::Library;
 use crate::ops::inspect::{inspect, InspectOptions, Report};
 use crate::ops::inspect_model::ModelKind;
 use crate::ops::progress::ProgressSink;
-use crate::tensors::hash::{hash_file, FileHashes};
+use crate::tensors::hash::{hash_file_reporting, FileHashes};
 use crate::tensors::{Container, SafetensorsFile};
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -378,7 +378,9 @@ fn analyze(
                             false => None,
                         };
                         read_bytes = before.0;
-                        match hash_file(path, start) {
+                        // The bar moves per chunk: a multi-gigabyte checkpoint is not one jump.
+                        let advance = |n| opts.progress.advance(n);
+                        match hash_file_reporting(path, start, &advance) {
                             Ok(h) => (Some(h), Some("read")),
                             Err(e) => {
                                 if facts.error.is_none() {
@@ -515,8 +517,13 @@ impl Library {
                         Ok(a) => Outcome::Indexed(Box::new(a)),
                         Err(p) => Outcome::Skipped(p),
                     };
+                    // What the hashing did not report (hashes from a cache, unreadable files).
+                    let reported = match &outcome {
+                        Outcome::Indexed(a) => a.read_bytes,
+                        Outcome::Skipped(_) => 0,
+                    };
                     if k.is_none() {
-                        opts.progress.advance(f.size);
+                        opts.progress.advance(f.size.saturating_sub(reported));
                     }
                     let _ = tx.send(outcome);
                 });

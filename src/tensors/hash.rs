@@ -29,7 +29,17 @@ pub struct FileHashes {
 /// (`MADV_SEQUENTIAL`, `MADV_WILLNEED` on the next chunk) and each chunk's pages are released
 /// once hashed (`MADV_DONTNEED`), so resident memory stays at two chunks whatever the file size.
 pub fn hash_file(path: &Path, data_start: Option<u64>) -> Result<FileHashes> {
-    let (full, addnet) = digest_file(path, data_start, true)?;
+    hash_file_reporting(path, data_start, &|_| {})
+}
+
+/// [`hash_file`], calling `hashed` with the byte count of each chunk as it is done (for a progress
+/// bar that moves inside a multi-gigabyte file).
+pub fn hash_file_reporting(
+    path: &Path,
+    data_start: Option<u64>,
+    hashed: &(dyn Fn(u64) + Sync),
+) -> Result<FileHashes> {
+    let (full, addnet) = digest_file(path, data_start, true, hashed)?;
     let full = full.expect("whole-file digest requested");
     Ok(FileHashes {
         autov2: full[..10].to_uppercase(),
@@ -43,7 +53,7 @@ pub fn hash_file(path: &Path, data_start: Option<u64>) -> Result<FileHashes> {
 /// case) alone: one sequential pass on the calling thread, for commands that record their inputs
 /// while other threads compute.
 pub fn autov3(path: &Path, data_start: u64) -> Result<String> {
-    let (_, data) = digest_file(path, Some(data_start), false)?;
+    let (_, data) = digest_file(path, Some(data_start), false, &|_| {})?;
     let data = data.ok_or_else(|| Error::bad_file(path, "shorter than its safetensors header"))?;
     Ok(data[..12].to_uppercase())
 }
@@ -53,6 +63,7 @@ fn digest_file(
     path: &Path,
     data_start: Option<u64>,
     whole: bool,
+    hashed: &(dyn Fn(u64) + Sync),
 ) -> Result<(Option<String>, Option<String>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -62,6 +73,15 @@ fn digest_file(
     }
     // SAFETY: read-only map of an input file, never written by loratool.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    // A file that is not in the page cache streams from disk with direct I/O on a reader thread
+    // while this thread hashes: the read and the hashing overlap, and no CPU goes into filling
+    // and evicting page-cache pages. A cached file is hashed from its mapping (no copy at all).
+    #[cfg(target_os = "linux")]
+    if resident_fraction(&map) < 0.5 {
+        if let Some(digests) = direct::digest(path, len, data_start, whole, hashed)? {
+            return Ok(digests);
+        }
+    }
     #[cfg(unix)]
     let _ = map.advise(memmap2::Advice::Sequential);
     let start = data_start.map(|s| s as usize).filter(|s| *s <= map.len());
@@ -100,12 +120,196 @@ fn digest_file(
         // SAFETY: read-only shared file mapping; dropped pages are re-read from the file if touched.
         let _ =
             unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - at) };
+        hashed((end - at) as u64);
         at = end;
     }
     Ok((
         full.map(|h| hex(&h.finalize())),
         data.map(|h| hex(&h.finalize())),
     ))
+}
+
+/// The share of a mapping's pages that are in the page cache (`mincore`).
+#[cfg(target_os = "linux")]
+fn resident_fraction(map: &Mmap) -> f64 {
+    let page = 4096usize;
+    let pages = map.len().div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the mapping's start is page-aligned and `vec` has one byte per page of its length.
+    let r = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            vec.as_mut_ptr(),
+        )
+    };
+    if r != 0 || pages == 0 {
+        return 1.0;
+    }
+    vec.iter().filter(|b| *b & 1 == 1).count() as f64 / pages as f64
+}
+
+#[cfg(target_os = "linux")]
+mod direct {
+    //! Reading a cold file with `O_DIRECT` into aligned buffers on a thread of its own, while the
+    //! caller hashes the previous buffer.
+
+    use super::{hex, Sha256};
+    use crate::{Error, Result};
+    use sha2::Digest;
+    use std::alloc::{alloc, dealloc, Layout};
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::path::Path;
+    use std::sync::mpsc;
+
+    /// Large reads keep the disk's queue busy; three buffers let one be read while one is hashed.
+    const CHUNK: usize = 16 << 20;
+    const BUFFERS: usize = 3;
+    const ALIGN: usize = 4096;
+
+    struct AlignedBuf {
+        ptr: *mut u8,
+    }
+
+    // SAFETY: the buffer is owned by one thread at a time (moved through channels).
+    unsafe impl Send for AlignedBuf {}
+
+    impl AlignedBuf {
+        fn new() -> Option<AlignedBuf> {
+            // SAFETY: non-zero size, power-of-two alignment.
+            let ptr = unsafe { alloc(Layout::from_size_align(CHUNK, ALIGN).ok()?) };
+            (!ptr.is_null()).then_some(AlignedBuf { ptr })
+        }
+        fn slice(&self) -> &[u8] {
+            // SAFETY: CHUNK bytes allocated; reads fill the prefix that is used.
+            unsafe { std::slice::from_raw_parts(self.ptr, CHUNK) }
+        }
+        fn slice_mut(&mut self) -> &mut [u8] {
+            // SAFETY: as above, exclusively owned.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr, CHUNK) }
+        }
+    }
+
+    impl Drop for AlignedBuf {
+        fn drop(&mut self) {
+            if let Ok(layout) = Layout::from_size_align(CHUNK, ALIGN) {
+                // SAFETY: allocated with this layout in `new`.
+                unsafe { dealloc(self.ptr, layout) }
+            }
+        }
+    }
+
+    /// The digests, or `None` when the file system does not take `O_DIRECT` (tmpfs, some FUSE):
+    /// the caller then reads the mapping.
+    pub(super) fn digest(
+        path: &Path,
+        len: u64,
+        data_start: Option<u64>,
+        whole: bool,
+        hashed: &(dyn Fn(u64) + Sync),
+    ) -> Result<Option<(Option<String>, Option<String>)>> {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        else {
+            return Ok(None);
+        };
+        let buffers: Vec<AlignedBuf> = (0..BUFFERS).filter_map(|_| AlignedBuf::new()).collect();
+        if buffers.len() < 2 {
+            return Ok(None);
+        }
+        let start = data_start.filter(|s| *s <= len);
+        let mut full = whole.then(Sha256::new);
+        let mut data = start.map(|_| Sha256::new());
+        let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+        let (full_tx, full_rx) =
+            mpsc::sync_channel::<std::io::Result<(AlignedBuf, u64, usize)>>(BUFFERS);
+        for b in buffers {
+            let _ = free_tx.send(b);
+        }
+        let mut first_error = None;
+        std::thread::scope(|scope| {
+            let free_tx = free_tx;
+            let file = &file;
+            scope.spawn(move || {
+                let mut at = 0u64;
+                while at < len {
+                    let Ok(mut buf) = free_rx.recv() else { return };
+                    let want = CHUNK.min((len - at) as usize).next_multiple_of(ALIGN);
+                    let mut got = 0usize;
+                    let outcome = loop {
+                        match file.read_at(&mut buf.slice_mut()[got..want], at + got as u64) {
+                            Ok(0) => break Ok(()),
+                            Ok(n) => {
+                                got += n;
+                                if got == want || at + got as u64 >= len {
+                                    break Ok(());
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    let used = got.min((len - at) as usize);
+                    let stop = outcome.is_err() || used == 0;
+                    if full_tx.send(outcome.map(|_| (buf, at, used))).is_err() || stop {
+                        return;
+                    }
+                    at += used as u64;
+                }
+            });
+            let mut expected = 0u64;
+            while expected < len {
+                match full_rx.recv() {
+                    Ok(Ok((buf, at, used))) if used > 0 && at == expected => {
+                        let chunk = &buf.slice()[..used];
+                        let end = at + used as u64;
+                        let data_part = start.map(|s| &chunk[(s.clamp(at, end) - at) as usize..]);
+                        let hash_data = |data: &mut Option<Sha256>| {
+                            if let (Some(h), Some(part)) = (data.as_mut(), data_part) {
+                                h.update(part);
+                            }
+                        };
+                        match full.as_mut() {
+                            Some(f) => {
+                                rayon::join(|| f.update(chunk), || hash_data(&mut data));
+                            }
+                            None => hash_data(&mut data),
+                        }
+                        expected = end;
+                        let _ = free_tx.send(buf);
+                        hashed(used as u64);
+                    }
+                    Ok(Ok(_)) => {
+                        first_error = Some(Error::bad_file(
+                            path,
+                            "the file got shorter while it was read",
+                        ));
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        first_error = Some(Error::io(path, e));
+                        break;
+                    }
+                    Err(_) => {
+                        first_error = Some(Error::bad_file(path, "reading stopped early"));
+                        break;
+                    }
+                }
+            }
+            // Unblock the reader on an early stop, wherever it waits.
+            drop(full_rx);
+            drop(free_tx);
+        });
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok(Some((
+            full.map(|h| hex(&h.finalize())),
+            data.map(|h| hex(&h.finalize())),
+        )))
+    }
 }
 
 /// The same hashes of bytes in memory.
@@ -130,6 +334,31 @@ fn sha256_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The direct-I/O path (taken for files not in the page cache) against the in-memory hashes,
+    /// over several chunks with the data section starting mid-chunk and a tail that is not a
+    /// multiple of the alignment.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn direct_reads_hash_like_memory() {
+        let len = 2 * (16 << 20) + 12345;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4099) as u8).collect();
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("big.bin");
+        std::fs::write(&path, &bytes).unwrap();
+        let want = hash_bytes(&bytes, Some(1_000_003));
+        match direct::digest(&path, len as u64, Some(1_000_003), true, &|_| {}).unwrap() {
+            Some((full, data)) => {
+                assert_eq!(full.as_deref(), Some(want.sha256.as_str()));
+                assert_eq!(data, want.addnet);
+            }
+            None => eprintln!("SKIPPED: this file system refuses O_DIRECT"),
+        }
+        let (_, data) = direct::digest(&path, len as u64, Some(len as u64), false, &|_| {})
+            .unwrap()
+            .unwrap_or((None, hash_bytes(&[], Some(0)).addnet));
+        assert_eq!(data, hash_bytes(&[], Some(0)).addnet);
+    }
 
     #[test]
     fn hello_world_vector() {
