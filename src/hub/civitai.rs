@@ -219,16 +219,12 @@ pub struct CivitaiDownload<'a> {
 }
 
 impl FileOrigin for CivitaiDownload<'_> {
-    fn request(&self, http: &Http, headers: &HeaderMap) -> Result<Reply, Problem> {
-        // The token goes to Civitai only; the 307 to storage is followed without it.
-        http.send(
-            Method::GET,
-            self.url.clone(),
-            headers,
-            self.civitai.auth.as_ref(),
-            None,
-            true,
-        )
+    fn url(&self) -> &Url {
+        &self.url
+    }
+
+    fn auth(&self) -> Option<&Auth> {
+        self.civitai.auth.as_ref()
     }
 
     fn problem(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Problem {

@@ -18,8 +18,21 @@ use std::path::{Path, PathBuf};
 /// Where a file comes from: asked again for every attempt, so that a Civitai download gets a
 /// fresh signed URL when the old one expired.
 pub trait FileOrigin: Sync {
+    /// The service URL of the file (its redirect leads to storage or a CDN).
+    fn url(&self) -> &reqwest::Url;
+    /// The service's token; it never follows the redirect to another origin.
+    fn auth(&self) -> Option<&super::http::Auth>;
     /// Sends the request for the file with `headers` (a `Range` when resuming).
-    fn request(&self, http: &Http, headers: &HeaderMap) -> Result<Reply, Problem>;
+    fn request(&self, http: &Http, headers: &HeaderMap) -> Result<Reply, Problem> {
+        http.send(
+            reqwest::Method::GET,
+            self.url().clone(),
+            headers,
+            self.auth(),
+            None,
+            true,
+        )
+    }
     /// The problem a final, non-transient error status means for this service.
     fn problem(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Problem;
 }

@@ -43,6 +43,26 @@ pub struct Fetched {
     pub sidecar_problem: Option<String>,
 }
 
+impl Fetched {
+    fn of(
+        done: super::download::Downloaded,
+        origin: Origin,
+        sidecars: Vec<PathBuf>,
+        sidecar_problem: Option<String>,
+    ) -> Fetched {
+        Fetched {
+            path: done.path,
+            sha256: done.sha256,
+            size: done.size,
+            resumed_from: done.resumed_from,
+            already_present: done.already_present,
+            origin,
+            sidecars,
+            sidecar_problem,
+        }
+    }
+}
+
 pub struct FetchOptions {
     pub into: PathBuf,
     pub choice: FileChoice,
@@ -136,20 +156,12 @@ impl Services {
             true => self.civitai_sidecars(&done.path, &version),
             false => (Vec::new(), None),
         };
-        Ok(Fetched {
-            path: done.path,
-            sha256: done.sha256,
-            size: done.size,
-            resumed_from: done.resumed_from,
-            already_present: done.already_present,
-            origin: Origin::Civitai {
-                model_id: version.get("modelId").and_then(Value::as_u64).or(model),
-                version_id,
-                file_id: file.get("id").and_then(Value::as_u64),
-            },
-            sidecars,
-            sidecar_problem,
-        })
+        let origin = Origin::Civitai {
+            model_id: version.get("modelId").and_then(Value::as_u64).or(model),
+            version_id,
+            file_id: file.get("id").and_then(Value::as_u64),
+        };
+        Ok(Fetched::of(done, origin, sidecars, sidecar_problem))
     }
 
     /// Sidecars never fail a download that succeeded: a problem is reported beside it.
@@ -209,19 +221,11 @@ impl Services {
         };
         let origin = self.hf.file_origin(&remote)?;
         let done = download(http, &origin, &target, progress)?;
-        Ok(Fetched {
-            path: done.path,
-            sha256: done.sha256,
-            size: done.size,
-            resumed_from: done.resumed_from,
-            already_present: done.already_present,
-            origin: Origin::HuggingFace {
-                repo: repo.to_string(),
-                revision: remote.commit.or(Some(revision.to_string())),
-                path,
-            },
-            sidecars: Vec::new(),
-            sidecar_problem: None,
-        })
+        let origin = Origin::HuggingFace {
+            repo: repo.to_string(),
+            revision: remote.commit.or(Some(revision.to_string())),
+            path,
+        };
+        Ok(Fetched::of(done, origin, Vec::new(), None))
     }
 }

@@ -3,7 +3,7 @@
 //! [`FileOrigin`] for `GET resolve` (302 to the CDN, followed without the token).
 
 use super::download::FileOrigin;
-use super::http::{Auth, Http, Reply};
+use super::http::{Auth, Http};
 use super::{error_detail, Problem};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_LENGTH, ETAG};
 use reqwest::{Method, StatusCode, Url};
@@ -288,15 +288,12 @@ pub struct HfDownload<'a> {
 }
 
 impl FileOrigin for HfDownload<'_> {
-    fn request(&self, http: &Http, headers: &HeaderMap) -> Result<Reply, Problem> {
-        http.send(
-            Method::GET,
-            self.url.clone(),
-            headers,
-            self.hub.auth.as_ref(),
-            None,
-            true,
-        )
+    fn url(&self) -> &Url {
+        &self.url
+    }
+
+    fn auth(&self) -> Option<&Auth> {
+        self.hub.auth.as_ref()
     }
 
     fn problem(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Problem {

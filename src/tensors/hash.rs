@@ -22,12 +22,10 @@ pub struct FileHashes {
 }
 
 /// Computes every hash in one read of the file. `data_start` is 8+N for safetensors files.
-/// The whole-file and data-section digests of each mapped chunk run as a `rayon::join`: on an idle
-/// pool the two passes take two cores (the wall time of one sha256 pass); when the scan already
-/// hashes one file per core, the worker runs both itself (no extra threads, no oversubscription)
-/// and an idle worker steals the second half. The mapping is read sequentially with read-ahead
-/// (`MADV_SEQUENTIAL`, `MADV_WILLNEED` on the next chunk) and each chunk's pages are released
-/// once hashed (`MADV_DONTNEED`), so resident memory stays at two chunks whatever the file size.
+/// A file mostly in the page cache is hashed from its mapping, read sequentially with read-ahead
+/// (`MADV_SEQUENTIAL`, `MADV_WILLNEED` on the next chunk), each chunk's pages released once hashed
+/// (`MADV_DONTNEED`); a cold one is read with `O_DIRECT` on a reader thread while the previous
+/// chunk is hashed. Either way resident memory stays at a few chunks whatever the file size.
 pub fn hash_file(path: &Path, data_start: Option<u64>) -> Result<FileHashes> {
     hash_file_reporting(path, data_start, &|_| {})
 }
@@ -84,9 +82,7 @@ fn digest_file(
     }
     #[cfg(unix)]
     let _ = map.advise(memmap2::Advice::Sequential);
-    let start = data_start.map(|s| s as usize).filter(|s| *s <= map.len());
-    let mut full = whole.then(Sha256::new);
-    let mut data = start.map(|_| Sha256::new());
+    let mut digests = Digests::new(whole, data_start.filter(|s| *s <= len));
     const CHUNK: usize = 64 << 20;
     // Read-ahead: the kernel is asked for the next chunk while this one is hashed, so a cold file
     // streams from disk during the hashing instead of faulting page by page.
@@ -103,19 +99,7 @@ fn digest_file(
         let end = (at + CHUNK).min(map.len());
         #[cfg(unix)]
         will_need(end);
-        let chunk = &map[at..end];
-        let data_part = start.map(|s| &map[s.clamp(at, end)..end]);
-        let hash_data = |data: &mut Option<Sha256>| {
-            if let (Some(h), Some(part)) = (data.as_mut(), data_part) {
-                h.update(part);
-            }
-        };
-        match full.as_mut() {
-            Some(f) => {
-                rayon::join(|| f.update(chunk), || hash_data(&mut data));
-            }
-            None => hash_data(&mut data),
-        }
+        digests.update(&map[at..end], at as u64);
         #[cfg(unix)]
         // SAFETY: read-only shared file mapping; dropped pages are re-read from the file if touched.
         let _ =
@@ -123,10 +107,51 @@ fn digest_file(
         hashed((end - at) as u64);
         at = end;
     }
-    Ok((
-        full.map(|h| hex(&h.finalize())),
-        data.map(|h| hex(&h.finalize())),
-    ))
+    Ok(digests.finish())
+}
+
+/// The whole-file and the data-section sha256 of one pass over a file's chunks.
+struct Digests {
+    full: Option<Sha256>,
+    data: Option<Sha256>,
+    data_start: u64,
+}
+
+impl Digests {
+    fn new(whole: bool, data_start: Option<u64>) -> Digests {
+        Digests {
+            full: whole.then(Sha256::new),
+            data: data_start.map(|_| Sha256::new()),
+            data_start: data_start.unwrap_or(0),
+        }
+    }
+
+    /// Feeds `chunk`, which starts at file offset `at`. The two digests run as a `rayon::join`:
+    /// on an idle pool they take two cores; when the scan already hashes one file per core, the
+    /// worker runs both itself and an idle worker steals the second half.
+    fn update(&mut self, chunk: &[u8], at: u64) {
+        let end = at + chunk.len() as u64;
+        let part = &chunk[(self.data_start.clamp(at, end) - at) as usize..];
+        let data = &mut self.data;
+        let mut hash_data = move || {
+            if let Some(h) = data.as_mut() {
+                h.update(part);
+            }
+        };
+        match self.full.as_mut() {
+            Some(f) => {
+                rayon::join(|| f.update(chunk), hash_data);
+            }
+            None => hash_data(),
+        }
+    }
+
+    fn finish(self) -> (Option<String>, Option<String>) {
+        (
+            self.full.map(|h| hex(&h.finalize())),
+            self.data.map(|h| hex(&h.finalize())),
+        )
+    }
 }
 
 /// The share of a mapping's pages that are in the page cache (`mincore`).
@@ -154,9 +179,8 @@ mod direct {
     //! Reading a cold file with `O_DIRECT` into aligned buffers on a thread of its own, while the
     //! caller hashes the previous buffer.
 
-    use super::{hex, Sha256};
+    use super::Digests;
     use crate::{Error, Result};
-    use sha2::Digest;
     use std::alloc::{alloc, dealloc, Layout};
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     use std::path::Path;
@@ -219,9 +243,7 @@ mod direct {
         if buffers.len() < 2 {
             return Ok(None);
         }
-        let start = data_start.filter(|s| *s <= len);
-        let mut full = whole.then(Sha256::new);
-        let mut data = start.map(|_| Sha256::new());
+        let mut digests = Digests::new(whole, data_start.filter(|s| *s <= len));
         let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
         let (full_tx, full_rx) =
             mpsc::sync_channel::<std::io::Result<(AlignedBuf, u64, usize)>>(BUFFERS);
@@ -263,21 +285,8 @@ mod direct {
             while expected < len {
                 match full_rx.recv() {
                     Ok(Ok((buf, at, used))) if used > 0 && at == expected => {
-                        let chunk = &buf.slice()[..used];
-                        let end = at + used as u64;
-                        let data_part = start.map(|s| &chunk[(s.clamp(at, end) - at) as usize..]);
-                        let hash_data = |data: &mut Option<Sha256>| {
-                            if let (Some(h), Some(part)) = (data.as_mut(), data_part) {
-                                h.update(part);
-                            }
-                        };
-                        match full.as_mut() {
-                            Some(f) => {
-                                rayon::join(|| f.update(chunk), || hash_data(&mut data));
-                            }
-                            None => hash_data(&mut data),
-                        }
-                        expected = end;
+                        digests.update(&buf.slice()[..used], at);
+                        expected = at + used as u64;
                         let _ = free_tx.send(buf);
                         hashed(used as u64);
                     }
@@ -305,10 +314,7 @@ mod direct {
         if let Some(e) = first_error {
             return Err(e);
         }
-        Ok(Some((
-            full.map(|h| hex(&h.finalize())),
-            data.map(|h| hex(&h.finalize())),
-        )))
+        Ok(Some(digests.finish()))
     }
 }
 
