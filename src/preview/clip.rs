@@ -1,0 +1,278 @@
+//! The CLIP text encoder of SD1 (CLIP-L, HF CLIP names), on candle tensors: token and position
+//! embeddings, pre-norm causal self-attention layers, quick-GELU MLPs, the final layer norm, and
+//! A1111's clip skip (the final norm applied to an earlier layer's output).
+//!
+//! Written here rather than taken from candle-transformers: the preview needs the hidden states of
+//! any layer (clip skip), token embeddings it can replace (textual inversion), and the same
+//! module for OpenCLIP checkpoints whose weights come in another shape; the model is small next to
+//! the UNet, so candle's own matmul and softmax are enough.
+
+use super::weights::{candle_error, Part, Weights};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// The text encoder's size; everything but the head count is read from the weights' shapes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub positions: usize,
+    pub layer_norm_eps: f64,
+}
+
+impl ClipConfig {
+    /// From the checkpoint's shapes. `heads` is the family's rule (64-wide heads: CLIP-L has 12)
+    /// unless given (tiny and non-standard models come with a config).
+    pub fn infer(weights: &Weights, heads: Option<usize>) -> Result<ClipConfig> {
+        let part = Part::ClipTextEncoder;
+        let missing = |what: &str| {
+            Error::bad_file(
+                &weights.checkpoint().root,
+                format!("no CLIP text encoder ({what} missing)"),
+            )
+        };
+        let tok = weights
+            .shape(part, "text_model.embeddings.token_embedding.weight")
+            .ok_or_else(|| missing("token embedding"))?;
+        let pos = weights
+            .shape(part, "text_model.embeddings.position_embedding.weight")
+            .ok_or_else(|| missing("position embedding"))?;
+        let fc1 = weights
+            .shape(part, "text_model.encoder.layers.0.mlp.fc1.weight")
+            .ok_or_else(|| missing("layer 0"))?;
+        let layers = (0..)
+            .take_while(|i| {
+                weights.has(
+                    part,
+                    &format!("text_model.encoder.layers.{i}.self_attn.q_proj.weight"),
+                )
+            })
+            .count();
+        let hidden = tok[1];
+        let heads = heads.unwrap_or(hidden / 64).max(1);
+        if hidden % heads != 0 {
+            return Err(Error::bad_file(
+                &weights.checkpoint().root,
+                format!("text encoder width {hidden} does not split into {heads} heads"),
+            ));
+        }
+        Ok(ClipConfig {
+            vocab: tok[0],
+            hidden,
+            intermediate: fc1[0],
+            layers,
+            heads,
+            positions: pos[0],
+            layer_norm_eps: 1e-5,
+        })
+    }
+}
+
+struct Linear {
+    /// `[in, out]`: transposed once at load so every call is a plain matmul.
+    weight_t: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn load(w: &Weights, prefix: &str) -> Result<Linear> {
+        let part = Part::ClipTextEncoder;
+        let weight = w.get(part, &format!("{prefix}.weight"))?;
+        let weight_t = weight
+            .t()
+            .and_then(|t| t.contiguous())
+            .map_err(|e| candle_error(prefix, e))?;
+        Ok(Linear {
+            weight_t,
+            bias: w.get(part, &format!("{prefix}.bias"))?,
+        })
+    }
+
+    /// `x` is `[rows, in]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(w: &Weights, prefix: &str, eps: f64) -> Result<LayerNorm> {
+        let part = Part::ClipTextEncoder;
+        Ok(LayerNorm {
+            weight: w.get(part, &format!("{prefix}.weight"))?,
+            bias: w.get(part, &format!("{prefix}.bias"))?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+    }
+}
+
+struct Layer {
+    norm1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+pub struct ClipTextEncoder {
+    config: ClipConfig,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+    /// `[positions, positions]`: 0 on and below the diagonal, −∞ above (causal attention).
+    causal_mask: Tensor,
+}
+
+impl ClipTextEncoder {
+    pub fn load(w: &Weights, config: ClipConfig) -> Result<ClipTextEncoder> {
+        let part = Part::ClipTextEncoder;
+        let eps = config.layer_norm_eps;
+        let layers = (0..config.layers)
+            .map(|i| {
+                let p = format!("text_model.encoder.layers.{i}");
+                Ok(Layer {
+                    norm1: LayerNorm::load(w, &format!("{p}.layer_norm1"), eps)?,
+                    q: Linear::load(w, &format!("{p}.self_attn.q_proj"))?,
+                    k: Linear::load(w, &format!("{p}.self_attn.k_proj"))?,
+                    v: Linear::load(w, &format!("{p}.self_attn.v_proj"))?,
+                    out: Linear::load(w, &format!("{p}.self_attn.out_proj"))?,
+                    norm2: LayerNorm::load(w, &format!("{p}.layer_norm2"), eps)?,
+                    fc1: Linear::load(w, &format!("{p}.mlp.fc1"))?,
+                    fc2: Linear::load(w, &format!("{p}.mlp.fc2"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = config.positions;
+        let mask: Vec<f32> = (0..n * n)
+            .map(|i| match i % n > i / n {
+                true => f32::NEG_INFINITY,
+                false => 0.0,
+            })
+            .collect();
+        Ok(ClipTextEncoder {
+            token_embedding: w.get(part, "text_model.embeddings.token_embedding.weight")?,
+            position_embedding: w.get(part, "text_model.embeddings.position_embedding.weight")?,
+            final_norm: LayerNorm::load(w, "text_model.final_layer_norm", eps)?,
+            causal_mask: Tensor::from_vec(mask, (n, n), &Device::Cpu)
+                .map_err(|e| candle_error("causal mask", e))?,
+            layers,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// The token embeddings of `tokens` (`[sequences][positions]`), `[batch, positions, hidden]`:
+    /// what textual-inversion vectors replace before [`ClipTextEncoder::encode_embeddings`].
+    pub fn embed_tokens(&self, tokens: &[Vec<u32>]) -> Result<Tensor> {
+        let positions = tokens.first().map_or(0, Vec::len);
+        if let Some(bad) = tokens
+            .iter()
+            .flatten()
+            .find(|t| **t as usize >= self.config.vocab)
+        {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the text encoder's vocabulary of {}",
+                self.config.vocab
+            )));
+        }
+        if positions == 0
+            || positions > self.config.positions
+            || tokens.iter().any(|t| t.len() != positions)
+        {
+            return Err(Error::Invalid(format!(
+                "token sequences must all have the same length, 1 to {}",
+                self.config.positions
+            )));
+        }
+        let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, tokens.len() * positions, &Device::Cpu)
+            .map_err(|e| candle_error("tokens", e))?;
+        self.token_embedding
+            .index_select(&ids, 0)
+            .and_then(|e| e.reshape((tokens.len(), positions, self.config.hidden)))
+            .map_err(|e| candle_error("token embedding", e))
+    }
+
+    /// Hidden states for `tokens` with A1111's clip skip (1 = the last layer's output, 2 = the
+    /// one before, each through the final layer norm), `[batch, positions, hidden]`.
+    pub fn encode(&self, tokens: &[Vec<u32>], clip_skip: usize) -> Result<Tensor> {
+        let embeddings = self.embed_tokens(tokens)?;
+        self.encode_embeddings(&embeddings, clip_skip)
+    }
+
+    /// [`ClipTextEncoder::encode`] from token embeddings.
+    pub fn encode_embeddings(&self, embeddings: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        if clip_skip == 0 || clip_skip > self.config.layers {
+            return Err(Error::Invalid(format!(
+                "clip skip {clip_skip}: this text encoder has {} layers (1 to {} allowed)",
+                self.config.layers, self.config.layers
+            )));
+        }
+        self.run(embeddings, self.config.layers + 1 - clip_skip)
+            .map_err(|e| candle_error("text encoder", e))
+    }
+
+    fn run(&self, embeddings: &Tensor, layers: usize) -> candle_core::Result<Tensor> {
+        let (batch, positions, hidden) = embeddings.dims3()?;
+        let heads = self.config.heads;
+        let head_dim = hidden / heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let pos = self.position_embedding.narrow(0, 0, positions)?;
+        let mut x = embeddings
+            .to_dtype(DType::F32)?
+            .broadcast_add(&pos)?
+            .reshape((batch * positions, hidden))?;
+        let mask = self
+            .causal_mask
+            .narrow(0, 0, positions)?
+            .narrow(1, 0, positions)?;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((batch, positions, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        for layer in &self.layers[..layers] {
+            let h = layer.norm1.forward(&x)?;
+            let q = split((layer.q.forward(&h)? * scale)?)?;
+            let k = split(layer.k.forward(&h)?)?;
+            let v = split(layer.v.forward(&h)?)?;
+            let scores = q
+                .matmul(&k.transpose(2, 3)?.contiguous()?)?
+                .broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let attended = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((batch * positions, hidden))?;
+            x = (x + layer.out.forward(&attended)?)?;
+            let h = layer.norm2.forward(&x)?;
+            let h = layer.fc1.forward(&h)?;
+            // quick GELU, as CLIP-L was trained: x·σ(1.702·x).
+            let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
+            x = (x + layer.fc2.forward(&h)?)?;
+        }
+        self.final_norm
+            .forward(&x)?
+            .reshape((batch, positions, hidden))
+    }
+}

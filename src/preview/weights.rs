@@ -1,0 +1,105 @@
+//! The sampler's weights: a checkpoint's tensors by component and the component's own names (HF
+//! CLIP, diffusers UNet/VAE), decoded to f32 with every LoRA applied at load time through the
+//! same patch plan `merge` uses — never a second copy of the key maps or the delta code.
+
+use crate::family::layout::{Checkpoint, Layout};
+use crate::family::Component;
+use crate::ops::patch_plan::PatchPlan;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+
+/// What a component's modules are called inside the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// SD1's CLIP-L text encoder: HF CLIP names (`text_model.…`).
+    ClipTextEncoder,
+}
+
+impl Part {
+    /// The diffusers component file that holds this part in a pipeline folder.
+    fn component(self) -> Component {
+        match self {
+            Part::ClipTextEncoder => Component::TextEncoder,
+        }
+    }
+
+    /// The prefix of this part's names in a single-file (LDM/A1111) checkpoint.
+    fn single_file_prefix(self) -> &'static str {
+        match self {
+            Part::ClipTextEncoder => "cond_stage_model.transformer.",
+        }
+    }
+}
+
+/// Weights for the sampler's modules, LoRAs applied.
+pub struct Weights<'c> {
+    plan: PatchPlan<'c>,
+    device: Device,
+}
+
+impl<'c> Weights<'c> {
+    pub fn new(plan: PatchPlan<'c>) -> Weights<'c> {
+        Weights {
+            plan,
+            device: Device::Cpu,
+        }
+    }
+
+    pub fn checkpoint(&self) -> &'c Checkpoint {
+        self.plan.checkpoint
+    }
+
+    /// The checkpoint file and key holding `name` of `part`, if any.
+    fn locate(&self, part: Part, name: &str) -> Option<(usize, String)> {
+        self.plan
+            .checkpoint
+            .files
+            .iter()
+            .enumerate()
+            .find_map(|(i, cf)| {
+                let key = match cf.layout {
+                    Layout::SingleFile => format!("{}{name}", part.single_file_prefix()),
+                    Layout::DiffusersComponent(c) if c == part.component() => name.to_string(),
+                    Layout::DiffusersComponent(_) => return None,
+                };
+                cf.file.get(&key).is_some().then_some((i, key))
+            })
+    }
+
+    /// Whether the checkpoint has `name` of `part`.
+    pub fn has(&self, part: Part, name: &str) -> bool {
+        self.locate(part, name).is_some()
+    }
+
+    /// The shape of `name` of `part`, without reading it.
+    pub fn shape(&self, part: Part, name: &str) -> Option<Vec<usize>> {
+        let (i, key) = self.locate(part, name)?;
+        self.plan.checkpoint.files[i]
+            .file
+            .get(&key)
+            .map(|t| t.shape.clone())
+    }
+
+    /// `name` of `part` in f32 with every LoRA patch applied.
+    pub fn get(&self, part: Part, name: &str) -> Result<Tensor> {
+        let (i, key) = self.locate(part, name).ok_or_else(|| {
+            Error::bad_tensor(
+                &self.plan.checkpoint.root,
+                name,
+                format!("missing from the checkpoint ({part:?})"),
+            )
+        })?;
+        let cf = &self.plan.checkpoint.files[i];
+        let patches = self.plan.files[i]
+            .get(&key)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let t = self.plan.apply(&cf.file, &key, patches)?;
+        Tensor::from_vec(t.data, t.shape, &self.device).map_err(|e| candle_error(&key, e))
+    }
+}
+
+/// A candle error while building a module, naming what was being built.
+pub fn candle_error(what: &str, e: candle_core::Error) -> Error {
+    Error::Invalid(format!("{what}: {e}"))
+}
