@@ -4,7 +4,13 @@
 //! - [`weights`]: the checkpoint's tensors by component, f32, LoRAs applied through the patch plan.
 //! - [`clip`]: the CLIP text encoder (clip skip, replaceable token embeddings).
 //! - [`noise`]: torch-compatible CPU noise.
+//! - [`infotext`], [`png`], [`contact_sheet`] (with [`label_font`]): the output side: A1111's
+//!   infotext, PNG files that carry it, and the labelled contact sheet of `--grid`.
 
 pub mod clip;
+pub mod contact_sheet;
+pub mod infotext;
+pub mod label_font;
 pub mod noise;
+pub mod png;
 pub mod weights;
