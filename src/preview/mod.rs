@@ -3,6 +3,7 @@
 //!
 //! - [`weights`]: the checkpoint's tensors by component, f32, LoRAs applied through the patch plan.
 //! - [`clip`]: the CLIP text encoder (clip skip, replaceable token embeddings).
+//! - [`layers`], [`vae`]: convolutions, norms, ResNet blocks, attention; the VAE decoder.
 //! - [`noise`]: torch-compatible CPU noise.
 //! - [`infotext`], [`png`], [`contact_sheet`] (with [`label_font`]): the output side: A1111's
 //!   infotext, PNG files that carry it, and the labelled contact sheet of `--grid`.
@@ -11,6 +12,8 @@ pub mod clip;
 pub mod contact_sheet;
 pub mod infotext;
 pub mod label_font;
+pub mod layers;
 pub mod noise;
 pub mod png;
+pub mod vae;
 pub mod weights;

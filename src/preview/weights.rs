@@ -13,13 +13,17 @@ use candle_core::{Device, Tensor};
 pub enum Part {
     /// SD1's CLIP-L text encoder: HF CLIP names (`text_model.…`).
     ClipTextEncoder,
+    /// The VAE, LDM names (`decoder.up.N.block.M…`, `post_quant_conv`); single-file checkpoints.
+    Vae,
 }
 
 impl Part {
     /// The diffusers component file that holds this part in a pipeline folder.
-    fn component(self) -> Component {
+    fn component(self) -> Option<Component> {
         match self {
-            Part::ClipTextEncoder => Component::TextEncoder,
+            Part::ClipTextEncoder => Some(Component::TextEncoder),
+            // A pipeline folder's VAE is not one of its patchable components.
+            Part::Vae => None,
         }
     }
 
@@ -27,6 +31,7 @@ impl Part {
     fn single_file_prefix(self) -> &'static str {
         match self {
             Part::ClipTextEncoder => "cond_stage_model.transformer.",
+            Part::Vae => crate::family::layout::LDM_VAE,
         }
     }
 }
@@ -59,7 +64,9 @@ impl<'c> Weights<'c> {
             .find_map(|(i, cf)| {
                 let key = match cf.layout {
                     Layout::SingleFile => format!("{}{name}", part.single_file_prefix()),
-                    Layout::DiffusersComponent(c) if c == part.component() => name.to_string(),
+                    Layout::DiffusersComponent(c) if Some(c) == part.component() => {
+                        name.to_string()
+                    }
                     Layout::DiffusersComponent(_) => return None,
                 };
                 cf.file.get(&key).is_some().then_some((i, key))
