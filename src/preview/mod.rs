@@ -2,3 +2,4 @@
 //! would for the same seed. For now only the noise source lives here.
 
 pub mod noise;
+pub mod sampling;
