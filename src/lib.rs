@@ -10,7 +10,8 @@
 //! - [`library`]: a collection of LoRA files: the index, and similarity between LoRAs.
 //! - [`ops`]: whole operations — inspect, merge, convert, extract, resize, meta — and the patch plan that
 //!   merge and the preview sampler share.
-//! - [`preview`]: the preview sampler; today its torch-compatible noise.
+//! - [`preview`]: the preview sampler: weights with LoRAs at load, text encoder, VAE, noise,
+//!   samplers, infotext and PNG output.
 //!
 //! Nothing below `cli` knows about clap or terminal output.
 
