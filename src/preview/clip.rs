@@ -7,6 +7,7 @@
 //! module for OpenCLIP checkpoints whose weights come in another shape; the model is small next to
 //! the UNet, so candle's own matmul and softmax are enough.
 
+use super::layers::{multi_head_attention, LayerNorm, Linear};
 use super::weights::{candle_error, Part, Weights};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -71,53 +72,6 @@ impl ClipConfig {
     }
 }
 
-struct Linear {
-    /// `[in, out]`: transposed once at load so every call is a plain matmul.
-    weight_t: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    fn load(w: &Weights, prefix: &str) -> Result<Linear> {
-        let part = Part::ClipTextEncoder;
-        let weight = w.get(part, &format!("{prefix}.weight"))?;
-        let weight_t = weight
-            .t()
-            .and_then(|t| t.contiguous())
-            .map_err(|e| candle_error(prefix, e))?;
-        Ok(Linear {
-            weight_t,
-            bias: w.get(part, &format!("{prefix}.bias"))?,
-        })
-    }
-
-    /// `x` is `[rows, in]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
-    }
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, prefix: &str, eps: f64) -> Result<LayerNorm> {
-        let part = Part::ClipTextEncoder;
-        Ok(LayerNorm {
-            weight: w.get(part, &format!("{prefix}.weight"))?,
-            bias: w.get(part, &format!("{prefix}.bias"))?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
-    }
-}
-
 struct Layer {
     norm1: LayerNorm,
     q: Linear,
@@ -146,15 +100,16 @@ impl ClipTextEncoder {
         let layers = (0..config.layers)
             .map(|i| {
                 let p = format!("text_model.encoder.layers.{i}");
+                let linear = |n: &str| Linear::load(w, part, &format!("{p}.{n}"));
                 Ok(Layer {
-                    norm1: LayerNorm::load(w, &format!("{p}.layer_norm1"), eps)?,
-                    q: Linear::load(w, &format!("{p}.self_attn.q_proj"))?,
-                    k: Linear::load(w, &format!("{p}.self_attn.k_proj"))?,
-                    v: Linear::load(w, &format!("{p}.self_attn.v_proj"))?,
-                    out: Linear::load(w, &format!("{p}.self_attn.out_proj"))?,
-                    norm2: LayerNorm::load(w, &format!("{p}.layer_norm2"), eps)?,
-                    fc1: Linear::load(w, &format!("{p}.mlp.fc1"))?,
-                    fc2: Linear::load(w, &format!("{p}.mlp.fc2"))?,
+                    norm1: LayerNorm::load(w, part, &format!("{p}.layer_norm1"), eps)?,
+                    q: linear("self_attn.q_proj")?,
+                    k: linear("self_attn.k_proj")?,
+                    v: linear("self_attn.v_proj")?,
+                    out: linear("self_attn.out_proj")?,
+                    norm2: LayerNorm::load(w, part, &format!("{p}.layer_norm2"), eps)?,
+                    fc1: linear("mlp.fc1")?,
+                    fc2: linear("mlp.fc2")?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -168,7 +123,7 @@ impl ClipTextEncoder {
         Ok(ClipTextEncoder {
             token_embedding: w.get(part, "text_model.embeddings.token_embedding.weight")?,
             position_embedding: w.get(part, "text_model.embeddings.position_embedding.weight")?,
-            final_norm: LayerNorm::load(w, "text_model.final_layer_norm", eps)?,
+            final_norm: LayerNorm::load(w, part, "text_model.final_layer_norm", eps)?,
             causal_mask: Tensor::from_vec(mask, (n, n), &Device::Cpu)
                 .map_err(|e| candle_error("causal mask", e))?,
             layers,
@@ -233,9 +188,6 @@ impl ClipTextEncoder {
 
     fn run(&self, embeddings: &Tensor, layers: usize) -> candle_core::Result<Tensor> {
         let (batch, positions, hidden) = embeddings.dims3()?;
-        let heads = self.config.heads;
-        let head_dim = hidden / heads;
-        let scale = 1.0 / (head_dim as f64).sqrt();
         let pos = self.position_embedding.narrow(0, 0, positions)?;
         let mut x = embeddings
             .to_dtype(DType::F32)?
@@ -245,25 +197,17 @@ impl ClipTextEncoder {
             .causal_mask
             .narrow(0, 0, positions)?
             .narrow(1, 0, positions)?;
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((batch, positions, heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let tokens = |t: Tensor| t.reshape((batch, positions, hidden));
         for layer in &self.layers[..layers] {
             let h = layer.norm1.forward(&x)?;
-            let q = split((layer.q.forward(&h)? * scale)?)?;
-            let k = split(layer.k.forward(&h)?)?;
-            let v = split(layer.v.forward(&h)?)?;
-            let scores = q
-                .matmul(&k.transpose(2, 3)?.contiguous()?)?
-                .broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let attended = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((batch * positions, hidden))?;
+            let attended = multi_head_attention(
+                &tokens(layer.q.forward(&h)?)?,
+                &tokens(layer.k.forward(&h)?)?,
+                &tokens(layer.v.forward(&h)?)?,
+                self.config.heads,
+                Some(&mask),
+            )?
+            .reshape((batch * positions, hidden))?;
             x = (x + layer.out.forward(&attended)?)?;
             let h = layer.norm2.forward(&x)?;
             let h = layer.fc1.forward(&h)?;

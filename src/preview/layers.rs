@@ -8,6 +8,95 @@ use super::weights::{candle_error, Part, Weights};
 use crate::Result;
 use candle_core::{Module, Tensor};
 
+/// A linear layer, its weight transposed once at load so every call is a plain matmul.
+pub struct Linear {
+    /// `[in, out]`.
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `prefix.weight` (`[out, in]`) and `prefix.bias` when the checkpoint has one.
+    pub fn load(w: &Weights, part: Part, prefix: &str) -> Result<Linear> {
+        let weight = w.get(part, &format!("{prefix}.weight"))?;
+        let weight_t = weight
+            .t()
+            .and_then(|t| t.contiguous())
+            .map_err(|e| candle_error(prefix, e))?;
+        let bias_name = format!("{prefix}.bias");
+        let bias = match w.has(part, &bias_name) {
+            true => Some(w.get(part, &bias_name)?),
+            false => None,
+        };
+        Ok(Linear { weight_t, bias })
+    }
+
+    /// `x` is `[…, in]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match x.rank() {
+            2 => x.matmul(&self.weight_t)?,
+            _ => x.broadcast_matmul(&self.weight_t)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, part: Part, prefix: &str, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: w.get(part, &format!("{prefix}.weight"))?,
+            bias: w.get(part, &format!("{prefix}.bias"))?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Over the last axis.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Multi-head scaled dot-product attention of projected `q` over `k`/`v` (diffusers' `Attention`, LDM's
+/// `CrossAttention`, CLIP's self-attention with its causal `mask` added to the scores),
+/// `[batch, tokens, width]` in and out.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| -> candle_core::Result<Tensor> {
+        t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
+    };
+    let q = (split(q, n)? * (1.0 / (d as f64).sqrt()))?;
+    let k = split(k, m)?;
+    let v = split(v, m)?;
+    let scores = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, n, inner))
+}
+
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
 }

@@ -3,7 +3,8 @@
 //!
 //! - [`weights`]: the checkpoint's tensors by component, f32, LoRAs applied through the patch plan.
 //! - [`clip`]: the CLIP text encoder (clip skip, replaceable token embeddings).
-//! - [`layers`], [`vae`]: convolutions, norms, ResNet blocks, attention; the VAE decoder.
+//! - [`layers`], [`unet`], [`vae`]: convolutions, norms, ResNet blocks, attention; the UNet and
+//!   the VAE decoder.
 //! - [`noise`]: torch-compatible CPU noise; [`sampling`]: A1111's samplers and schedules.
 //! - [`infotext`], [`png`], [`contact_sheet`] (with [`label_font`]): the output side: A1111's
 //!   infotext, PNG files that carry it, and the labelled contact sheet of `--grid`.
@@ -16,5 +17,6 @@ pub mod layers;
 pub mod noise;
 pub mod png;
 pub mod sampling;
+pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -15,6 +15,9 @@ pub enum Part {
     ClipTextEncoder,
     /// The VAE, LDM names (`decoder.up.N.block.M…`, `post_quant_conv`); single-file checkpoints.
     Vae,
+    /// The denoising UNet, LDM names (`input_blocks.N.M…`); a pipeline folder's diffusers names
+    /// are mapped by the family's one UNet key map.
+    Unet,
 }
 
 impl Part {
@@ -24,6 +27,7 @@ impl Part {
             Part::ClipTextEncoder => Some(Component::TextEncoder),
             // A pipeline folder's VAE is not one of its patchable components.
             Part::Vae => None,
+            Part::Unet => Some(Component::Unet),
         }
     }
 
@@ -32,6 +36,27 @@ impl Part {
         match self {
             Part::ClipTextEncoder => "cond_stage_model.transformer.",
             Part::Vae => crate::family::layout::LDM_VAE,
+            Part::Unet => "model.diffusion_model.",
+        }
+    }
+
+    /// The name in a diffusers component file (`file`), if it has one: the UNet's LDM path is
+    /// mapped and must map back to itself (the LDM → diffusers direction alone also accepts
+    /// sub-indices LDM never uses, such as an upsampler's place in a block without attention).
+    fn diffusers_name(self, name: &str, file: &crate::tensors::TensorFile) -> Option<String> {
+        use crate::family::unet_names::{diffusers_to_ldm, ldm_to_diffusers};
+        match self {
+            Part::Unet => {
+                let (path, leaf) = name.rsplit_once('.')?;
+                let mapped = ldm_to_diffusers(path)?;
+                let has_attentions = |i: usize| {
+                    file.get(&format!("up_blocks.{i}.attentions.0.norm.weight"))
+                        .is_some()
+                };
+                (diffusers_to_ldm(&mapped, has_attentions)? == path)
+                    .then(|| format!("{mapped}.{leaf}"))
+            }
+            _ => Some(name.to_string()),
         }
     }
 }
@@ -65,7 +90,7 @@ impl<'c> Weights<'c> {
                 let key = match cf.layout {
                     Layout::SingleFile => format!("{}{name}", part.single_file_prefix()),
                     Layout::DiffusersComponent(c) if Some(c) == part.component() => {
-                        name.to_string()
+                        part.diffusers_name(name, &cf.file)?
                     }
                     Layout::DiffusersComponent(_) => return None,
                 };
@@ -108,5 +133,10 @@ impl<'c> Weights<'c> {
 
 /// A candle error while building a module, naming what was being built.
 pub fn candle_error(what: &str, e: candle_core::Error) -> Error {
-    Error::Invalid(format!("{what}: {e}"))
+    // candle appends a backtrace to its message when RUST_BACKTRACE is set: one line is kept.
+    let message = e.to_string();
+    Error::Invalid(format!(
+        "{what}: {}",
+        message.lines().next().unwrap_or_default()
+    ))
 }

@@ -1,0 +1,57 @@
+//! The preview's UNet against diffusers' UNet2DConditionModel (fixtures/preview/unet_sd1, made by
+//! fixtures/generate_preview_unet.py) on the tiny SD1 checkpoint, from the single file and from
+//! the pipeline folder (whose diffusers names go through the family's UNet key map).
+
+use loratool::family::layout::Checkpoint;
+use loratool::ops::patch_plan::{PatchPlan, PlanOptions};
+use loratool::preview::unet::{Heads, Unet, UnetConfig};
+use loratool::preview::weights::Weights;
+use loratool::tensors::TensorFile;
+use std::path::{Path, PathBuf};
+
+fn fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(p)
+}
+
+fn eps_of(ck: &Path) -> (Vec<f32>, Vec<f32>) {
+    let reference = TensorFile::open(&fixture("preview/unet_sd1.safetensors")).unwrap();
+    let tensor = |n: &str| {
+        let t = reference.read_f32(n).unwrap();
+        candle_core::Tensor::from_vec(t.data, t.shape, &candle_core::Device::Cpu).unwrap()
+    };
+    let timesteps = reference.read_f32("timestep").unwrap().data;
+    let want = reference.read_f32("eps").unwrap().data;
+    let checkpoint = Checkpoint::open(ck).unwrap();
+    let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default()).unwrap();
+    let weights = Weights::new(plan);
+    // The tiny UNet: 2 heads, 4 norm groups (its config.json); SD1's rule is 8 heads, 32 groups.
+    let config = UnetConfig {
+        heads: Some(Heads::Count(2)),
+        groups: 4,
+    };
+    let unet = Unet::load(&weights, &config).unwrap();
+    let eps = unet
+        .forward(&tensor("sample"), &timesteps, &tensor("context"))
+        .unwrap();
+    assert_eq!(eps.dims(), &[2, 4, 8, 8]);
+    (eps.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want)
+}
+
+fn max_rel_error(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs() / scale))
+}
+
+#[test]
+fn one_forward_matches_diffusers() {
+    let (got, want) = eps_of(&fixture("models/sd1_ldm.safetensors"));
+    let err = max_rel_error(&got, &want);
+    assert!(err <= 1e-4, "single file: relative error {err}");
+    let (got, want) = eps_of(&fixture("models/sd1_diffusers"));
+    let err = max_rel_error(&got, &want);
+    assert!(err <= 1e-4, "pipeline folder: relative error {err}");
+}
