@@ -5,6 +5,7 @@
 //! - [`clip`]: the CLIP text encoder (clip skip, replaceable token embeddings).
 //! - [`layers`], [`unet`], [`vae`]: convolutions, norms, ResNet blocks, attention; the UNet and
 //!   the VAE decoder.
+//! - [`prompt`], [`tokenizer`]: A1111's prompt syntax, CLIP's BPE and A1111's chunking.
 //! - [`noise`]: torch-compatible CPU noise; [`sampling`]: A1111's samplers and schedules.
 //! - [`infotext`], [`png`], [`contact_sheet`] (with [`label_font`]): the output side: A1111's
 //!   infotext, PNG files that carry it, and the labelled contact sheet of `--grid`.
@@ -16,7 +17,9 @@ pub mod label_font;
 pub mod layers;
 pub mod noise;
 pub mod png;
+pub mod prompt;
 pub mod sampling;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
