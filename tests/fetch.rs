@@ -705,13 +705,19 @@ fn identify_writes_sidecars_for_known_files_and_never_touches_the_model() {
     assert!(meta.status.success(), "{}", text(&meta));
     let before = std::fs::metadata(&known).unwrap().modified().unwrap();
 
-    let out = ok(&env
+    let missing = dir.join("not_there.safetensors");
+    let run = env
         .cmd(&["fetch", "--identify"])
         .arg(&known)
         .arg(&unknown)
+        .arg(&missing)
         .arg(&edited)
         .output()
-        .unwrap());
+        .unwrap();
+    // The missing file is reported (exit 1); the others are still identified.
+    let err = failed(&run);
+    assert!(err.contains("not_there.safetensors: No such file"), "{err}");
+    let out = text(&run);
     assert!(
         out.contains("Watercolor Style / v1.0 (matched by sha256)"),
         "{out}"

@@ -27,16 +27,28 @@ pub fn run_paths(
     no_index: bool,
 ) -> Result<i32> {
     let mut files = Vec::new();
+    let mut unreadable = false;
     for p in paths {
         let path = PathBuf::from(p);
         let start = SafetensorsFile::data_start_of(&path).ok().flatten();
-        files.push((path.clone(), hash_file(&path, start)?));
+        // An unreadable file is reported; the others are still looked up.
+        match hash_file(&path, start) {
+            Ok(h) => files.push((path, h)),
+            Err(e) => {
+                eprintln!("loratool: {e}");
+                unreadable = true;
+            }
+        }
     }
     let lib = match no_index {
         true => None,
         false => Some(Library::open(&db::default_path(db_flag)?)?),
     };
-    report(services, &files, lib, json)
+    let code = match files.is_empty() {
+        true => 0,
+        false => report(services, &files, lib, json)?,
+    };
+    Ok(code.max(i32::from(unreadable)))
 }
 
 /// `library identify [--all]`.
