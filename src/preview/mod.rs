@@ -7,6 +7,7 @@
 //!   the VAE decoder.
 //! - [`prompt`], [`tokenizer`]: A1111's prompt syntax, CLIP's BPE and A1111's chunking.
 //! - [`noise`]: torch-compatible CPU noise; [`sampling`]: A1111's samplers and schedules.
+//! - [`render`]: one txt2img render (sampler → UNet with CFG → VAE → pixels).
 //! - [`infotext`], [`png`], [`contact_sheet`] (with [`label_font`]): the output side: A1111's
 //!   infotext, PNG files that carry it, and the labelled contact sheet of `--grid`.
 
@@ -18,6 +19,7 @@ pub mod layers;
 pub mod noise;
 pub mod png;
 pub mod prompt;
+pub mod render;
 pub mod sampling;
 pub mod tokenizer;
 pub mod unet;

@@ -1,0 +1,124 @@
+//! One txt2img render as A1111 runs it: the sampler drives the UNet (prompt and negative prompt in
+//! one batch, as A1111's `CFGDenoiser`), then the VAE decodes `latent / scaling_factor` and A1111's
+//! pixel rule makes the image.
+
+use super::png::{ChannelLayout, RgbImage};
+use super::sampling::{
+    sample, Latent, ModelOutput, NoisePredictor, NoiseSchedule, Prediction, SamplerSettings,
+    StepObserver,
+};
+use super::unet::Unet;
+use super::vae::VaeDecoder;
+use super::weights::candle_error;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+
+/// SD1/SD2's latent scaling factor.
+pub const SD_SCALING_FACTOR: f32 = 0.18215;
+
+/// The UNet as the sampler's [`NoisePredictor`]: text states for the prompt and, with CFG, the
+/// negative prompt (`[1, tokens, width]` each, the same token count).
+pub struct UnetPredictor<'a> {
+    unet: &'a Unet,
+    context: Tensor,
+    guided: bool,
+}
+
+impl<'a> UnetPredictor<'a> {
+    pub fn new(unet: &'a Unet, cond: &Tensor, uncond: Option<&Tensor>) -> Result<Self> {
+        let context = match uncond {
+            Some(u) => Tensor::cat(&[cond, u], 0).map_err(|e| {
+                candle_error("the prompt's and the negative prompt's text states", e)
+            })?,
+            None => cond.clone(),
+        };
+        Ok(UnetPredictor {
+            unet,
+            context,
+            guided: uncond.is_some(),
+        })
+    }
+}
+
+impl NoisePredictor for UnetPredictor<'_> {
+    fn predict(&mut self, input: &Latent, timestep: f32) -> Result<ModelOutput> {
+        let mut shape = vec![1];
+        shape.extend_from_slice(input.shape());
+        let x = Tensor::from_vec(input.values().to_vec(), shape, &Device::Cpu)
+            .map_err(|e| candle_error("latent", e))?;
+        let batch = if self.guided { 2 } else { 1 };
+        let x = match self.guided {
+            true => Tensor::cat(&[&x, &x], 0).map_err(|e| candle_error("latent", e))?,
+            false => x,
+        };
+        let out = self
+            .unet
+            .forward(&x, &vec![timestep; batch], &self.context)?;
+        let values = out
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| candle_error("UNet output", e))?;
+        let n = input.values().len();
+        Ok(match self.guided {
+            true => ModelOutput {
+                cond: values[..n].to_vec(),
+                uncond: Some(values[n..].to_vec()),
+            },
+            false => ModelOutput {
+                cond: values,
+                uncond: None,
+            },
+        })
+    }
+}
+
+/// What a render needs besides the models.
+pub struct RenderSettings {
+    pub sampler: SamplerSettings,
+    pub width: u32,
+    pub height: u32,
+    pub prediction: Prediction,
+    pub scaling_factor: f32,
+}
+
+/// Samples and decodes one image. Sizes must be multiples of 8 (the latent is 1/8 of the image).
+pub fn render(
+    unet: &Unet,
+    vae: &VaeDecoder,
+    schedule: &NoiseSchedule,
+    cond: &Tensor,
+    uncond: Option<&Tensor>,
+    settings: &RenderSettings,
+    on_step: &mut StepObserver,
+) -> Result<(Latent, RgbImage)> {
+    let (w, h) = (settings.width, settings.height);
+    if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
+        return Err(Error::Invalid(format!(
+            "size {w}x{h}: width and height must be positive multiples of 8"
+        )));
+    }
+    let shape = [4, (h / 8) as usize, (w / 8) as usize];
+    let mut model = UnetPredictor::new(unet, cond, uncond)?;
+    let latent = sample(
+        &settings.sampler,
+        schedule,
+        settings.prediction,
+        &shape,
+        &mut model,
+        on_step,
+    )?;
+    let scaled: Vec<f32> = latent
+        .values()
+        .iter()
+        .map(|v| v / settings.scaling_factor)
+        .collect();
+    let z = Tensor::from_vec(scaled, (1, shape[0], shape[1], shape[2]), &Device::Cpu)
+        .map_err(|e| candle_error("latent", e))?;
+    let decoded = vae
+        .decode(&z)?
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| candle_error("decoded image", e))?;
+    let image = RgbImage::from_decoded(&decoded, w, h, ChannelLayout::Chw)?;
+    Ok((latent, image))
+}
