@@ -98,6 +98,33 @@ fn a_lora_at_load_equals_the_merged_checkpoint_and_weight_zero_changes_nothing()
 }
 
 #[test]
+fn emphasis_scales_states_and_restores_their_mean_as_a1111_does() {
+    let checkpoint = Checkpoint::open(&fixture("models/sd1_ldm.safetensors")).unwrap();
+    let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default()).unwrap();
+    let weights = Weights::new(plan);
+    let config = ClipConfig::infer(&weights, Some(2)).unwrap();
+    let encoder = ClipTextEncoder::load(&weights, config).unwrap();
+    let (_, multipliers) = reference("multipliers");
+    let (_, want) = reference("weighted_skip1");
+    let mut got = Vec::new();
+    for (i, seq) in tokens().iter().enumerate() {
+        let m: Vec<f64> = multipliers[i * 77..(i + 1) * 77]
+            .iter()
+            .map(|v| *v as f64)
+            .collect();
+        let z = encoder.encode_weighted(seq, &m, 1).unwrap();
+        got.extend(z.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    let err = max_rel_error(&got, &want);
+    assert!(err <= 1e-5, "relative error {err}");
+    let e = encoder
+        .encode_weighted(&tokens()[0], &[1.0; 3], 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 emphasis multipliers for 77 tokens"), "{e}");
+}
+
+#[test]
 fn bad_clip_skip_and_tokens_are_errors() {
     let checkpoint = Checkpoint::open(&fixture("models/sd1_ldm.safetensors")).unwrap();
     let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default()).unwrap();

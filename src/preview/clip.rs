@@ -174,6 +174,35 @@ impl ClipTextEncoder {
         self.encode_embeddings(&embeddings, clip_skip)
     }
 
+    /// One 77-token window of a prompt with A1111's "Original" emphasis: the hidden states times
+    /// each token's multiplier, then rescaled so that their mean is the unweighted states' mean
+    /// again (`sd_hijack_clip.process_tokens`). `[1, positions, hidden]`.
+    pub fn encode_weighted(
+        &self,
+        tokens: &[u32],
+        multipliers: &[f64],
+        clip_skip: usize,
+    ) -> Result<Tensor> {
+        if multipliers.len() != tokens.len() {
+            return Err(Error::Invalid(format!(
+                "{} emphasis multipliers for {} tokens",
+                multipliers.len(),
+                tokens.len()
+            )));
+        }
+        let z = self.encode(&[tokens.to_vec()], clip_skip)?;
+        let weigh = || -> candle_core::Result<Tensor> {
+            // A1111 multiplies in float32 (torch's default dtype for its list of floats).
+            let m: Vec<f32> = multipliers.iter().map(|m| *m as f32).collect();
+            let m = Tensor::from_vec(m, (1, tokens.len(), 1), &Device::Cpu)?;
+            let original_mean = z.mean_all()?;
+            let weighted = z.broadcast_mul(&m)?;
+            let new_mean = weighted.mean_all()?;
+            weighted.broadcast_mul(&(original_mean / new_mean)?)
+        };
+        weigh().map_err(|e| candle_error("emphasis", e))
+    }
+
     /// [`ClipTextEncoder::encode`] from token embeddings.
     pub fn encode_embeddings(&self, embeddings: &Tensor, clip_skip: usize) -> Result<Tensor> {
         if clip_skip == 0 || clip_skip > self.config.layers {
