@@ -9,6 +9,7 @@ mod inspect;
 mod library;
 mod merge;
 mod meta;
+mod preview;
 mod progress;
 mod resize;
 mod values;
@@ -47,6 +48,9 @@ pub enum Command {
     /// Download LoRAs from Civitai and Hugging Face (verified, resumable, indexed), or identify
     /// local files on Civitai (--identify).
     Fetch(fetch::FetchArgs),
+    /// Render an image as A1111 would (same seed, same sampler) with LoRAs applied at load time:
+    /// SD1 checkpoints, CPU.
+    Preview(preview::PreviewArgs),
 }
 
 /// Runs a command and returns the process exit code.
@@ -60,6 +64,7 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
         Command::Meta(args) => meta::run(args),
         Command::Library(args) => library::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Preview(args) => preview::run(args),
     };
     result.map_err(with_flag_hints)
 }

@@ -7,7 +7,8 @@
 //!   the VAE decoder.
 //! - [`prompt`], [`tokenizer`]: A1111's prompt syntax, CLIP's BPE and A1111's chunking.
 //! - [`noise`]: torch-compatible CPU noise; [`sampling`]: A1111's samplers and schedules.
-//! - [`render`]: one txt2img render (sampler → UNet with CFG → VAE → pixels).
+//! - [`render`]: one txt2img render (sampler → UNet with CFG → VAE → pixels); [`txt2img`]: the
+//!   whole `preview` from arguments (prompt tags, LoRAs at load, configs) to image and infotext.
 //! - [`infotext`], [`png`], [`contact_sheet`] (with [`label_font`]): the output side: A1111's
 //!   infotext, PNG files that carry it, and the labelled contact sheet of `--grid`.
 
@@ -22,6 +23,7 @@ pub mod prompt;
 pub mod render;
 pub mod sampling;
 pub mod tokenizer;
+pub mod txt2img;
 pub mod unet;
 pub mod vae;
 pub mod weights;

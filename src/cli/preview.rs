@@ -1,0 +1,130 @@
+//! `loratool preview`: flags, the seed, the step bar, the PNG.
+
+use super::progress::count_bar;
+use super::values::parse_lora;
+use clap::{Args, ValueEnum};
+use loratool::preview::png::write_png;
+use loratool::preview::sampling::{SamplerKind, ScheduleKind};
+use loratool::preview::txt2img::{txt2img, Txt2Img};
+use loratool::tensors::WriteOptions;
+use loratool::Result;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SamplerArg {
+    #[value(name = "euler-a")]
+    EulerA,
+    Euler,
+    #[value(name = "dpm++2m")]
+    DpmPp2m,
+    Ddim,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Normal,
+    Karras,
+}
+
+#[derive(Args, Debug)]
+pub struct PreviewArgs {
+    /// An SD1 checkpoint (single file or diffusers pipeline folder).
+    #[arg(long, value_name = "CKPT")]
+    model: PathBuf,
+    /// A diffusers pipeline folder (or a folder of its */config.json) for head counts and norm
+    /// groups the weights cannot tell (non-standard or tiny models).
+    #[arg(long, value_name = "DIR")]
+    config: Option<PathBuf>,
+    /// The prompt, in A1111's syntax (`<lora:NAME:W>`, `(word:1.2)`, `[word]`, BREAK).
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// PATH, PATH:W or PATH:TE_W:UNET_W (optionally :lbw=SPEC), applied at load time.
+    #[arg(long, value_name = "PATH[:W]")]
+    lora: Vec<String>,
+    /// Folders searched (recursively) for the prompt's `<lora:NAME>` files.
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Vec<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.0)]
+    cfg: f32,
+    #[arg(long, value_enum, default_value = "euler-a")]
+    sampler: SamplerArg,
+    #[arg(long, value_enum, default_value = "normal")]
+    schedule: ScheduleArg,
+    /// -1: a random seed (printed and recorded).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    seed: i64,
+    #[arg(long, default_value_t = 512)]
+    width: u32,
+    #[arg(long, default_value_t = 512)]
+    height: u32,
+    #[arg(long, default_value_t = 1)]
+    clip_skip: usize,
+    #[arg(short = 'o', long, value_name = "OUT.png")]
+    output: PathBuf,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: PreviewArgs) -> Result<i32> {
+    let seed = match args.seed {
+        s if s >= 0 => s as u64,
+        // A1111 draws seeds below 2³² as well.
+        _ => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            (nanos % (1u128 << 32)) as u64
+        }
+    };
+    let req = Txt2Img {
+        model: args.model.clone(),
+        config: args.config.clone(),
+        prompt: args.prompt.clone(),
+        negative: args.negative.clone(),
+        loras: args
+            .lora
+            .iter()
+            .map(|l| parse_lora(l))
+            .collect::<Result<_>>()?,
+        lora_dirs: args.lora_dir.clone(),
+        sampler: match args.sampler {
+            SamplerArg::EulerA => SamplerKind::EulerAncestral,
+            SamplerArg::Euler => SamplerKind::Euler,
+            SamplerArg::DpmPp2m => SamplerKind::DpmPp2m,
+            SamplerArg::Ddim => SamplerKind::Ddim,
+        },
+        schedule: match args.schedule {
+            ScheduleArg::Normal => ScheduleKind::Normal,
+            ScheduleArg::Karras => ScheduleKind::Karras,
+        },
+        steps: args.steps,
+        cfg_scale: args.cfg,
+        seed,
+        width: args.width,
+        height: args.height,
+        clip_skip: args.clip_skip,
+    };
+    let write = WriteOptions {
+        force: args.force,
+        inputs: vec![args.model.clone()],
+    };
+    if args.output.exists() && !args.force {
+        return Err(loratool::Error::OutputExists {
+            path: args.output.clone(),
+            appeared: false,
+        });
+    }
+    let (bar, progress) = count_bar("sampling", "steps");
+    let rendered = txt2img(&req, &progress);
+    bar.finish_and_clear();
+    let rendered = rendered?;
+    write_png(&args.output, &rendered.image, &rendered.infotext, &write)?;
+    println!("{} (seed {seed})", args.output.display());
+    Ok(0)
+}

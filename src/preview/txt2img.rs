@@ -1,0 +1,307 @@
+//! `loratool preview` from arguments to image: A1111's prompt (`<lora:…>` tags, emphasis,
+//! chunks), the checkpoint with every LoRA applied at load, the text encoder, the sampler, the
+//! VAE, and the infotext A1111 would write for the same render.
+
+use super::clip::{ClipConfig, ClipTextEncoder};
+use super::infotext::{
+    lora_short_hash, loratool_version, model_short_hash, schedule_type, GenerationParameters,
+    NamedHash, SamplerName, ScheduleName,
+};
+use super::png::RgbImage;
+use super::prompt::{parse_emphasis, parse_extra_networks, LoraTag};
+use super::render::{render, RenderSettings, SD_SCALING_FACTOR};
+use super::sampling::{NoiseSchedule, Prediction, SamplerKind, SamplerSettings, ScheduleKind};
+use super::tokenizer::{ChunkOptions, ClipPadding, ClipTokenizer, PromptChunk};
+use super::unet::{Heads, Unet, UnetConfig};
+use super::vae::VaeDecoder;
+use super::weights::{candle_error, Weights};
+use crate::family::layout::Checkpoint;
+use crate::ops::patch_plan::{LoraWeight, PatchPlan, PlanOptions};
+use crate::ops::progress::ProgressSink;
+use crate::tensors::hash::hash_file;
+use crate::tensors::{SafetensorsFile, TensorFile};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use std::path::{Path, PathBuf};
+
+pub struct Txt2Img {
+    pub model: PathBuf,
+    /// A diffusers pipeline folder (or a folder of its `*/config.json`) whose configs give the
+    /// head counts and norm groups shapes cannot tell.
+    pub config: Option<PathBuf>,
+    pub prompt: String,
+    pub negative: String,
+    /// LoRAs from `--lora` (the prompt's `<lora:…>` tags are added to them).
+    pub loras: Vec<LoraWeight>,
+    pub lora_dirs: Vec<PathBuf>,
+    pub sampler: SamplerKind,
+    pub schedule: ScheduleKind,
+    pub steps: usize,
+    pub cfg_scale: f32,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub clip_skip: usize,
+}
+
+pub struct Rendered {
+    pub image: RgbImage,
+    pub infotext: String,
+}
+
+/// What the configs say, each `None` when absent (the family's rule then applies).
+#[derive(Debug, Default)]
+struct Configs {
+    text_heads: Option<usize>,
+    unet_heads: Option<usize>,
+    unet_groups: Option<usize>,
+    vae_groups: Option<usize>,
+}
+
+fn read_configs(dir: &Path) -> Result<Configs> {
+    let read = |sub: &str| -> Result<Option<serde_json::Value>> {
+        let path = dir.join(sub).join("config.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::bad_file(&path, format!("not JSON: {e}"))),
+            Err(_) => Ok(None),
+        }
+    };
+    let num = |v: &Option<serde_json::Value>, k: &str| {
+        v.as_ref()
+            .and_then(|v| v.get(k))
+            .and_then(|n| n.as_u64())
+            .map(|n| n as usize)
+    };
+    let (text, unet, vae) = (read("text_encoder")?, read("unet")?, read("vae")?);
+    if text.is_none() && unet.is_none() && vae.is_none() {
+        return Err(Error::Invalid(format!(
+            "{}: no text_encoder/, unet/ or vae/ config.json in it",
+            dir.display()
+        )));
+    }
+    Ok(Configs {
+        text_heads: num(&text, "num_attention_heads"),
+        // diffusers' SD1 configs name the head count `attention_head_dim`.
+        unet_heads: num(&unet, "num_attention_heads").or(num(&unet, "attention_head_dim")),
+        unet_groups: num(&unet, "norm_num_groups"),
+        vae_groups: num(&vae, "norm_num_groups"),
+    })
+}
+
+/// A `<lora:NAME…>` tag's file: the stem NAME in a `--lora-dir` folder (searched recursively, as
+/// A1111 lists its Lora folder). An unknown name is an error listing close matches.
+fn resolve_lora(tag: &LoraTag, dirs: &[PathBuf]) -> Result<PathBuf> {
+    let mut all = Vec::new();
+    for dir in dirs {
+        for entry in walkdir::WalkDir::new(dir)
+            .follow_links(true)
+            .into_iter()
+            .flatten()
+        {
+            let p = entry.path();
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            if entry.file_type().is_file() && ["safetensors", "pt", "ckpt"].contains(&ext) {
+                all.push(p.to_path_buf());
+            }
+        }
+    }
+    let stem = |p: &PathBuf| {
+        p.file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    if let Some(found) = all.iter().find(|p| stem(p) == tag.name) {
+        return Ok(found.clone());
+    }
+    let want = tag.name.to_lowercase();
+    let mut close: Vec<String> = all
+        .iter()
+        .map(stem)
+        .filter(|s| {
+            let s = s.to_lowercase();
+            s.contains(&want) || want.contains(&s) || s.get(..3) == want.get(..3)
+        })
+        .collect();
+    close.sort();
+    close.dedup();
+    Err(Error::Invalid(format!(
+        "{}: no LoRA named '{}' in {}{}",
+        tag.tag,
+        tag.name,
+        match dirs.is_empty() {
+            true => "any folder (pass --lora-dir DIR)".to_string(),
+            false => dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        },
+        match close.is_empty() {
+            true => String::new(),
+            false => format!(" (close: {})", close.join(", ")),
+        }
+    )))
+}
+
+/// A prompt's windows through the text encoder, concatenated along the token axis.
+fn encode_chunks(
+    encoder: &ClipTextEncoder,
+    chunks: &[PromptChunk],
+    clip_skip: usize,
+) -> Result<Tensor> {
+    let parts = chunks
+        .iter()
+        .map(|c| encoder.encode_weighted(&c.tokens, &c.multipliers, clip_skip))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1).map_err(|e| candle_error("text states", e))
+}
+
+pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
+    if req.steps == 0 || req.steps > 1000 {
+        return Err(Error::Invalid(format!(
+            "--steps {}: between 1 and 1000",
+            req.steps
+        )));
+    }
+    let prompt = parse_extra_networks(&req.prompt)?;
+    let negative = parse_extra_networks(&req.negative)?;
+    let mut loras = req.loras.clone();
+    let mut named = Vec::new();
+    for tag in &prompt.loras {
+        let path = resolve_lora(tag, &req.lora_dirs)?;
+        loras.push(LoraWeight {
+            path: path.clone(),
+            text_encoder: tag.te_weight as f32,
+            unet: tag.unet_weight as f32,
+            block_weights: tag.block_weights.clone(),
+        });
+        named.push((tag.name.clone(), path));
+    }
+    for l in &req.loras {
+        let name = l
+            .path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        named.push((name, l.path.clone()));
+    }
+
+    let checkpoint = Checkpoint::open(&req.model)?;
+    let plan = PatchPlan::build(&checkpoint, &loras, &PlanOptions::default())?;
+    let weights = Weights::new(plan);
+    let configs = match &req.config {
+        Some(dir) => read_configs(dir)?,
+        None => Configs::default(),
+    };
+    let encoder =
+        ClipTextEncoder::load(&weights, ClipConfig::infer(&weights, configs.text_heads)?)?;
+    let unet = Unet::load(
+        &weights,
+        &UnetConfig {
+            heads: configs.unet_heads.map(Heads::Count),
+            groups: configs.unet_groups.unwrap_or(32),
+        },
+    )?;
+    let vae = VaeDecoder::load(&weights, configs.vae_groups)?;
+
+    let tokenizer = ClipTokenizer::new()?;
+    let options = ChunkOptions::a1111(ClipPadding::EndOfText);
+    let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
+        Ok(tokenizer
+            .chunk(&parse_emphasis(text)?, &[], &options)?
+            .chunks)
+    };
+    let mut cond_chunks = chunk(&prompt.text)?;
+    let mut uncond_chunks = chunk(&negative.text)?;
+    // A1111 pads the shorter prompt with empty windows so both have the same length.
+    let empty = chunk("")?;
+    while cond_chunks.len() < uncond_chunks.len() {
+        cond_chunks.push(empty[0].clone());
+    }
+    while uncond_chunks.len() < cond_chunks.len() {
+        uncond_chunks.push(empty[0].clone());
+    }
+    let cond = encode_chunks(&encoder, &cond_chunks, req.clip_skip)?;
+    let uncond = encode_chunks(&encoder, &uncond_chunks, req.clip_skip)?;
+
+    let schedule = NoiseSchedule::stable_diffusion();
+    let settings = RenderSettings {
+        sampler: SamplerSettings {
+            sampler: req.sampler,
+            schedule: req.schedule,
+            steps: req.steps,
+            cfg_scale: req.cfg_scale,
+            seed: req.seed,
+            eta_noise_seed_delta: 0,
+        },
+        width: req.width,
+        height: req.height,
+        prediction: Prediction::Epsilon,
+        scaling_factor: SD_SCALING_FACTOR,
+    };
+    progress.start(req.steps as u64);
+    let guided = req.cfg_scale != 1.0;
+    let (_, image) = render(
+        &unet,
+        &vae,
+        &schedule,
+        &cond,
+        guided.then_some(&uncond),
+        &settings,
+        &mut |_, _| progress.advance(1),
+    )?;
+
+    let sampler = match req.sampler {
+        SamplerKind::Euler => SamplerName::Euler,
+        SamplerKind::EulerAncestral => SamplerName::EulerAncestral,
+        SamplerKind::DpmPp2m => SamplerName::DpmPp2M,
+        SamplerKind::Ddim => SamplerName::Ddim,
+    };
+    let schedule_name = match req.schedule {
+        ScheduleKind::Normal => ScheduleName::Normal,
+        ScheduleKind::Karras => ScheduleName::Karras,
+    };
+    let model_hashes = hash_file(
+        &req.model,
+        SafetensorsFile::data_start_of(&req.model).ok().flatten(),
+    )?;
+    let mut lora_hashes = Vec::new();
+    for (name, path) in &named {
+        let file = TensorFile::open(path)?;
+        let start = SafetensorsFile::data_start_of(path).ok().flatten();
+        let sshs = file.metadata().get("sshs_model_hash").cloned();
+        lora_hashes.push(NamedHash::new(
+            name,
+            lora_short_hash(&hash_file(path, start)?, sshs.as_deref()),
+        ));
+    }
+    let parameters = GenerationParameters {
+        prompt: req.prompt.clone(),
+        negative_prompt: req.negative.clone(),
+        steps: req.steps as u32,
+        sampler: sampler.a1111_name().to_string(),
+        schedule_type: Some(schedule_type(sampler, schedule_name).to_string()),
+        cfg_scale: req.cfg_scale as f64,
+        seed: req.seed,
+        width: req.width,
+        height: req.height,
+        model_hash: Some(model_short_hash(&model_hashes)),
+        model: req
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned()),
+        clip_skip: req.clip_skip as u32,
+        rng: Some("CPU".into()),
+        lora_hashes,
+        version: Some(loratool_version()),
+        ..Default::default()
+    };
+    Ok(Rendered {
+        image,
+        infotext: parameters.to_infotext(),
+    })
+}
