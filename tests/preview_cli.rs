@@ -21,6 +21,30 @@ fn fixture(p: &str) -> PathBuf {
 
 /// The tiny SD1 checkpoint with its 1,000-row token embedding tiled to 49,408 rows.
 fn full_vocab_checkpoint(dst: &Path) {
+    with_schedule(dst, None)
+}
+
+/// SD's training schedule: betas from √0.00085 to √0.012 squared (scaled linear) or, when
+/// `linear`, from 0.0001 to 0.02; their cumulative product of 1 − β.
+fn alphas_cumprod(linear: bool) -> Vec<f32> {
+    let (a, b): (f64, f64) = match linear {
+        true => (0.0001, 0.02),
+        false => (0.00085f64.sqrt(), 0.012f64.sqrt()),
+    };
+    let mut acc = 1f64;
+    (0..1000)
+        .map(|i| {
+            let x = a + (b - a) * i as f64 / 999.0;
+            let beta = if linear { x } else { x * x };
+            acc *= 1.0 - beta;
+            acc as f32
+        })
+        .collect()
+}
+
+/// [`full_vocab_checkpoint`], with an `alphas_cumprod` buffer when given (as LDM checkpoints
+/// carry one).
+fn with_schedule(dst: &Path, schedule: Option<Vec<f32>>) {
     let f = TensorFile::open(&fixture("models/sd1_ldm.safetensors")).unwrap();
     let embedding = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight";
     let mut specs = Vec::new();
@@ -41,6 +65,14 @@ fn full_vocab_checkpoint(dst: &Path) {
             shape,
         });
         data.extend_from_slice(&bytes);
+    }
+    if let Some(ac) = schedule {
+        specs.push(TensorSpec {
+            name: "alphas_cumprod".into(),
+            dtype: loratool::tensors::Dtype::F32,
+            shape: vec![ac.len()],
+        });
+        data.extend(ac.iter().flat_map(|v| v.to_le_bytes()));
     }
     let header = build_header(&BTreeMap::new(), &specs);
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
@@ -232,4 +264,28 @@ fn bad_requests_are_one_line_errors_and_write_nothing() {
     let e = err(preview(&model, "a fox", &out, &[]));
     assert!(e.contains("already exists"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"mine");
+}
+
+#[test]
+fn the_checkpoints_own_schedule_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let render = |name: &str, schedule: Option<Vec<f32>>| {
+        let model = dir.path().join(format!("{name}.safetensors"));
+        with_schedule(&model, schedule);
+        let out = dir.path().join(format!("{name}.png"));
+        ok(&preview(&model, "a red fox", &out, &["--steps", "2"]));
+        pixels(&out)
+    };
+    let default = render("none", None);
+    // The same schedule stored in the file gives the same image (within float rounding of the
+    // stored values); another one (linear betas) a different image.
+    let stored = render("scaled", Some(alphas_cumprod(false)));
+    let worst = default
+        .iter()
+        .zip(&stored)
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "{worst}");
+    assert_ne!(default, render("linear", Some(alphas_cumprod(true))));
 }

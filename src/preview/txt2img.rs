@@ -146,6 +146,23 @@ fn resolve_lora(tag: &LoraTag, dirs: &[PathBuf]) -> Result<PathBuf> {
     )))
 }
 
+/// The checkpoint's own `alphas_cumprod` buffer when it holds one (A1111 loads it with the
+/// weights, and samples on it), else SD's scaled-linear schedule.
+fn schedule_of(checkpoint: &Checkpoint) -> Result<NoiseSchedule> {
+    let holder = checkpoint
+        .files
+        .iter()
+        .find(|cf| cf.file.get("alphas_cumprod").is_some());
+    match holder {
+        Some(cf) => {
+            let t = cf.file.read_f32("alphas_cumprod")?;
+            NoiseSchedule::from_alphas_cumprod(t.data)
+                .map_err(|e| Error::bad_file(&checkpoint.root, format!("its alphas_cumprod: {e}")))
+        }
+        None => Ok(NoiseSchedule::stable_diffusion()),
+    }
+}
+
 /// A prompt's windows through the text encoder, concatenated along the token axis.
 fn encode_chunks(
     encoder: &ClipTextEncoder,
@@ -228,7 +245,7 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     let cond = encode_chunks(&encoder, &cond_chunks, req.clip_skip)?;
     let uncond = encode_chunks(&encoder, &uncond_chunks, req.clip_skip)?;
 
-    let schedule = NoiseSchedule::stable_diffusion();
+    let schedule = schedule_of(&checkpoint)?;
     let settings = RenderSettings {
         sampler: SamplerSettings {
             sampler: req.sampler,
