@@ -95,6 +95,10 @@ fn preview(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> Output {
         .args(["--schedule", "karras", "-o"])
         .arg(out)
         .args(extra);
+    if !extra.contains(&"--db") {
+        // An index of its own, so the user's is never read.
+        c.arg("--db").arg(out.with_extension("db"));
+    }
     // Defaults the test's `extra` may replace.
     for (flag, value) in [
         ("--negative", "blurry, (ugly:1.3)"),
@@ -288,4 +292,60 @@ fn the_checkpoints_own_schedule_is_used() {
         .unwrap();
     assert!(worst <= 1, "{worst}");
     assert_ne!(default, render("linear", Some(alphas_cumprod(true))));
+}
+
+#[test]
+fn lora_names_resolve_through_the_library_by_alias_and_trigger_words_are_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny_sd1.safetensors");
+    full_vocab_checkpoint(&model);
+    let loras = dir.path().join("collection");
+    std::fs::create_dir_all(&loras).unwrap();
+    let mut meta = BTreeMap::new();
+    meta.insert("ss_output_name".to_string(), "watercolor_style".to_string());
+    let src = TensorFile::open(&fixture("loras/sd1_kohya_lora.safetensors")).unwrap();
+    let specs: Vec<TensorSpec> = src
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let header = build_header(&meta, &specs);
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    for sp in &specs {
+        bytes.extend_from_slice(&src.raw_bytes(&sp.name).unwrap());
+    }
+    let file = loras.join("wc_v1.safetensors");
+    std::fs::write(&file, bytes).unwrap();
+    std::fs::write(loras.join("wc_v1.json"), r#"{"activation text": "wtrclr"}"#).unwrap();
+    let db = dir.path().join("index.db");
+    let add = std::process::Command::new(env!("CARGO_BIN_EXE_loratool"))
+        .args(["library", "--db"])
+        .arg(&db)
+        .arg("add")
+        .arg(&loras)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    ok(&add);
+    let render = |prompt: &str, name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["--db", db.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        ok(&preview(&model, prompt, &out, &args));
+        out
+    };
+    // By alias through the index, and by stem: the same file, the same image.
+    let by_alias = render("a fox <lora:watercolor_style:0.8>", "alias.png", &[]);
+    let by_stem = render("a fox <lora:wc_v1:0.8>", "stem.png", &[]);
+    assert_eq!(pixels(&by_alias), pixels(&by_stem));
+    // --trigger appends the activation text: the same as writing it.
+    let triggered = render("a fox <lora:wc_v1:0.8>", "trigger.png", &["--trigger"]);
+    let written = render("a fox, wtrclr <lora:wc_v1:0.8>", "written.png", &[]);
+    assert_eq!(pixels(&triggered), pixels(&written));
+    assert_ne!(pixels(&triggered), pixels(&by_stem));
 }

@@ -46,6 +46,13 @@ pub struct PreviewArgs {
     /// Folders searched (recursively) for the prompt's `<lora:NAME>` files.
     #[arg(long, value_name = "DIR")]
     lora_dir: Vec<PathBuf>,
+    /// The library index that resolves `<lora:NAME>` by file stem or alias when no --lora-dir has
+    /// it (default: $LORATOOL_DB, else $XDG_DATA_HOME/loratool/library.db, when it exists).
+    #[arg(long, value_name = "PATH")]
+    db: Option<PathBuf>,
+    /// Append each LoRA's activation text (its A1111 `<stem>.json`) to the prompt.
+    #[arg(long)]
+    trigger: bool,
     #[arg(long, default_value_t = 20)]
     steps: usize,
     #[arg(long, default_value_t = 7.0)]
@@ -93,6 +100,8 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
             .map(|l| parse_lora(l))
             .collect::<Result<_>>()?,
         lora_dirs: args.lora_dir.clone(),
+        library: loratool::library::db::default_path(args.db.as_deref()).ok(),
+        trigger: args.trigger,
         sampler: match args.sampler {
             SamplerArg::EulerA => SamplerKind::EulerAncestral,
             SamplerArg::Euler => SamplerKind::Euler,

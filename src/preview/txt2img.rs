@@ -34,6 +34,11 @@ pub struct Txt2Img {
     /// LoRAs from `--lora` (the prompt's `<lora:…>` tags are added to them).
     pub loras: Vec<LoraWeight>,
     pub lora_dirs: Vec<PathBuf>,
+    /// The library index that resolves `<lora:NAME>` by stem or `ss_output_name` alias when the
+    /// folders do not have NAME (`None`: folders only).
+    pub library: Option<PathBuf>,
+    /// Append each LoRA's activation text (A1111's `<stem>.json`) to the prompt.
+    pub trigger: bool,
     pub sampler: SamplerKind,
     pub schedule: ScheduleKind,
     pub steps: usize,
@@ -92,7 +97,7 @@ fn read_configs(dir: &Path) -> Result<Configs> {
 
 /// A `<lora:NAME…>` tag's file: the stem NAME in a `--lora-dir` folder (searched recursively, as
 /// A1111 lists its Lora folder). An unknown name is an error listing close matches.
-fn resolve_lora(tag: &LoraTag, dirs: &[PathBuf]) -> Result<PathBuf> {
+fn resolve_lora(tag: &LoraTag, dirs: &[PathBuf], library: Option<&Path>) -> Result<PathBuf> {
     let mut all = Vec::new();
     for dir in dirs {
         for entry in walkdir::WalkDir::new(dir)
@@ -115,6 +120,25 @@ fn resolve_lora(tag: &LoraTag, dirs: &[PathBuf]) -> Result<PathBuf> {
     };
     if let Some(found) = all.iter().find(|p| stem(p) == tag.name) {
         return Ok(found.clone());
+    }
+    // The library resolves names as A1111 does (stem, then alias), over every root it indexes.
+    if let Some(db) = library.filter(|p| p.exists()) {
+        use crate::library::query::Resolved;
+        let lib = crate::library::Library::open(db)?;
+        match lib.resolve(std::ffi::OsStr::new(&tag.name))? {
+            Resolved::One(e) if !e.missing => return Ok(PathBuf::from(&e.path)),
+            Resolved::Many(list) => {
+                let paths: Vec<&str> = list.iter().map(|e| e.path.as_str()).collect();
+                return Err(Error::Invalid(format!(
+                    "{}: the library has {} LoRAs named '{}': {}",
+                    tag.tag,
+                    list.len(),
+                    tag.name,
+                    paths.join(", ")
+                )));
+            }
+            _ => {}
+        }
     }
     let want = tag.name.to_lowercase();
     let mut close: Vec<String> = all
@@ -188,7 +212,7 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     let mut loras = req.loras.clone();
     let mut named = Vec::new();
     for tag in &prompt.loras {
-        let path = resolve_lora(tag, &req.lora_dirs)?;
+        let path = resolve_lora(tag, &req.lora_dirs, req.library.as_deref())?;
         loras.push(LoraWeight {
             path: path.clone(),
             text_encoder: tag.te_weight as f32,
@@ -207,6 +231,21 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         named.push((name, l.path.clone()));
     }
 
+    let mut prompt_text = prompt.text.clone();
+    if req.trigger {
+        for l in &loras {
+            let words = crate::library::sidecar::read_user_metadata(&l.path)
+                .and_then(|m| {
+                    m.get("activation text")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                })
+                .filter(|w| !w.trim().is_empty());
+            if let Some(w) = words {
+                prompt_text = format!("{}, {}", prompt_text.trim_end(), w.trim());
+            }
+        }
+    }
     let checkpoint = Checkpoint::open(&req.model)?;
     let plan = PatchPlan::build(&checkpoint, &loras, &PlanOptions::default())?;
     let weights = Weights::new(plan);
@@ -232,7 +271,7 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
             .chunk(&parse_emphasis(text)?, &[], &options)?
             .chunks)
     };
-    let mut cond_chunks = chunk(&prompt.text)?;
+    let mut cond_chunks = chunk(&prompt_text)?;
     let mut uncond_chunks = chunk(&negative.text)?;
     // A1111 pads the shorter prompt with empty windows so both have the same length.
     let empty = chunk("")?;
