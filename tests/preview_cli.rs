@@ -349,3 +349,73 @@ fn lora_names_resolve_through_the_library_by_alias_and_trigger_words_are_added()
     assert_eq!(pixels(&triggered), pixels(&written));
     assert_ne!(pixels(&triggered), pixels(&by_stem));
 }
+
+/// The tiny checkpoint's VAE as a file of its own (LDM names without the prefix, as the VAE files
+/// A1111 users download), its `conv_out` bias shifted by `shift`.
+fn vae_file(dst: &Path, shift: f32) {
+    let f = TensorFile::open(&fixture("models/sd1_ldm.safetensors")).unwrap();
+    let mut specs = Vec::new();
+    let mut data = Vec::new();
+    for t in f.tensors() {
+        let Some(name) = t.name.strip_prefix("first_stage_model.") else {
+            continue;
+        };
+        let mut values = f.read_f32(&t.name).unwrap().data;
+        if name == "decoder.conv_out.bias" {
+            values.iter_mut().for_each(|v| *v += shift);
+        }
+        specs.push(TensorSpec {
+            name: name.to_string(),
+            dtype: loratool::tensors::Dtype::F32,
+            shape: t.shape.clone(),
+        });
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    let header = build_header(&BTreeMap::new(), &specs);
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&data);
+    std::fs::write(dst, out).unwrap();
+}
+
+#[test]
+fn an_external_vae_replaces_the_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny_sd1.safetensors");
+    full_vocab_checkpoint(&model);
+    let (same, other) = (
+        dir.path().join("same.vae.safetensors"),
+        dir.path().join("other.vae.safetensors"),
+    );
+    vae_file(&same, 0.0);
+    vae_file(&other, 0.5);
+    let render = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        ok(&preview(&model, "a red fox", &out, extra));
+        out
+    };
+    let own = render("own.png", &[]);
+    let with_same = render("same.png", &["--vae", same.to_str().unwrap()]);
+    let with_other = render("other.png", &["--vae", other.to_str().unwrap()]);
+    assert_eq!(pixels(&own), pixels(&with_same));
+    assert_ne!(pixels(&own), pixels(&with_other));
+    let text = read_parameters(&with_other).unwrap().unwrap().text;
+    let parsed = parse_generation_parameters(&text);
+    assert_eq!(parsed.get("VAE"), Some("other.vae.safetensors"), "{text}");
+    let hash = loratool::tensors::hash::hash_file(&other, None)
+        .unwrap()
+        .autov2
+        .to_lowercase();
+    assert_eq!(parsed.get("VAE hash"), Some(hash.as_str()), "{text}");
+    // Not a VAE: one line naming the file.
+    let lora = fixture("loras/sd1_kohya_lora.safetensors");
+    let o = preview(
+        &model,
+        "a red fox",
+        &dir.path().join("x.png"),
+        &["--vae", lora.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("sd1_kohya_lora.safetensors: not a VAE"), "{e}");
+}

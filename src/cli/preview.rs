@@ -35,6 +35,9 @@ pub struct PreviewArgs {
     /// groups the weights cannot tell (non-standard or tiny models).
     #[arg(long, value_name = "DIR")]
     config: Option<PathBuf>,
+    /// A VAE file (LDM names, e.g. the ft-MSE VAE) that replaces the checkpoint's.
+    #[arg(long, value_name = "PATH")]
+    vae: Option<PathBuf>,
     /// The prompt, in A1111's syntax (`<lora:NAME:W>`, `(word:1.2)`, `[word]`, BREAK).
     #[arg(long)]
     prompt: String,
@@ -91,6 +94,7 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
     };
     let req = Txt2Img {
         model: args.model.clone(),
+        vae: args.vae.clone(),
         config: args.config.clone(),
         prompt: args.prompt.clone(),
         negative: args.negative.clone(),

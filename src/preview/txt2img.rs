@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 pub struct Txt2Img {
     pub model: PathBuf,
+    /// A VAE file that replaces the checkpoint's (A1111's VAE setting).
+    pub vae: Option<PathBuf>,
     /// A diffusers pipeline folder (or a folder of its `*/config.json`) whose configs give the
     /// head counts and norm groups shapes cannot tell.
     pub config: Option<PathBuf>,
@@ -248,7 +250,10 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     }
     let checkpoint = Checkpoint::open(&req.model)?;
     let plan = PatchPlan::build(&checkpoint, &loras, &PlanOptions::default())?;
-    let weights = Weights::new(plan);
+    let weights = match &req.vae {
+        Some(v) => Weights::new(plan).with_vae(v)?,
+        None => Weights::new(plan),
+    };
     let configs = match &req.config {
         Some(dir) => read_configs(dir)?,
         None => Configs::default(),
@@ -351,6 +356,15 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned()),
         clip_skip: req.clip_skip as u32,
+        vae_hash: match &req.vae {
+            Some(v) => Some(model_short_hash(&hash_file(v, None)?)),
+            None => None,
+        },
+        vae: req
+            .vae
+            .as_ref()
+            .and_then(|v| v.file_name())
+            .map(|n| n.to_string_lossy().into_owned()),
         rng: Some("CPU".into()),
         lora_hashes,
         version: Some(loratool_version()),

@@ -5,8 +5,10 @@
 use crate::family::layout::{Checkpoint, Layout};
 use crate::family::Component;
 use crate::ops::patch_plan::PatchPlan;
+use crate::tensors::TensorFile;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
+use std::path::Path;
 
 /// What a component's modules are called inside the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +67,9 @@ impl Part {
 pub struct Weights<'c> {
     plan: PatchPlan<'c>,
     device: Device,
+    /// An external VAE (`--vae`) that replaces the checkpoint's, LDM names with or without the
+    /// `first_stage_model.` prefix.
+    vae: Option<(TensorFile, &'static str)>,
 }
 
 impl<'c> Weights<'c> {
@@ -72,7 +77,32 @@ impl<'c> Weights<'c> {
         Weights {
             plan,
             device: Device::Cpu,
+            vae: None,
         }
+    }
+
+    /// Takes the VAE from `path` instead of the checkpoint, as A1111's VAE setting does. Files
+    /// with diffusers VAE names are refused for now (the family has no VAE name map yet).
+    pub fn with_vae(mut self, path: &Path) -> Result<Weights<'c>> {
+        let file = TensorFile::open(path)?;
+        if crate::family::layout::vae_naming(file.tensors()) == "diffusers" {
+            return Err(Error::bad_file(
+                path,
+                "a VAE with diffusers names; only LDM-named VAE files (as A1111 uses) are supported by --vae",
+            ));
+        }
+        let prefix = match file.get("first_stage_model.decoder.conv_in.weight") {
+            Some(_) => crate::family::layout::LDM_VAE,
+            None => "",
+        };
+        if file
+            .get(&format!("{prefix}decoder.conv_in.weight"))
+            .is_none()
+        {
+            return Err(Error::bad_file(path, "not a VAE (no decoder.conv_in)"));
+        }
+        self.vae = Some((file, prefix));
+        Ok(self)
     }
 
     pub fn checkpoint(&self) -> &'c Checkpoint {
@@ -100,11 +130,17 @@ impl<'c> Weights<'c> {
 
     /// Whether the checkpoint has `name` of `part`.
     pub fn has(&self, part: Part, name: &str) -> bool {
-        self.locate(part, name).is_some()
+        match self.external_vae(part, name) {
+            Some((file, key)) => file.get(&key).is_some(),
+            None => self.locate(part, name).is_some(),
+        }
     }
 
     /// The shape of `name` of `part`, without reading it.
     pub fn shape(&self, part: Part, name: &str) -> Option<Vec<usize>> {
+        if let Some((file, key)) = self.external_vae(part, name) {
+            return file.get(&key).map(|t| t.shape.clone());
+        }
         let (i, key) = self.locate(part, name)?;
         self.plan.checkpoint.files[i]
             .file
@@ -112,8 +148,19 @@ impl<'c> Weights<'c> {
             .map(|t| t.shape.clone())
     }
 
+    /// The external VAE's file and key for `name`, when one replaces the checkpoint's.
+    fn external_vae(&self, part: Part, name: &str) -> Option<(&TensorFile, String)> {
+        let (file, prefix) = self.vae.as_ref().filter(|_| part == Part::Vae)?;
+        Some((file, format!("{prefix}{name}")))
+    }
+
     /// `name` of `part` in f32 with every LoRA patch applied.
     pub fn get(&self, part: Part, name: &str) -> Result<Tensor> {
+        if let Some((file, key)) = self.external_vae(part, name) {
+            let t = file.read_f32(&key)?;
+            return Tensor::from_vec(t.data, t.shape, &self.device)
+                .map_err(|e| candle_error(&key, e));
+        }
         let (i, key) = self.locate(part, name).ok_or_else(|| {
             Error::bad_tensor(
                 &self.plan.checkpoint.root,
