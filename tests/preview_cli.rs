@@ -419,3 +419,68 @@ fn an_external_vae_replaces_the_checkpoints() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("sd1_kohya_lora.safetensors: not a VAE"), "{e}");
 }
+
+/// A textual-inversion file (`emb_params`, as A1111 saves them) with `vectors` rows.
+fn embedding_file(dst: &Path, vectors: &[Vec<f32>]) {
+    let specs = vec![TensorSpec {
+        name: "emb_params".into(),
+        dtype: loratool::tensors::Dtype::F32,
+        shape: vec![vectors.len(), vectors[0].len()],
+    }];
+    let header = build_header(&BTreeMap::new(), &specs);
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend(vectors.iter().flatten().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(dst, out).unwrap();
+}
+
+#[test]
+fn textual_inversion_vectors_replace_their_names_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny_sd1.safetensors");
+    full_vocab_checkpoint(&model);
+    let embeddings = dir.path().join("embeddings");
+    std::fs::create_dir_all(&embeddings).unwrap();
+    // `foxemb`: one vector, the token embedding of "fox" itself: "a foxemb" must render "a fox".
+    let fox = loratool::preview::tokenizer::ClipTokenizer::new()
+        .unwrap()
+        .encode("fox");
+    assert_eq!(fox.len(), 1);
+    let table = TensorFile::open(&model)
+        .unwrap()
+        .read_f32("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+        .unwrap();
+    let row = fox[0] as usize * 16;
+    embedding_file(
+        &embeddings.join("foxemb.safetensors"),
+        &[table.data[row..row + 16].to_vec()],
+    );
+    embedding_file(
+        &embeddings.join("easyneg.safetensors"),
+        &[vec![0.25; 16], vec![-0.5; 16]],
+    );
+    let render = |name: &str, prompt: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["--embedding-dir", embeddings.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        ok(&preview(&model, prompt, &out, &args));
+        out
+    };
+    let by_word = render("word.png", "a fox", &["--negative", ""]);
+    let by_embedding = render("emb.png", "a foxemb", &["--negative", ""]);
+    assert_eq!(pixels(&by_word), pixels(&by_embedding));
+    let text = read_parameters(&by_embedding).unwrap().unwrap().text;
+    let sha = loratool::tensors::hash::hash_file(&embeddings.join("foxemb.safetensors"), None)
+        .unwrap()
+        .sha256;
+    assert_eq!(
+        parse_generation_parameters(&text).get("TI hashes"),
+        Some(format!("foxemb: {}", &sha[..12]).as_str()),
+        "{text}"
+    );
+    // In the negative prompt too; without the folder the name is plain text.
+    let with = render("neg.png", "a fox", &["--negative", "easyneg"]);
+    let out = dir.path().join("plain_neg.png");
+    ok(&preview(&model, "a fox", &out, &["--negative", "easyneg"]));
+    assert_ne!(pixels(&with), pixels(&out));
+}

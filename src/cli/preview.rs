@@ -49,6 +49,9 @@ pub struct PreviewArgs {
     /// Folders searched (recursively) for the prompt's `<lora:NAME>` files.
     #[arg(long, value_name = "DIR")]
     lora_dir: Vec<PathBuf>,
+    /// Textual-inversion folders (A1111's `embeddings/`): files found by stem in the prompts.
+    #[arg(long, value_name = "DIR")]
+    embedding_dir: Vec<PathBuf>,
     /// The library index that resolves `<lora:NAME>` by file stem or alias when no --lora-dir has
     /// it (default: $LORATOOL_DB, else $XDG_DATA_HOME/loratool/library.db, when it exists).
     #[arg(long, value_name = "PATH")]
@@ -104,6 +107,7 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
             .map(|l| parse_lora(l))
             .collect::<Result<_>>()?,
         lora_dirs: args.lora_dir.clone(),
+        embedding_dirs: args.embedding_dir.clone(),
         library: loratool::library::db::default_path(args.db.as_deref()).ok(),
         trigger: args.trigger,
         sampler: match args.sampler {

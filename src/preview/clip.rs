@@ -190,11 +190,32 @@ impl ClipTextEncoder {
                 tokens.len()
             )));
         }
-        let z = self.encode(&[tokens.to_vec()], clip_skip)?;
+        let embeddings = self.embed_tokens(&[tokens.to_vec()])?;
+        self.encode_weighted_embeddings(&embeddings, multipliers, clip_skip)
+    }
+
+    /// [`ClipTextEncoder::encode_weighted`] from token embeddings (`[1, positions, hidden]`), where
+    /// textual-inversion vectors may have replaced some.
+    pub fn encode_weighted_embeddings(
+        &self,
+        embeddings: &Tensor,
+        multipliers: &[f64],
+        clip_skip: usize,
+    ) -> Result<Tensor> {
+        let positions = embeddings
+            .dim(1)
+            .map_err(|e| candle_error("embeddings", e))?;
+        if multipliers.len() != positions {
+            return Err(Error::Invalid(format!(
+                "{} emphasis multipliers for {positions} tokens",
+                multipliers.len()
+            )));
+        }
+        let z = self.encode_embeddings(embeddings, clip_skip)?;
         let weigh = || -> candle_core::Result<Tensor> {
             // A1111 multiplies in float32 (torch's default dtype for its list of floats).
             let m: Vec<f32> = multipliers.iter().map(|m| *m as f32).collect();
-            let m = Tensor::from_vec(m, (1, tokens.len(), 1), &Device::Cpu)?;
+            let m = Tensor::from_vec(m, (1, positions, 1), &Device::Cpu)?;
             let original_mean = z.mean_all()?;
             let weighted = z.broadcast_mul(&m)?;
             let new_mean = weighted.mean_all()?;

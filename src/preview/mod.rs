@@ -2,7 +2,8 @@
 //! would for the same seed.
 //!
 //! - [`weights`]: the checkpoint's tensors by component, f32, LoRAs applied through the patch plan.
-//! - [`clip`]: the CLIP text encoder (clip skip, replaceable token embeddings).
+//! - [`clip`]: the CLIP text encoder (clip skip, emphasis, replaceable token embeddings);
+//!   [`embeddings`]: textual-inversion files.
 //! - [`layers`], [`unet`], [`vae`]: convolutions, norms, ResNet blocks, attention; the UNet and
 //!   the VAE decoder.
 //! - [`prompt`], [`tokenizer`]: A1111's prompt syntax, CLIP's BPE and A1111's chunking.
@@ -14,6 +15,7 @@
 
 pub mod clip;
 pub mod contact_sheet;
+pub mod embeddings;
 pub mod infotext;
 pub mod label_font;
 pub mod layers;

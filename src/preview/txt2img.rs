@@ -3,15 +3,16 @@
 //! VAE, and the infotext A1111 would write for the same render.
 
 use super::clip::{ClipConfig, ClipTextEncoder};
+use super::embeddings::{load_dirs, Embedding};
 use super::infotext::{
-    lora_short_hash, loratool_version, model_short_hash, schedule_type, GenerationParameters,
-    NamedHash, SamplerName, ScheduleName,
+    embedding_short_hash, lora_short_hash, loratool_version, model_short_hash, schedule_type,
+    GenerationParameters, NamedHash, SamplerName, ScheduleName,
 };
 use super::png::RgbImage;
 use super::prompt::{parse_emphasis, parse_extra_networks, LoraTag};
 use super::render::{render, RenderSettings, SD_SCALING_FACTOR};
 use super::sampling::{NoiseSchedule, Prediction, SamplerKind, SamplerSettings, ScheduleKind};
-use super::tokenizer::{ChunkOptions, ClipPadding, ClipTokenizer, PromptChunk};
+use super::tokenizer::{ChunkOptions, ClipPadding, ClipTokenizer, PromptChunk, TextualInversion};
 use super::unet::{Heads, Unet, UnetConfig};
 use super::vae::VaeDecoder;
 use super::weights::{candle_error, Weights};
@@ -36,6 +37,8 @@ pub struct Txt2Img {
     /// LoRAs from `--lora` (the prompt's `<lora:…>` tags are added to them).
     pub loras: Vec<LoraWeight>,
     pub lora_dirs: Vec<PathBuf>,
+    /// Textual-inversion folders (A1111's `embeddings/`).
+    pub embedding_dirs: Vec<PathBuf>,
     /// The library index that resolves `<lora:NAME>` by stem or `ss_output_name` alias when the
     /// folders do not have NAME (`None`: folders only).
     pub library: Option<PathBuf>,
@@ -189,15 +192,39 @@ fn schedule_of(checkpoint: &Checkpoint) -> Result<NoiseSchedule> {
     }
 }
 
-/// A prompt's windows through the text encoder, concatenated along the token axis.
+/// A prompt's windows through the text encoder, concatenated along the token axis. Embedding
+/// vectors replace the token embeddings at their slots, cut at the window's end (A1111's
+/// `EmbeddingsWithFixes`).
 fn encode_chunks(
     encoder: &ClipTextEncoder,
     chunks: &[PromptChunk],
+    embeddings: &[Embedding],
     clip_skip: usize,
 ) -> Result<Tensor> {
     let parts = chunks
         .iter()
-        .map(|c| encoder.encode_weighted(&c.tokens, &c.multipliers, clip_skip))
+        .map(|c| {
+            if c.embeddings.is_empty() {
+                return encoder.encode_weighted(&c.tokens, &c.multipliers, clip_skip);
+            }
+            let table = encoder.embed_tokens(std::slice::from_ref(&c.tokens))?;
+            let (_, positions, width) = table.dims3().map_err(|e| candle_error("tokens", e))?;
+            let mut rows = table
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| candle_error("tokens", e))?;
+            for slot in &c.embeddings {
+                for (k, v) in embeddings[slot.embedding].vectors.iter().enumerate() {
+                    let at = slot.position + k;
+                    if at < positions {
+                        rows[at * width..(at + 1) * width].copy_from_slice(v);
+                    }
+                }
+            }
+            let table = Tensor::from_vec(rows, (1, positions, width), &candle_core::Device::Cpu)
+                .map_err(|e| candle_error("tokens", e))?;
+            encoder.encode_weighted_embeddings(&table, &c.multipliers, clip_skip)
+        })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, 1).map_err(|e| candle_error("text states", e))
 }
@@ -269,11 +296,19 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     )?;
     let vae = VaeDecoder::load(&weights, configs.vae_groups)?;
 
+    let (embeddings, _skipped) = load_dirs(&req.embedding_dirs, encoder.config().hidden);
+    let inversions: Vec<TextualInversion> = embeddings
+        .iter()
+        .map(|e| TextualInversion {
+            name: e.name.clone(),
+            vectors: e.vectors.len(),
+        })
+        .collect();
     let tokenizer = ClipTokenizer::new()?;
     let options = ChunkOptions::a1111(ClipPadding::EndOfText);
     let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
         Ok(tokenizer
-            .chunk(&parse_emphasis(text)?, &[], &options)?
+            .chunk(&parse_emphasis(text)?, &inversions, &options)?
             .chunks)
     };
     let mut cond_chunks = chunk(&prompt_text)?;
@@ -286,8 +321,24 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     while uncond_chunks.len() < cond_chunks.len() {
         uncond_chunks.push(empty[0].clone());
     }
-    let cond = encode_chunks(&encoder, &cond_chunks, req.clip_skip)?;
-    let uncond = encode_chunks(&encoder, &uncond_chunks, req.clip_skip)?;
+    let cond = encode_chunks(&encoder, &cond_chunks, &embeddings, req.clip_skip)?;
+    let uncond = encode_chunks(&encoder, &uncond_chunks, &embeddings, req.clip_skip)?;
+    // `TI hashes`: the embeddings the prompt or the negative prompt used, in file-name order.
+    let mut used: Vec<usize> = cond_chunks
+        .iter()
+        .chain(&uncond_chunks)
+        .flat_map(|c| c.embeddings.iter().map(|s| s.embedding))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    let mut ti_hashes = Vec::new();
+    for i in used {
+        let e = &embeddings[i];
+        ti_hashes.push(NamedHash::new(
+            &e.name,
+            embedding_short_hash(&hash_file(&e.path, None)?),
+        ));
+    }
 
     let schedule = schedule_of(&checkpoint)?;
     let settings = RenderSettings {
@@ -367,6 +418,7 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
             .map(|n| n.to_string_lossy().into_owned()),
         rng: Some("CPU".into()),
         lora_hashes,
+        ti_hashes,
         version: Some(loratool_version()),
         ..Default::default()
     };
