@@ -91,7 +91,7 @@ fn preview(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> Output {
         .args(["--prompt", prompt])
         .arg("--lora-dir")
         .arg(fixture("loras"))
-        .args(["--seed", "42", "--height", "64", "--sampler", "dpm++2m"])
+        .args(["--height", "64", "--sampler", "dpm++2m"])
         .args(["--schedule", "karras", "-o"])
         .arg(out)
         .args(extra);
@@ -102,6 +102,7 @@ fn preview(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> Output {
     // Defaults the test's `extra` may replace.
     for (flag, value) in [
         ("--negative", "blurry, (ugly:1.3)"),
+        ("--seed", "42"),
         ("--steps", "3"),
         ("--width", "64"),
     ] {
@@ -483,4 +484,79 @@ fn textual_inversion_vectors_replace_their_names_tokens() {
     let out = dir.path().join("plain_neg.png");
     ok(&preview(&model, "a fox", &out, &["--negative", "easyneg"]));
     assert_ne!(pixels(&with), pixels(&out));
+}
+
+/// Where the 64×64 RGB image `cell` sits in `sheet` (width `w`), if anywhere.
+fn find_cell(sheet: &[u8], w: usize, cell: &[u8]) -> Option<(usize, usize)> {
+    let h = sheet.len() / (w * 3);
+    for y in 0..=h.saturating_sub(64) {
+        for x in 0..=w.saturating_sub(64) {
+            if (0..64).all(|r| {
+                let at = ((y + r) * w + x) * 3;
+                sheet[at..at + 64 * 3] == cell[r * 64 * 3..(r + 1) * 64 * 3]
+            }) {
+                return Some((x, y));
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_grid_lays_out_each_weight_and_seed_with_the_first_cells_infotext() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny_sd1.safetensors");
+    full_vocab_checkpoint(&model);
+    let prompt = "a red fox <lora:sd1_kohya_lora:1>";
+    let sheet = dir.path().join("grid.png");
+    ok(&preview(
+        &model,
+        prompt,
+        &sheet,
+        &["--grid", "weights=0,0.8;seeds=42,7", "--negative", ""],
+    ));
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&sheet).unwrap(),
+    ));
+    let width = decoder.read_info().unwrap().info().width as usize;
+    let sheet_pixels = pixels(&sheet);
+    let mut places = Vec::new();
+    for seed in ["42", "7"] {
+        for w in ["0", "0.8"] {
+            let single = dir.path().join(format!("s{seed}_w{w}.png"));
+            let p = format!("a red fox <lora:sd1_kohya_lora:{w}>");
+            ok(&preview(
+                &model,
+                &p,
+                &single,
+                &["--seed", seed, "--negative", ""],
+            ));
+            let at = find_cell(&sheet_pixels, width, &pixels(&single))
+                .unwrap_or_else(|| panic!("seed {seed} weight {w} is not in the sheet"));
+            places.push(at);
+        }
+    }
+    // Columns are weights, rows are seeds.
+    assert!(
+        places[0].0 < places[1].0 && places[0].1 == places[1].1,
+        "{places:?}"
+    );
+    assert!(
+        places[0].1 < places[2].1 && places[0].0 == places[2].0,
+        "{places:?}"
+    );
+    let text = read_parameters(&sheet).unwrap().unwrap().text;
+    assert_eq!(
+        parse_generation_parameters(&text).get("Seed"),
+        Some("42"),
+        "{text}"
+    );
+    let o = preview(
+        &model,
+        "a fox",
+        &dir.path().join("x.png"),
+        &["--grid", "weights=0,1"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no LoRA to weigh"));
 }

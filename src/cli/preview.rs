@@ -5,7 +5,7 @@ use super::values::parse_lora;
 use clap::{Args, ValueEnum};
 use loratool::preview::png::write_png;
 use loratool::preview::sampling::{SamplerKind, ScheduleKind};
-use loratool::preview::txt2img::{txt2img, Txt2Img};
+use loratool::preview::txt2img::{txt2img, txt2img_grid, GridSpec, Txt2Img};
 use loratool::tensors::WriteOptions;
 use loratool::Result;
 use std::path::PathBuf;
@@ -76,6 +76,10 @@ pub struct PreviewArgs {
     height: u32,
     #[arg(long, default_value_t = 1)]
     clip_skip: usize,
+    /// A labelled contact sheet: `weights=0,0.5,1` (every LoRA at each weight, one column each)
+    /// and optionally `;seeds=1,2` (one row each; default: --seed).
+    #[arg(long, value_name = "SPEC")]
+    grid: Option<String>,
     #[arg(short = 'o', long, value_name = "OUT.png")]
     output: PathBuf,
     /// Replace an existing output.
@@ -126,6 +130,11 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
         width: args.width,
         height: args.height,
         clip_skip: args.clip_skip,
+        grid_weight: None,
+    };
+    let grid = match &args.grid {
+        Some(spec) => Some(GridSpec::parse(spec, seed)?),
+        None => None,
     };
     let write = WriteOptions {
         force: args.force,
@@ -138,7 +147,10 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
         });
     }
     let (bar, progress) = count_bar("sampling", "steps");
-    let rendered = txt2img(&req, &progress);
+    let rendered = match &grid {
+        Some(g) => txt2img_grid(&req, g, &progress),
+        None => txt2img(&req, &progress),
+    };
     bar.finish_and_clear();
     let rendered = rendered?;
     write_png(&args.output, &rendered.image, &rendered.infotext, &write)?;

@@ -25,6 +25,7 @@ use crate::{Error, Result};
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 
+#[derive(Clone)]
 pub struct Txt2Img {
     pub model: PathBuf,
     /// A VAE file that replaces the checkpoint's (A1111's VAE setting).
@@ -52,6 +53,8 @@ pub struct Txt2Img {
     pub width: u32,
     pub height: u32,
     pub clip_skip: usize,
+    /// In a grid cell: the weight that replaces every prompt tag's multipliers.
+    pub grid_weight: Option<f32>,
 }
 
 pub struct Rendered {
@@ -229,6 +232,95 @@ fn encode_chunks(
     Tensor::cat(&parts, 1).map_err(|e| candle_error("text states", e))
 }
 
+/// `--grid weights=0,0.5,1[;seeds=1,2]`: a weight per column (each replaces every LoRA's text
+/// encoder and UNet multipliers) and a seed per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GridSpec {
+    pub weights: Vec<f32>,
+    pub seeds: Vec<u64>,
+}
+
+impl GridSpec {
+    pub fn parse(spec: &str, default_seed: u64) -> Result<GridSpec> {
+        let bad = |why: &str| Error::Invalid(format!("--grid '{spec}': {why}"));
+        let mut weights = None;
+        let mut seeds = None;
+        for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, values) = part
+                .split_once('=')
+                .ok_or_else(|| bad("expected weights=W,W,…[;seeds=S,S,…]"))?;
+            let list: Vec<&str> = values.split(',').map(str::trim).collect();
+            match key.trim() {
+                "weights" => {
+                    weights = Some(
+                        list.iter()
+                            .map(|v| v.parse::<f32>().ok().filter(|w| w.is_finite()))
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| bad("a weight is not a number"))?,
+                    )
+                }
+                "seeds" => {
+                    seeds = Some(
+                        list.iter()
+                            .map(|v| v.parse::<u64>().ok())
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| bad("a seed is not a non-negative integer"))?,
+                    )
+                }
+                other => return Err(bad(&format!("unknown axis '{other}' (weights, seeds)"))),
+            }
+        }
+        let weights = weights.ok_or_else(|| bad("weights=… is required"))?;
+        let seeds = seeds.unwrap_or_else(|| vec![default_seed]);
+        if weights.is_empty() || weights.len() * seeds.len() > 64 {
+            return Err(bad("between 1 and 64 images"));
+        }
+        Ok(GridSpec { weights, seeds })
+    }
+}
+
+/// One render per grid cell (row = seed, column = weight), laid out with A1111's X/Y plot labels;
+/// the sheet carries the first cell's infotext, as A1111's grids do. LoRAs are applied at load,
+/// so each weight loads the model again.
+pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> Result<Rendered> {
+    if req.loras.is_empty() && !req.prompt.contains("<lora:") {
+        return Err(Error::Invalid(
+            "--grid weights=…: there is no LoRA to weigh (add <lora:NAME:W> or --lora)".into(),
+        ));
+    }
+    let mut cells = Vec::new();
+    let mut first_infotext = None;
+    for &seed in &grid.seeds {
+        for &w in &grid.weights {
+            let mut cell = Txt2Img {
+                seed,
+                loras: req
+                    .loras
+                    .iter()
+                    .map(|l| LoraWeight {
+                        text_encoder: w,
+                        unet: w,
+                        ..l.clone()
+                    })
+                    .collect(),
+                ..req.clone()
+            };
+            cell.grid_weight = Some(w);
+            let rendered = txt2img(&cell, progress)?;
+            first_infotext.get_or_insert(rendered.infotext);
+            cells.push(rendered.image);
+        }
+    }
+    let labels = super::contact_sheet::GridLabels {
+        columns: grid.weights.iter().map(|w| format!("weight {w}")).collect(),
+        rows: grid.seeds.iter().map(|s| format!("seed {s}")).collect(),
+    };
+    Ok(Rendered {
+        image: super::contact_sheet::contact_sheet(&cells, grid.weights.len(), &labels)?,
+        infotext: first_infotext.unwrap_or_default(),
+    })
+}
+
 pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     if req.steps == 0 || req.steps > 1000 {
         return Err(Error::Invalid(format!(
@@ -244,8 +336,8 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         let path = resolve_lora(tag, &req.lora_dirs, req.library.as_deref())?;
         loras.push(LoraWeight {
             path: path.clone(),
-            text_encoder: tag.te_weight as f32,
-            unet: tag.unet_weight as f32,
+            text_encoder: req.grid_weight.unwrap_or(tag.te_weight as f32),
+            unet: req.grid_weight.unwrap_or(tag.unet_weight as f32),
             block_weights: tag.block_weights.clone(),
         });
         named.push((tag.name.clone(), path));
