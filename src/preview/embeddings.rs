@@ -72,26 +72,15 @@ pub fn load(path: &Path) -> Result<Embedding> {
 pub fn load_dirs(dirs: &[PathBuf], width: usize) -> (Vec<Embedding>, Vec<String>) {
     let mut found = Vec::new();
     let mut skipped = Vec::new();
-    for dir in dirs {
-        for entry in walkdir::WalkDir::new(dir)
-            .follow_links(true)
-            .into_iter()
-            .flatten()
-        {
-            let p = entry.path();
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
-            if !entry.file_type().is_file() || !["safetensors", "pt", "bin"].contains(&ext) {
-                continue;
-            }
-            match load(p) {
-                Ok(e) if e.width() == width => found.push(e),
-                Ok(e) => skipped.push(format!(
-                    "{}: vectors of width {}, the text encoder's are {width}",
-                    p.display(),
-                    e.width()
-                )),
-                Err(e) => skipped.push(e.to_string()),
-            }
+    for p in super::files_under(dirs, &["safetensors", "pt", "bin"]) {
+        match load(&p) {
+            Ok(e) if e.width() == width => found.push(e),
+            Ok(e) => skipped.push(format!(
+                "{}: vectors of width {}, the text encoder's are {width}",
+                p.display(),
+                e.width()
+            )),
+            Err(e) => skipped.push(e.to_string()),
         }
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));

@@ -29,3 +29,26 @@ pub mod txt2img;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+
+/// The files under `dirs` (recursively, links followed, as A1111 lists its model folders) whose
+/// extension is one of `extensions`.
+pub(crate) fn files_under(
+    dirs: &[std::path::PathBuf],
+    extensions: &[&str],
+) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for dir in dirs {
+        for entry in walkdir::WalkDir::new(dir)
+            .follow_links(true)
+            .into_iter()
+            .flatten()
+        {
+            let p = entry.path();
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            if entry.file_type().is_file() && extensions.contains(&ext) {
+                found.push(p.to_path_buf());
+            }
+        }
+    }
+    found
+}

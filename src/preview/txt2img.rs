@@ -106,20 +106,7 @@ fn read_configs(dir: &Path) -> Result<Configs> {
 /// A `<lora:NAME…>` tag's file: the stem NAME in a `--lora-dir` folder (searched recursively, as
 /// A1111 lists its Lora folder). An unknown name is an error listing close matches.
 fn resolve_lora(tag: &LoraTag, dirs: &[PathBuf], library: Option<&Path>) -> Result<PathBuf> {
-    let mut all = Vec::new();
-    for dir in dirs {
-        for entry in walkdir::WalkDir::new(dir)
-            .follow_links(true)
-            .into_iter()
-            .flatten()
-        {
-            let p = entry.path();
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
-            if entry.file_type().is_file() && ["safetensors", "pt", "ckpt"].contains(&ext) {
-                all.push(p.to_path_buf());
-            }
-        }
-    }
+    let all = super::files_under(dirs, &["safetensors", "pt", "ckpt"]);
     let stem = |p: &PathBuf| {
         p.file_stem()
             .unwrap_or_default()
