@@ -560,3 +560,16 @@ fn a_grid_lays_out_each_weight_and_seed_with_the_first_cells_infotext() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no LoRA to weigh"));
 }
+
+#[test]
+fn pickled_and_safetensors_embeddings_load_the_same_vectors() {
+    let pt = loratool::preview::embeddings::load(&fixture("preview/tinyemb.pt")).unwrap();
+    let st = loratool::preview::embeddings::load(&fixture("preview/tinyemb.safetensors")).unwrap();
+    assert_eq!(pt.name, "tinyemb");
+    assert_eq!((pt.vectors.len(), pt.width()), (2, 16));
+    assert_eq!(pt.vectors, st.vectors);
+    let e = loratool::preview::embeddings::load(&fixture("models/sd1_ldm.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a textual-inversion embedding"), "{e}");
+}
