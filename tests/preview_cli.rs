@@ -5,19 +5,16 @@
 //! are checked against the peers in preview_text, preview_unet, preview_vae, preview_render,
 //! sampling, prompt and png_infotext.
 
+mod common;
+use common::fixture;
+
 use loratool::preview::infotext::parse_generation_parameters;
 use loratool::preview::png::read_parameters;
 use loratool::tensors::writer::{build_header, TensorSpec};
 use loratool::tensors::TensorFile;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(p)
-}
 
 /// The tiny SD1 checkpoint with its 1,000-row token embedding tiled to 49,408 rows.
 fn full_vocab_checkpoint(dst: &Path) {

@@ -2,6 +2,9 @@
 //! driving diffusers' UNet and VAE; fixtures/preview/render_sd1, made by
 //! fixtures/generate_preview_render.py): Euler (normal), DPM++ 2M (Karras) and Euler a, with CFG.
 
+mod common;
+use common::fixture;
+
 use loratool::family::layout::Checkpoint;
 use loratool::ops::patch_plan::{PatchPlan, PlanOptions};
 use loratool::preview::render::{render, RenderSettings, SD_SCALING_FACTOR};
@@ -12,13 +15,6 @@ use loratool::preview::unet::{Heads, Unet, UnetConfig};
 use loratool::preview::vae::VaeDecoder;
 use loratool::preview::weights::Weights;
 use loratool::tensors::TensorFile;
-use std::path::PathBuf;
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(p)
-}
 
 #[test]
 fn renders_match_k_diffusion_with_diffusers_models() {

@@ -2,18 +2,15 @@
 //! fixtures/generate_preview_text.py), and LoRAs applied at load time against the checkpoint
 //! `merge` writes.
 
+mod common;
+use common::{fixture, max_rel_error};
+
 use loratool::family::layout::Checkpoint;
 use loratool::ops::patch_plan::{LoraWeight, PatchPlan, PlanOptions};
 use loratool::preview::clip::{ClipConfig, ClipTextEncoder};
 use loratool::preview::weights::Weights;
 use loratool::tensors::TensorFile;
-use std::path::{Path, PathBuf};
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(p)
-}
+use std::path::Path;
 
 fn reference(name: &str) -> (Vec<usize>, Vec<f32>) {
     let f = TensorFile::open(&fixture("preview/clip_sd1.safetensors")).unwrap();
@@ -39,13 +36,6 @@ fn hidden(ck: &Path, loras: &[LoraWeight], skip: usize) -> Vec<f32> {
     let out = encoder.encode(&tokens(), skip).unwrap();
     assert_eq!(out.dims(), &[3, 77, 16]);
     out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-fn max_rel_error(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .fold(0f32, |m, (g, w)| m.max((g - w).abs() / scale))
 }
 
 #[test]

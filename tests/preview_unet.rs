@@ -2,18 +2,15 @@
 //! fixtures/generate_preview_unet.py) on the tiny SD1 checkpoint, from the single file and from
 //! the pipeline folder (whose diffusers names go through the family's UNet key map).
 
+mod common;
+use common::{fixture, max_rel_error};
+
 use loratool::family::layout::Checkpoint;
 use loratool::ops::patch_plan::{PatchPlan, PlanOptions};
 use loratool::preview::unet::{Heads, Unet, UnetConfig};
 use loratool::preview::weights::Weights;
 use loratool::tensors::TensorFile;
-use std::path::{Path, PathBuf};
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(p)
-}
+use std::path::Path;
 
 fn eps_of(ck: &Path) -> (Vec<f32>, Vec<f32>) {
     let reference = TensorFile::open(&fixture("preview/unet_sd1.safetensors")).unwrap();
@@ -37,13 +34,6 @@ fn eps_of(ck: &Path) -> (Vec<f32>, Vec<f32>) {
         .unwrap();
     assert_eq!(eps.dims(), &[2, 4, 8, 8]);
     (eps.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want)
-}
-
-fn max_rel_error(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .fold(0f32, |m, (g, w)| m.max((g - w).abs() / scale))
 }
 
 #[test]

@@ -1,18 +1,14 @@
 //! The preview's VAE decoder against diffusers' AutoencoderKL (fixtures/preview/vae_sd1, made by
 //! fixtures/generate_preview_vae.py) on the tiny SD1 checkpoint.
 
+mod common;
+use common::fixture;
+
 use loratool::family::layout::Checkpoint;
 use loratool::ops::patch_plan::{PatchPlan, PlanOptions};
 use loratool::preview::vae::VaeDecoder;
 use loratool::preview::weights::Weights;
 use loratool::tensors::TensorFile;
-use std::path::PathBuf;
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(p)
-}
 
 #[test]
 fn decode_matches_diffusers() {

@@ -37,7 +37,7 @@ impl Civitai {
 
     /// `host:port` of the endpoint, to recognise its URLs.
     pub fn host(&self) -> String {
-        host_port(&self.base)
+        super::http::host_port(&self.base)
     }
 
     fn url(&self, path: &str) -> Result<Url, Problem> {
@@ -203,13 +203,6 @@ impl Civitai {
         let mut url = self.url(parsed.path())?;
         url.set_query(parsed.query());
         Ok(CivitaiDownload { civitai: self, url })
-    }
-}
-
-pub fn host_port(url: &Url) -> String {
-    match url.port() {
-        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-        None => url.host_str().unwrap_or_default().to_string(),
     }
 }
 

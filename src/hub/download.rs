@@ -1,16 +1,14 @@
 //! The one download engine behind Civitai and Hugging Face: bytes go to `<name>.part` beside the
-//! destination, are hashed while they are written, resume with `Range` + `If-Range` after a
-//! dropped connection, and reach the final name (never replacing a file) only once their sha256
-//! matches what the service lists. Nothing incomplete ever sits at the final name.
+//! destination, resume with `Range` + `If-Range` after a dropped connection, and reach the final
+//! name (never replacing a file) only once the complete part's sha256 (read back once when the
+//! transfer ends) matches what the service lists. Nothing incomplete ever sits at the final name.
 
 use super::filename::{content_disposition_name, sanitize};
 use super::http::{is_transient, retry_after, Http, Reply};
 use super::{error_detail, Problem};
 use crate::ops::progress::ProgressSink;
-use crate::tensors::writer::hex;
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_DISPOSITION, CONTENT_RANGE, CONTENT_TYPE};
 use reqwest::StatusCode;
-use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -377,7 +375,7 @@ fn finish(
             detail: format!("only {size} bytes"),
         });
     }
-    let sha256 = sha256_of(part).map_err(|e| io(part, e))?;
+    let sha256 = sha256_of(part)?;
     if let Some(expected) = &target.sha256 {
         if !expected.eq_ignore_ascii_case(&sha256) {
             discard(part, state_path);
@@ -553,18 +551,11 @@ fn discard(part: &Path, state_path: &Path) {
     let _ = std::fs::remove_file(state_path);
 }
 
-pub fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
+/// The whole-file sha256, by the project's one hashing code.
+fn sha256_of(path: &Path) -> Result<String, Problem> {
+    crate::tensors::hash::hash_file(path, None)
+        .map(|h| h.sha256)
+        .map_err(|e| Problem::Io(e.to_string()))
 }
 
 fn free_space(dir: &Path) -> Option<u64> {

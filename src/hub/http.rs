@@ -33,6 +33,14 @@ impl std::fmt::Debug for Auth {
     }
 }
 
+/// `host:port` as written in the URL (no port when it has none): how endpoints are recognised.
+pub fn host_port(url: &Url) -> String {
+    match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+        None => url.host_str().unwrap_or_default().to_string(),
+    }
+}
+
 pub fn origin(url: &Url) -> String {
     format!(
         "{}://{}:{}",

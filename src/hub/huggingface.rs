@@ -70,7 +70,7 @@ impl HuggingFace {
     }
 
     pub fn host(&self) -> String {
-        super::civitai::host_port(&self.base)
+        super::http::host_port(&self.base)
     }
 
     fn resolve_url(&self, repo: &str, revision: &str, path: &str) -> Result<Url, Problem> {

@@ -58,10 +58,7 @@ pub fn parse(arg: &str, civitai_host: &str, hf_host: &str) -> Result<Source> {
     if lower.starts_with("http://") || lower.starts_with("https://") {
         let url = reqwest::Url::parse(arg).map_err(|e| bad(&format!("not a URL: {e}")))?;
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        let host_port = match url.port() {
-            Some(p) => format!("{host}:{p}"),
-            None => host.clone(),
-        };
+        let host_port = super::http::host_port(&url).to_ascii_lowercase();
         let is = |list: &[&str], configured: &str| {
             list.iter()
                 .any(|h| host == *h || host.ends_with(&format!(".{h}")))

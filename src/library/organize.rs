@@ -119,7 +119,7 @@ fn folder_name(v: &str, empty: &str) -> String {
 
 /// The Civitai creator recorded in a `.civitai.info` file.
 fn civitai_creator(path: &Path) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let v = super::sidecar::read_civitai_info(path)?;
     let name = v
         .pointer("/model/creator/username")
         .or_else(|| v.pointer("/creator/username"))?;

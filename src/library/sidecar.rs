@@ -20,12 +20,14 @@ pub const SIDECARS: &[(&str, &str)] = &[
     (".preview.jpg", "preview"),
     (".preview.jpeg", "preview"),
     (".preview.webp", "preview"),
+    (".preview.gif", "preview"),
     (".description.txt", "description"),
     (".json", "user_metadata"),
     (".png", "preview"),
     (".jpg", "preview"),
     (".jpeg", "preview"),
     (".webp", "preview"),
+    (".gif", "preview"),
     (".txt", "description"),
     (".html", "html"),
 ];
@@ -67,6 +69,12 @@ pub fn signature(sidecars: &[Sidecar]) -> String {
         sig.push_str(&format!("{name}:{size}:{mtime};"));
     }
     sig
+}
+
+/// A `.civitai.info` sidecar (Civitai's model-version response, as `fetch` and the Civitai Helper
+/// extensions write it), when it is readable JSON.
+pub fn read_civitai_info(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
 /// A1111's `<stem>.json`, when it exists and is a JSON object.

@@ -93,8 +93,8 @@ impl Library {
             let ids = match (model, version) {
                 (Some(m), Some(v)) => Some((m as u64, v as u64)),
                 _ => info.and_then(|p| {
-                    let bytes = std::fs::read(super::sidecar::path_from_bytes(&p)).ok()?;
-                    let json = serde_json::from_slice(&bytes).ok()?;
+                    let json =
+                        super::sidecar::read_civitai_info(&super::sidecar::path_from_bytes(&p))?;
                     crate::hub::identify::ids_in_civitai_info(&json)
                 }),
             };

@@ -7,6 +7,20 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
+/// A path under fixtures/.
+pub fn fixture(p: &str) -> PathBuf {
+    fixtures().join(p)
+}
+
+/// The largest |got − want| relative to want's largest magnitude (the preview parity measure).
+pub fn max_rel_error(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "compared tensors differ in size");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs() / scale))
+}
+
 pub fn manifest() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest.json");
     serde_json::from_str(&text).expect("manifest parses")
