@@ -487,3 +487,22 @@ fn progress_counts_every_byte_once_and_moves_inside_large_files() {
         "the 150 MiB file was reported in chunks"
     );
 }
+
+#[test]
+fn known_hashes_come_from_the_index_only_while_the_file_is_unchanged() {
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c");
+    copy(&c, &["loras/sd1_locon.safetensors"]);
+    let mut lib = Library::open(&t.path().join("lib.db")).unwrap();
+    let roots = lib.add_roots(std::slice::from_ref(&c)).unwrap();
+    lib.scan_roots(&roots, &ScanOptions::default()).unwrap();
+    let file = std::fs::canonicalize(c.join("sd1_locon.safetensors")).unwrap();
+    let start = loratool::tensors::SafetensorsFile::data_start_of(&file).unwrap();
+    let read = loratool::tensors::hash::hash_file(&file, start).unwrap();
+    assert_eq!(lib.known_hashes(&file), Some(read));
+    // Another size: the index's hashes no longer describe the file.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.push(0);
+    std::fs::write(&file, bytes).unwrap();
+    assert_eq!(lib.known_hashes(&file), None);
+}

@@ -167,3 +167,28 @@ impl Library {
         Ok(())
     }
 }
+
+impl Library {
+    /// The hashes the index holds for `path`, when its size and mtime are still the ones indexed
+    /// (so a render's infotext need not read a multi-gigabyte checkpoint again).
+    pub fn known_hashes(&self, path: &Path) -> Option<crate::tensors::hash::FileHashes> {
+        let meta = std::fs::metadata(path).ok()?;
+        let (size, mtime) = (meta.len() as i64, super::scan::mtime_ns(&meta));
+        self.conn
+            .query_row(
+                "SELECT sha256, autov2, addnet, autov3 FROM files
+                 WHERE path = ?1 AND size = ?2 AND mtime_ns = ?3 AND missing = 0
+                   AND sha256 IS NOT NULL",
+                params![path_bytes(path), size, mtime],
+                |r| {
+                    Ok(crate::tensors::hash::FileHashes {
+                        sha256: r.get(0)?,
+                        autov2: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        addnet: r.get(2)?,
+                        autov3: r.get(3)?,
+                    })
+                },
+            )
+            .ok()
+    }
+}

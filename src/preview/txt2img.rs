@@ -410,14 +410,6 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         .collect();
     used.sort_unstable();
     used.dedup();
-    let mut ti_hashes = Vec::new();
-    for i in used {
-        let e = &embeddings[i];
-        ti_hashes.push(NamedHash::new(
-            &e.name,
-            embedding_short_hash(&hash_file(&e.path, None)?),
-        ));
-    }
 
     let schedule = schedule_of(&checkpoint)?;
     let settings = RenderSettings {
@@ -456,18 +448,37 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         ScheduleKind::Normal => ScheduleName::Normal,
         ScheduleKind::Karras => ScheduleName::Karras,
     };
-    let model_hashes = hash_file(
-        &req.model,
-        SafetensorsFile::data_start_of(&req.model).ok().flatten(),
-    )?;
+    // Hashes from the library index when it has the file unchanged, else read once here.
+    let library = req
+        .library
+        .as_deref()
+        .filter(|p| p.exists())
+        .and_then(|p| crate::library::Library::open(p).ok());
+    let hashes_of = |path: &Path| -> Result<crate::tensors::hash::FileHashes> {
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if let Some(h) = library.as_ref().and_then(|l| l.known_hashes(&canonical)) {
+            return Ok(h);
+        }
+        hash_file(path, SafetensorsFile::data_start_of(path).ok().flatten())
+    };
+    let model_hashes = hashes_of(&req.model)?;
+    let mut ti_hashes = Vec::new();
+    for i in used {
+        let e = &embeddings[i];
+        ti_hashes.push(NamedHash::new(
+            &e.name,
+            embedding_short_hash(&hashes_of(&e.path)?),
+        ));
+    }
     let mut lora_hashes = Vec::new();
     for (name, path) in &named {
-        let file = TensorFile::open(path)?;
-        let start = SafetensorsFile::data_start_of(path).ok().flatten();
-        let sshs = file.metadata().get("sshs_model_hash").cloned();
+        let sshs = TensorFile::open(path)?
+            .metadata()
+            .get("sshs_model_hash")
+            .cloned();
         lora_hashes.push(NamedHash::new(
             name,
-            lora_short_hash(&hash_file(path, start)?, sshs.as_deref()),
+            lora_short_hash(&hashes_of(path)?, sshs.as_deref()),
         ));
     }
     let parameters = GenerationParameters {
@@ -487,7 +498,7 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
             .map(|s| s.to_string_lossy().into_owned()),
         clip_skip: req.clip_skip as u32,
         vae_hash: match &req.vae {
-            Some(v) => Some(model_short_hash(&hash_file(v, None)?)),
+            Some(v) => Some(model_short_hash(&hashes_of(v)?)),
             None => None,
         },
         vae: req
