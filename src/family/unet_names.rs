@@ -104,7 +104,8 @@ pub fn ldm_to_diffusers(path: &str) -> Option<String> {
         let (n, rest) = split_index(rest)?;
         let (i, j) = (n / 3, n % 3);
         let (sub, rest) = split_index(rest)?;
-        if sub > 0 {
+        // Only a level's last block (j = 2) ends in an upsampler.
+        if sub > 0 && j == 2 {
             if let Some(t) = rest.strip_prefix("conv") {
                 if t.is_empty() || t.starts_with('.') {
                     return Some(format!("up_blocks.{i}.upsamplers.0.conv{t}"));
@@ -217,6 +218,11 @@ mod tests {
             ("out.2", "conv_out"),
             ("label_emb.0.2", "add_embedding.linear_2"),
         ];
+        // Upsamplers end a level (its third block); a first block has none.
+        assert_ne!(
+            ldm_to_diffusers("output_blocks.0.1.conv").as_deref(),
+            Some("up_blocks.0.upsamplers.0.conv")
+        );
         for (ldm, diff) in pairs {
             assert_eq!(ldm_to_diffusers(ldm).as_deref(), Some(diff), "{ldm}");
             assert_eq!(

@@ -43,8 +43,9 @@ impl Part {
     }
 
     /// The name in a diffusers component file (`file`), if it has one: the UNet's LDM path is
-    /// mapped and must map back to itself (the LDM → diffusers direction alone also accepts
-    /// sub-indices LDM never uses, such as an upsampler's place in a block without attention).
+    /// mapped and must map back to itself. An upsampler's sub-index in LDM (1 or 2) depends on
+    /// whether the level attends, which only the file can tell, so the LDM → diffusers direction
+    /// alone accepts both.
     fn diffusers_name(self, name: &str, file: &crate::tensors::TensorFile) -> Option<String> {
         use crate::family::unet_names::{diffusers_to_ldm, ldm_to_diffusers};
         match self {
