@@ -420,15 +420,25 @@ fn an_external_vae_replaces_the_checkpoints() {
 
 /// A textual-inversion file (`emb_params`, as A1111 saves them) with `vectors` rows.
 fn embedding_file(dst: &Path, vectors: &[Vec<f32>]) {
-    let specs = vec![TensorSpec {
-        name: "emb_params".into(),
-        dtype: loratool::tensors::Dtype::F32,
-        shape: vec![vectors.len(), vectors[0].len()],
-    }];
+    tables_file(dst, &[("emb_params", vectors)]);
+}
+
+/// A safetensors file of named f32 `[rows, width]` tables.
+fn tables_file(dst: &Path, tables: &[(&str, &[Vec<f32>])]) {
+    let specs: Vec<TensorSpec> = tables
+        .iter()
+        .map(|(name, rows)| TensorSpec {
+            name: name.to_string(),
+            dtype: loratool::tensors::Dtype::F32,
+            shape: vec![rows.len(), rows[0].len()],
+        })
+        .collect();
     let header = build_header(&BTreeMap::new(), &specs);
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&header);
-    out.extend(vectors.iter().flatten().flat_map(|v| v.to_le_bytes()));
+    for (_, rows) in tables {
+        out.extend(rows.iter().flatten().flat_map(|v| v.to_le_bytes()));
+    }
     std::fs::write(dst, out).unwrap();
 }
 
@@ -481,6 +491,44 @@ fn textual_inversion_vectors_replace_their_names_tokens() {
     let out = dir.path().join("plain_neg.png");
     ok(&preview(&model, "a fox", &out, &["--negative", "easyneg"]));
     assert_ne!(pixels(&with), pixels(&out));
+
+    // An SDXL embedding (clip_l + clip_g) does not fit an SD1 model: A1111 skips it and encodes
+    // the name as words; the render says so on stderr.
+    let (l, g) = (vec![vec![0.5f32; 16]], vec![vec![-0.5f32; 24]]);
+    tables_file(
+        &embeddings.join("sdxlneg.safetensors"),
+        &[("clip_g", &g), ("clip_l", &l)],
+    );
+    let loaded =
+        loratool::preview::embeddings::load(&embeddings.join("sdxlneg.safetensors")).unwrap();
+    assert_eq!((loaded.vectors, loaded.vectors_g), (l, Some(g)));
+    let skipped_out = dir.path().join("sdxl_neg.png");
+    let o = preview(
+        &model,
+        "a fox",
+        &skipped_out,
+        &[
+            "--negative",
+            "sdxlneg",
+            "--embedding-dir",
+            embeddings.to_str().unwrap(),
+        ],
+    );
+    ok(&o);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("note: embedding 'sdxlneg' not used:")
+            && e.contains("an SDXL embedding (clip_l + clip_g); the model is not SDXL"),
+        "{e}"
+    );
+    let plain_out = dir.path().join("plain_sdxl_neg.png");
+    ok(&preview(
+        &model,
+        "a fox",
+        &plain_out,
+        &["--negative", "sdxlneg"],
+    ));
+    assert_eq!(pixels(&skipped_out), pixels(&plain_out));
 }
 
 /// Where the 64×64 RGB image `cell` sits in `sheet` (width `w`), if anywhere.

@@ -153,6 +153,9 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
     };
     bar.finish_and_clear();
     let rendered = rendered?;
+    for note in &rendered.notes {
+        eprintln!("note: {note}");
+    }
     write_png(&args.output, &rendered.image, &rendered.infotext, &write)?;
     println!("{} (seed {seed})", args.output.display());
     Ok(0)

@@ -91,6 +91,21 @@ pub fn render(
     settings: &RenderSettings,
     on_step: &mut StepObserver,
 ) -> Result<(Latent, RgbImage)> {
+    let latent = sample_latent(unet, schedule, cond, uncond, settings, on_step)?;
+    let image = decode_latent(vae, &latent, settings)?;
+    Ok((latent, image))
+}
+
+/// The sampling half of [`render`]: the final latent, before the VAE. Kept apart so a caller can
+/// drop the UNet before it loads the VAE (peak memory is the larger model, not both).
+pub fn sample_latent(
+    unet: &Unet,
+    schedule: &NoiseSchedule,
+    cond: &Tensor,
+    uncond: Option<&Tensor>,
+    settings: &RenderSettings,
+    on_step: &mut StepObserver,
+) -> Result<Latent> {
     let (w, h) = (settings.width, settings.height);
     if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
         return Err(Error::Invalid(format!(
@@ -99,14 +114,23 @@ pub fn render(
     }
     let shape = [4, (h / 8) as usize, (w / 8) as usize];
     let mut model = UnetPredictor::new(unet, cond, uncond)?;
-    let latent = sample(
+    sample(
         &settings.sampler,
         schedule,
         settings.prediction,
         &shape,
         &mut model,
         on_step,
-    )?;
+    )
+}
+
+/// The decoding half of [`render`]: `vae.decode(latent / scaling_factor)` and A1111's pixel rule.
+pub fn decode_latent(
+    vae: &VaeDecoder,
+    latent: &Latent,
+    settings: &RenderSettings,
+) -> Result<RgbImage> {
+    let shape = latent.shape();
     let scaled: Vec<f32> = latent
         .values()
         .iter()
@@ -119,6 +143,10 @@ pub fn render(
         .flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| candle_error("decoded image", e))?;
-    let image = RgbImage::from_decoded(&decoded, w, h, ChannelLayout::Chw)?;
-    Ok((latent, image))
+    RgbImage::from_decoded(
+        &decoded,
+        settings.width,
+        settings.height,
+        ChannelLayout::Chw,
+    )
 }

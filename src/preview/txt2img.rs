@@ -10,12 +10,12 @@ use super::infotext::{
 };
 use super::png::RgbImage;
 use super::prompt::{parse_emphasis, parse_extra_networks, LoraTag};
-use super::render::{render, RenderSettings, SD_SCALING_FACTOR};
+use super::render::{decode_latent, sample_latent, RenderSettings, SD_SCALING_FACTOR};
 use super::sampling::{NoiseSchedule, Prediction, SamplerKind, SamplerSettings, ScheduleKind};
 use super::tokenizer::{ChunkOptions, ClipPadding, ClipTokenizer, PromptChunk, TextualInversion};
 use super::unet::{Heads, Unet, UnetConfig};
 use super::vae::VaeDecoder;
-use super::weights::{candle_error, Weights};
+use super::weights::{candle_error, Part, Weights};
 use crate::family::layout::Checkpoint;
 use crate::ops::patch_plan::{LoraWeight, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
@@ -60,6 +60,9 @@ pub struct Txt2Img {
 pub struct Rendered {
     pub image: RgbImage,
     pub infotext: String,
+    /// What the user should know but that did not stop the render (an embedding the prompt
+    /// names that was skipped, and why), one line each.
+    pub notes: Vec<String>,
 }
 
 /// What the configs say, each `None` when absent (the family's rule then applies).
@@ -277,6 +280,7 @@ pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> 
     }
     let mut cells = Vec::new();
     let mut first_infotext = None;
+    let mut notes = Vec::new();
     for &seed in &grid.seeds {
         for &w in &grid.weights {
             let mut cell = Txt2Img {
@@ -295,6 +299,9 @@ pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> 
             cell.grid_weight = Some(w);
             let rendered = txt2img(&cell, progress)?;
             first_infotext.get_or_insert(rendered.infotext);
+            if notes.is_empty() {
+                notes = rendered.notes;
+            }
             cells.push(rendered.image);
         }
     }
@@ -305,6 +312,7 @@ pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> 
     Ok(Rendered {
         image: super::contact_sheet::contact_sheet(&cells, grid.weights.len(), &labels)?,
         infotext: first_infotext.unwrap_or_default(),
+        notes,
     })
 }
 
@@ -364,52 +372,67 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         Some(dir) => read_configs(dir)?,
         None => Configs::default(),
     };
-    let encoder =
-        ClipTextEncoder::load(&weights, ClipConfig::infer(&weights, configs.text_heads)?)?;
-    let unet = Unet::load(
-        &weights,
-        &UnetConfig {
-            heads: configs.unet_heads.map(Heads::Count),
-            groups: configs.unet_groups.unwrap_or(32),
-        },
-    )?;
-    let vae = VaeDecoder::load(&weights, configs.vae_groups)?;
-
-    let (embeddings, _skipped) = load_dirs(&req.embedding_dirs, encoder.config().hidden);
-    let inversions: Vec<TextualInversion> = embeddings
-        .iter()
-        .map(|e| TextualInversion {
-            name: e.name.clone(),
-            vectors: e.vectors.len(),
-        })
-        .collect();
-    let tokenizer = ClipTokenizer::new()?;
-    let options = ChunkOptions::a1111(ClipPadding::EndOfText);
-    let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
-        Ok(tokenizer
-            .chunk(&parse_emphasis(text)?, &inversions, &options)?
-            .chunks)
+    // The VAE loads after sampling: a checkpoint without one fails now, not after the render.
+    if !weights.has(Part::Vae, "decoder.conv_in.weight") {
+        return Err(Error::bad_file(
+            &req.model,
+            "no VAE in the checkpoint (decoder.conv_in missing); give one with --vae",
+        ));
+    }
+    // One model in memory at a time: the text encoder is dropped before the UNet loads, the UNet
+    // before the VAE (peak RSS is the UNet's, not the sum).
+    let (cond, uncond, embeddings, used, notes) = {
+        let encoder =
+            ClipTextEncoder::load(&weights, ClipConfig::infer(&weights, configs.text_heads)?)?;
+        let (embeddings, skipped) = load_dirs(&req.embedding_dirs, encoder.config().hidden);
+        // A skipped embedding the prompt names is encoded as plain words, as in A1111; say so.
+        let named_in_prompts = |name: &str| {
+            [&prompt_text, &negative.text].iter().any(|text| {
+                text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
+                    .any(|word| word == name)
+            })
+        };
+        let notes: Vec<String> = skipped
+            .iter()
+            .filter(|s| named_in_prompts(&s.name))
+            .map(|s| format!("embedding '{}' not used: {}", s.name, s.reason))
+            .collect();
+        let inversions: Vec<TextualInversion> = embeddings
+            .iter()
+            .map(|e| TextualInversion {
+                name: e.name.clone(),
+                vectors: e.vectors.len(),
+            })
+            .collect();
+        let tokenizer = ClipTokenizer::new()?;
+        let options = ChunkOptions::a1111(ClipPadding::EndOfText);
+        let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
+            Ok(tokenizer
+                .chunk(&parse_emphasis(text)?, &inversions, &options)?
+                .chunks)
+        };
+        let mut cond_chunks = chunk(&prompt_text)?;
+        let mut uncond_chunks = chunk(&negative.text)?;
+        // A1111 pads the shorter prompt with empty windows so both have the same length.
+        let empty = chunk("")?;
+        while cond_chunks.len() < uncond_chunks.len() {
+            cond_chunks.push(empty[0].clone());
+        }
+        while uncond_chunks.len() < cond_chunks.len() {
+            uncond_chunks.push(empty[0].clone());
+        }
+        let cond = encode_chunks(&encoder, &cond_chunks, &embeddings, req.clip_skip)?;
+        let uncond = encode_chunks(&encoder, &uncond_chunks, &embeddings, req.clip_skip)?;
+        // `TI hashes`: the embeddings the prompt or the negative prompt used, in file-name order.
+        let mut used: Vec<usize> = cond_chunks
+            .iter()
+            .chain(&uncond_chunks)
+            .flat_map(|c| c.embeddings.iter().map(|s| s.embedding))
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        (cond, uncond, embeddings, used, notes)
     };
-    let mut cond_chunks = chunk(&prompt_text)?;
-    let mut uncond_chunks = chunk(&negative.text)?;
-    // A1111 pads the shorter prompt with empty windows so both have the same length.
-    let empty = chunk("")?;
-    while cond_chunks.len() < uncond_chunks.len() {
-        cond_chunks.push(empty[0].clone());
-    }
-    while uncond_chunks.len() < cond_chunks.len() {
-        uncond_chunks.push(empty[0].clone());
-    }
-    let cond = encode_chunks(&encoder, &cond_chunks, &embeddings, req.clip_skip)?;
-    let uncond = encode_chunks(&encoder, &uncond_chunks, &embeddings, req.clip_skip)?;
-    // `TI hashes`: the embeddings the prompt or the negative prompt used, in file-name order.
-    let mut used: Vec<usize> = cond_chunks
-        .iter()
-        .chain(&uncond_chunks)
-        .flat_map(|c| c.embeddings.iter().map(|s| s.embedding))
-        .collect();
-    used.sort_unstable();
-    used.dedup();
 
     let schedule = schedule_of(&checkpoint)?;
     let settings = RenderSettings {
@@ -428,14 +451,27 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     };
     progress.start(req.steps as u64);
     let guided = req.cfg_scale != 1.0;
-    let (_, image) = render(
-        &unet,
-        &vae,
-        &schedule,
-        &cond,
-        guided.then_some(&uncond),
+    let latent = {
+        let unet = Unet::load(
+            &weights,
+            &UnetConfig {
+                heads: configs.unet_heads.map(Heads::Count),
+                groups: configs.unet_groups.unwrap_or(32),
+            },
+        )?;
+        sample_latent(
+            &unet,
+            &schedule,
+            &cond,
+            guided.then_some(&uncond),
+            &settings,
+            &mut |_, _| progress.advance(1),
+        )?
+    };
+    let image = decode_latent(
+        &VaeDecoder::load(&weights, configs.vae_groups)?,
+        &latent,
         &settings,
-        &mut |_, _| progress.advance(1),
     )?;
 
     let sampler = match req.sampler {
@@ -515,5 +551,6 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     Ok(Rendered {
         image,
         infotext: parameters.to_infotext(),
+        notes,
     })
 }
