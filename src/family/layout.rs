@@ -301,10 +301,9 @@ pub fn pipeline_vae(root: &Path) -> Result<Vec<(PathBuf, TensorFile)>> {
 /// How a VAE file names its weights: `ldm` (`encoder.down.N`, with or without the
 /// `first_stage_model.` prefix) or `diffusers` (`encoder.down_blocks.N`).
 pub fn vae_naming(tensors: &[TensorInfo]) -> &'static str {
-    if tensors
-        .iter()
-        .any(|t| t.name.starts_with("encoder.down_blocks."))
-    {
+    if tensors.iter().any(|t| {
+        t.name.starts_with("encoder.down_blocks.") || t.name.starts_with("decoder.up_blocks.")
+    }) {
         "diffusers"
     } else {
         "ldm"

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod module_names;
 pub mod parts;
 pub mod unet_names;
+pub mod vae_names;
 
 use crate::adapter::AdapterModule;
 pub use component::Component;

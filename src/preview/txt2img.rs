@@ -366,7 +366,7 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     let plan = PatchPlan::build(&checkpoint, &loras, &PlanOptions::default())?;
     let weights = match &req.vae {
         Some(v) => Weights::new(plan).with_vae(v)?,
-        None => Weights::new(plan),
+        None => Weights::new(plan).with_pipeline_vae()?,
     };
     let configs = match &req.config {
         Some(dir) => read_configs(dir)?,

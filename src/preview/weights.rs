@@ -68,9 +68,18 @@ impl Part {
 pub struct Weights<'c> {
     plan: PatchPlan<'c>,
     device: Device,
-    /// An external VAE (`--vae`) that replaces the checkpoint's, LDM names with or without the
-    /// `first_stage_model.` prefix.
-    vae: Option<(TensorFile, &'static str)>,
+    /// An external VAE (`--vae`, or a pipeline folder's `vae/`) that replaces the checkpoint's.
+    vae: Option<(TensorFile, VaeNames)>,
+}
+
+/// How an external VAE file names its tensors.
+#[derive(Debug, Clone, Copy)]
+enum VaeNames {
+    /// LDM names, with or without the `first_stage_model.` prefix.
+    Ldm { prefix: &'static str },
+    /// diffusers names (`decoder.up_blocks.…`), mapped by the family's VAE key map; `levels`
+    /// is the decoder's `up_blocks` count.
+    Diffusers { levels: usize },
 }
 
 impl<'c> Weights<'c> {
@@ -82,28 +91,49 @@ impl<'c> Weights<'c> {
         }
     }
 
-    /// Takes the VAE from `path` instead of the checkpoint, as A1111's VAE setting does. Files
-    /// with diffusers VAE names are refused for now (the family has no VAE name map yet).
+    /// Takes the VAE from `path` instead of the checkpoint, as A1111's VAE setting does: a file
+    /// with LDM names (A1111's VAE files, with or without `first_stage_model.`) or diffusers
+    /// names (a pipeline's `vae/diffusion_pytorch_model.safetensors`, current or pre-0.14).
     pub fn with_vae(mut self, path: &Path) -> Result<Weights<'c>> {
         let file = TensorFile::open(path)?;
-        if crate::family::layout::vae_naming(file.tensors()) == "diffusers" {
-            return Err(Error::bad_file(
-                path,
-                "a VAE with diffusers names; only LDM-named VAE files (as A1111 uses) are supported by --vae",
-            ));
-        }
-        let prefix = match file.get("first_stage_model.decoder.conv_in.weight") {
-            Some(_) => crate::family::layout::LDM_VAE,
-            None => "",
+        let names = match crate::family::layout::vae_naming(file.tensors()) {
+            "diffusers" => VaeNames::Diffusers {
+                levels: (0..)
+                    .take_while(|i| {
+                        file.tensors()
+                            .iter()
+                            .any(|t| t.name.starts_with(&format!("decoder.up_blocks.{i}.")))
+                    })
+                    .count(),
+            },
+            _ => VaeNames::Ldm {
+                prefix: match file.get("first_stage_model.decoder.conv_in.weight") {
+                    Some(_) => crate::family::layout::LDM_VAE,
+                    None => "",
+                },
+            },
         };
-        if file
-            .get(&format!("{prefix}decoder.conv_in.weight"))
-            .is_none()
-        {
+        self.vae = Some((file, names));
+        if !self.has(Part::Vae, "decoder.conv_in.weight") {
             return Err(Error::bad_file(path, "not a VAE (no decoder.conv_in)"));
         }
-        self.vae = Some((file, prefix));
         Ok(self)
+    }
+
+    /// A diffusers pipeline folder's own VAE (`vae/*.safetensors`), which is not one of the
+    /// checkpoint's patchable components; single files keep theirs.
+    pub fn with_pipeline_vae(self) -> Result<Weights<'c>> {
+        let root = &self.plan.checkpoint.root;
+        if !root.is_dir() {
+            return Ok(self);
+        }
+        match crate::family::layout::pipeline_vae(root)?.first() {
+            Some((relative, _)) => {
+                let path = root.join(relative);
+                self.with_vae(&path)
+            }
+            None => Ok(self),
+        }
     }
 
     pub fn checkpoint(&self) -> &'c Checkpoint {
@@ -140,7 +170,9 @@ impl<'c> Weights<'c> {
     /// The shape of `name` of `part`, without reading it.
     pub fn shape(&self, part: Part, name: &str) -> Option<Vec<usize>> {
         if let Some((file, key)) = self.external_vae(part, name) {
-            return file.get(&key).map(|t| t.shape.clone());
+            return file
+                .get(&key)
+                .map(|t| self.ldm_vae_shape(name, t.shape.clone()));
         }
         let (i, key) = self.locate(part, name)?;
         self.plan.checkpoint.files[i]
@@ -149,10 +181,42 @@ impl<'c> Weights<'c> {
             .map(|t| t.shape.clone())
     }
 
-    /// The external VAE's file and key for `name`, when one replaces the checkpoint's.
+    /// The external VAE's file and key for `name` (LDM), when one replaces the checkpoint's. A
+    /// name the map does not know, or that the file lacks, gives a key the file does not have.
     fn external_vae(&self, part: Part, name: &str) -> Option<(&TensorFile, String)> {
-        let (file, prefix) = self.vae.as_ref().filter(|_| part == Part::Vae)?;
-        Some((file, format!("{prefix}{name}")))
+        let (file, names) = self.vae.as_ref().filter(|_| part == Part::Vae)?;
+        let key = match *names {
+            VaeNames::Ldm { prefix } => format!("{prefix}{name}"),
+            VaeNames::Diffusers { levels } => {
+                let (path, leaf) = name.rsplit_once('.').unwrap_or((name, ""));
+                let candidates: Vec<String> =
+                    crate::family::vae_names::ldm_to_diffusers(path, levels)
+                        .into_iter()
+                        .map(|m| format!("{m}.{leaf}"))
+                        .collect();
+                candidates
+                    .iter()
+                    .find(|k| file.get(k).is_some())
+                    .or(candidates.first())
+                    .cloned()
+                    .unwrap_or_else(|| name.to_string())
+            }
+        };
+        Some((file, key))
+    }
+
+    /// diffusers stores the VAE's mid attention as linear `[c, c]` weights where LDM has 1×1
+    /// convolutions: the LDM shape of `name` given the stored one.
+    fn ldm_vae_shape(&self, name: &str, mut shape: Vec<usize>) -> Vec<usize> {
+        let diffusers = matches!(self.vae, Some((_, VaeNames::Diffusers { .. })));
+        let path = name.strip_suffix(".weight");
+        if diffusers
+            && shape.len() == 2
+            && path.is_some_and(crate::family::vae_names::is_attention_conv)
+        {
+            shape.extend([1, 1]);
+        }
+        shape
     }
 
     /// `name` of `part` in f32 with every LoRA patch applied.
@@ -160,7 +224,8 @@ impl<'c> Weights<'c> {
         if let Some((file, key)) = self.external_vae(part, name) {
             let t = file.read_f32(&key)?;
             file.release_tensor(&key);
-            return Tensor::from_vec(t.data, t.shape, &self.device)
+            let shape = self.ldm_vae_shape(name, t.shape);
+            return Tensor::from_vec(t.data, shape, &self.device)
                 .map_err(|e| candle_error(&key, e));
         }
         let (i, key) = self.locate(part, name).ok_or_else(|| {
