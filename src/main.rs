@@ -28,7 +28,10 @@ fn main() {
         eprintln!("loratool: cannot handle signals: {e}");
         std::process::exit(1);
     }
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     match cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -36,6 +39,31 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// Help and version go out as clap prints them; a usage error is one line, like every other
+/// error: clap's message and its hint (`[possible values: …]`, a similar flag), exit status 2.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect();
+    eprintln!("loratool: {}", parts.join(" "));
+    std::process::exit(2);
 }
 
 mod cli;

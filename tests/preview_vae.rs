@@ -65,7 +65,7 @@ fn renamed_copy(src: &std::path::Path, dst: &std::path::Path, rename: &dyn Fn(&s
     let renamed: serde_json::Map<String, serde_json::Value> =
         header.into_iter().map(|(k, v)| (rename(&k), v)).collect();
     let mut text = serde_json::to_vec(&renamed).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

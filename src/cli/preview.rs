@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use loratool::preview::png::write_png;
 use loratool::preview::sampling::{SamplerKind, ScheduleKind};
 use loratool::preview::txt2img::{txt2img, txt2img_grid, GridSpec, Txt2Img};
+use loratool::preview::weights::Placement;
 use loratool::tensors::WriteOptions;
 use loratool::Result;
 use std::path::PathBuf;
@@ -24,6 +25,19 @@ enum SamplerArg {
 enum ScheduleArg {
     Normal,
     Karras,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+}
+
+/// Where the initial and per-step noise comes from; A1111's "RNG source". Only the CPU generator
+/// (torch's mt19937, the same on every machine) is offered.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RngArg {
+    Cpu,
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +90,16 @@ pub struct PreviewArgs {
     height: u32,
     #[arg(long, default_value_t = 1)]
     clip_skip: usize,
+    /// The noise source (A1111's "RNG source: CPU"; the same seed gives the same image anywhere).
+    #[arg(long, value_enum, default_value = "cpu")]
+    rng: RngArg,
+    /// The models' weights and activations: f32 (exact, the default) or f16 (half the memory;
+    /// on the CPU slower, and not bit-comparable with f32 renders).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// cpu, cuda[:N] or metal[:N] (the GPU ones need a build with `--features cuda`/`metal`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// A labelled contact sheet: `weights=0,0.5,1` (every LoRA at each weight, one column each)
     /// and optionally `;seeds=1,2` (one row each; default: --seed).
     #[arg(long, value_name = "SPEC")]
@@ -88,6 +112,14 @@ pub struct PreviewArgs {
 }
 
 pub fn run(args: PreviewArgs) -> Result<i32> {
+    let RngArg::Cpu = args.rng;
+    let placement = Placement {
+        device: Placement::device(&args.device)?,
+        dtype: match args.dtype {
+            DtypeArg::F32 => candle_core::DType::F32,
+            DtypeArg::F16 => candle_core::DType::F16,
+        },
+    };
     let seed = match args.seed {
         s if s >= 0 => s as u64,
         // A1111 draws seeds below 2³² as well.
@@ -131,6 +163,7 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
         height: args.height,
         clip_skip: args.clip_skip,
         grid_weight: None,
+        placement,
     };
     let grid = match &args.grid {
         Some(spec) => Some(GridSpec::parse(spec, seed)?),

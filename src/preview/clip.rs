@@ -125,6 +125,7 @@ impl ClipTextEncoder {
             position_embedding: w.get(part, "text_model.embeddings.position_embedding.weight")?,
             final_norm: LayerNorm::load(w, part, "text_model.final_layer_norm", eps)?,
             causal_mask: Tensor::from_vec(mask, (n, n), &Device::Cpu)
+                .and_then(|m| w.placement().place(&m))
                 .map_err(|e| candle_error("causal mask", e))?,
             layers,
             config,
@@ -160,6 +161,7 @@ impl ClipTextEncoder {
         }
         let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, tokens.len() * positions, &Device::Cpu)
+            .and_then(|ids| ids.to_device(self.token_embedding.device()))
             .map_err(|e| candle_error("tokens", e))?;
         self.token_embedding
             .index_select(&ids, 0)
@@ -213,9 +215,11 @@ impl ClipTextEncoder {
         }
         let z = self.encode_embeddings(embeddings, clip_skip)?;
         let weigh = || -> candle_core::Result<Tensor> {
-            // A1111 multiplies in float32 (torch's default dtype for its list of floats).
+            // A1111 multiplies in float32 (torch's default dtype for its list of floats, which
+            // promotes half-precision states too).
+            let z = z.to_dtype(DType::F32)?;
             let m: Vec<f32> = multipliers.iter().map(|m| *m as f32).collect();
-            let m = Tensor::from_vec(m, (1, positions, 1), &Device::Cpu)?;
+            let m = Tensor::from_vec(m, (1, positions, 1), z.device())?;
             let original_mean = z.mean_all()?;
             let weighted = z.broadcast_mul(&m)?;
             let new_mean = weighted.mean_all()?;
@@ -240,7 +244,8 @@ impl ClipTextEncoder {
         let (batch, positions, hidden) = embeddings.dims3()?;
         let pos = self.position_embedding.narrow(0, 0, positions)?;
         let mut x = embeddings
-            .to_dtype(DType::F32)?
+            .to_dtype(pos.dtype())?
+            .to_device(pos.device())?
             .broadcast_add(&pos)?
             .reshape((batch * positions, hidden))?;
         let mask = self

@@ -11,7 +11,7 @@ use super::unet::Unet;
 use super::vae::VaeDecoder;
 use super::weights::candle_error;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// SD1/SD2's latent scaling factor.
 pub const SD_SCALING_FACTOR: f32 = 0.18215;
@@ -56,6 +56,7 @@ impl NoisePredictor for UnetPredictor<'_> {
             .forward(&x, &vec![timestep; batch], &self.context)?;
         let values = out
             .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| candle_error("UNet output", e))?;
         let n = input.values().len();
@@ -141,6 +142,7 @@ pub fn decode_latent(
     let decoded = vae
         .decode(&z)?
         .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| candle_error("decoded image", e))?;
     RgbImage::from_decoded(

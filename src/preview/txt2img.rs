@@ -15,7 +15,7 @@ use super::sampling::{NoiseSchedule, Prediction, SamplerKind, SamplerSettings, S
 use super::tokenizer::{ChunkOptions, ClipPadding, ClipTokenizer, PromptChunk, TextualInversion};
 use super::unet::{Heads, Unet, UnetConfig};
 use super::vae::VaeDecoder;
-use super::weights::{candle_error, Part, Weights};
+use super::weights::{candle_error, Part, Placement, Weights};
 use crate::family::layout::Checkpoint;
 use crate::ops::patch_plan::{LoraWeight, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
@@ -55,6 +55,8 @@ pub struct Txt2Img {
     pub clip_skip: usize,
     /// In a grid cell: the weight that replaces every prompt tag's multipliers.
     pub grid_weight: Option<f32>,
+    /// The device and dtype the models run in (`--device`, `--dtype`).
+    pub placement: Placement,
 }
 
 pub struct Rendered {
@@ -204,6 +206,7 @@ fn encode_chunks(
             let (_, positions, width) = table.dims3().map_err(|e| candle_error("tokens", e))?;
             let mut rows = table
                 .flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(|e| candle_error("tokens", e))?;
             for slot in &c.embeddings {
@@ -364,9 +367,10 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     }
     let checkpoint = Checkpoint::open(&req.model)?;
     let plan = PatchPlan::build(&checkpoint, &loras, &PlanOptions::default())?;
+    let weights = Weights::new(plan).with_placement(req.placement.clone());
     let weights = match &req.vae {
-        Some(v) => Weights::new(plan).with_vae(v)?,
-        None => Weights::new(plan).with_pipeline_vae()?,
+        Some(v) => weights.with_vae(v)?,
+        None => weights.with_pipeline_vae()?,
     };
     let configs = match &req.config {
         Some(dir) => read_configs(dir)?,

@@ -6,7 +6,7 @@
 use super::layers::{
     multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock, ResnetNames,
 };
-use super::weights::{candle_error, Part, Weights};
+use super::weights::{candle_error, Part, Placement, Weights};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, D};
 
@@ -242,6 +242,7 @@ impl Layer {
 }
 
 pub struct Unet {
+    placement: Placement,
     model_channels: usize,
     time_1: Linear,
     time_2: Linear,
@@ -305,6 +306,7 @@ impl Unet {
             layers
         };
         Ok(Unet {
+            placement: w.placement().clone(),
             model_channels: time_shape[1],
             time_1: Linear::load(w, PART, "time_embed.0")?,
             time_2: Linear::load(w, PART, "time_embed.2")?,
@@ -338,10 +340,11 @@ impl Unet {
     }
 
     fn run(&self, x: &Tensor, t: &[f32], context: &Tensor) -> candle_core::Result<Tensor> {
-        let emb = self
-            .time_2
-            .forward(&self.time_1.forward(&self.timestep_embedding(t)?)?.silu()?)?;
-        let mut h = self.conv_in.forward(x)?;
+        let (x, context) = (self.placement.place(x)?, self.placement.place(context)?);
+        let context = &context;
+        let t_emb = self.placement.place(&self.timestep_embedding(t)?)?;
+        let emb = self.time_2.forward(&self.time_1.forward(&t_emb)?.silu()?)?;
+        let mut h = self.conv_in.forward(&x)?;
         let mut skips = vec![h.clone()];
         for layers in &self.input_blocks {
             for layer in layers {

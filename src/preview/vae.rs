@@ -2,7 +2,7 @@
 //! read from the weights; the norm group count is the family's 32 unless given.
 
 use super::layers::{Conv2d, GroupNorm, ResnetBlock, SpatialSelfAttention, LDM_RESNET};
-use super::weights::{candle_error, Part, Weights};
+use super::weights::{candle_error, Part, Placement, Weights};
 use crate::{Error, Result};
 use candle_core::Tensor;
 
@@ -16,6 +16,7 @@ struct UpLevel {
 }
 
 pub struct VaeDecoder {
+    placement: Placement,
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
     mid_block_1: ResnetBlock,
@@ -65,6 +66,7 @@ impl VaeDecoder {
             false => None,
         };
         Ok(VaeDecoder {
+            placement: w.placement().clone(),
             post_quant_conv,
             conv_in: Conv2d::load(w, part, "decoder.conv_in", 1)?,
             mid_block_1: ResnetBlock::load(
@@ -96,9 +98,10 @@ impl VaeDecoder {
     }
 
     fn run(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let z = self.placement.place(z)?;
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(z)?,
-            None => z.clone(),
+            Some(c) => c.forward(&z)?,
+            None => z,
         };
         let mut h = self.conv_in.forward(&z)?;
         h = self.mid_block_1.forward(&h, None)?;

@@ -7,7 +7,7 @@ use crate::family::Component;
 use crate::ops::patch_plan::PatchPlan;
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 /// What a component's modules are called inside the checkpoint.
@@ -64,10 +64,68 @@ impl Part {
     }
 }
 
+/// Where the models run and in which dtype (`--device`, `--dtype`). Weights are decoded and
+/// patched in f32 on the CPU, then converted and moved; every model moves its inputs here.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl Placement {
+    /// `--device`: `cpu`, `cuda[:N]` or `metal[:N]`. A GPU this build was not compiled for is a
+    /// one-line error saying which cargo feature adds it.
+    pub fn device(spec: &str) -> Result<Device> {
+        let (kind, index) = match spec.split_once(':') {
+            Some((k, i)) => (
+                k,
+                i.parse::<usize>().map_err(|_| {
+                    Error::Invalid(format!("--device {spec}: '{i}' is not a device number"))
+                })?,
+            ),
+            None => (spec, 0),
+        };
+        let (made, feature) = match kind {
+            "cpu" if index == 0 => return Ok(Device::Cpu),
+            "cuda" => (Device::new_cuda(index), "cuda"),
+            "metal" => (Device::new_metal(index), "metal"),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "--device {spec}: not a device (cpu, cuda[:N], metal[:N])"
+                )))
+            }
+        };
+        made.map_err(|e| match e {
+            candle_core::Error::NotCompiledWithCudaSupport
+            | candle_core::Error::NotCompiledWithMetalSupport => Error::Invalid(format!(
+                "--device {spec}: this loratool was built without {kind} support (cargo build --release --features {feature})"
+            )),
+            other => Error::Invalid(format!(
+                "--device {spec}: {}",
+                other.to_string().lines().next().unwrap_or_default()
+            )),
+        })
+    }
+
+    /// `t` on this device in this dtype (no copy when it already is).
+    pub fn place(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        t.to_dtype(self.dtype)?.to_device(&self.device)
+    }
+}
+
 /// Weights for the sampler's modules, LoRAs applied.
 pub struct Weights<'c> {
     plan: PatchPlan<'c>,
-    device: Device,
+    placement: Placement,
     /// An external VAE (`--vae`, or a pipeline folder's `vae/`) that replaces the checkpoint's.
     vae: Option<(TensorFile, VaeNames)>,
 }
@@ -86,9 +144,19 @@ impl<'c> Weights<'c> {
     pub fn new(plan: PatchPlan<'c>) -> Weights<'c> {
         Weights {
             plan,
-            device: Device::Cpu,
+            placement: Placement::default(),
             vae: None,
         }
+    }
+
+    /// Models built from these weights run on `placement`'s device and dtype.
+    pub fn with_placement(mut self, placement: Placement) -> Weights<'c> {
+        self.placement = placement;
+        self
+    }
+
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// Takes the VAE from `path` instead of the checkpoint, as A1111's VAE setting does: a file
@@ -225,7 +293,8 @@ impl<'c> Weights<'c> {
             let t = file.read_f32(&key)?;
             file.release_tensor(&key);
             let shape = self.ldm_vae_shape(name, t.shape);
-            return Tensor::from_vec(t.data, shape, &self.device)
+            return Tensor::from_vec(t.data, shape, &Device::Cpu)
+                .and_then(|t| self.placement.place(&t))
                 .map_err(|e| candle_error(&key, e));
         }
         let (i, key) = self.locate(part, name).ok_or_else(|| {
@@ -244,7 +313,9 @@ impl<'c> Weights<'c> {
         // The f32 copy is what the model keeps: the mapped pages it came from would only add
         // to the resident set (a 2 GB f16 checkpoint on top of its 4 GB f32 weights).
         cf.file.release_tensor(&key);
-        Tensor::from_vec(t.data, t.shape, &self.device).map_err(|e| candle_error(&key, e))
+        Tensor::from_vec(t.data, t.shape, &Device::Cpu)
+            .and_then(|t| self.placement.place(&t))
+            .map_err(|e| candle_error(&key, e))
     }
 }
 
