@@ -79,6 +79,15 @@ fn with_schedule(dst: &Path, schedule: Option<Vec<f32>>) {
 }
 
 fn preview(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> Output {
+    preview_command(model, prompt, out, extra).output().unwrap()
+}
+
+fn preview_command(
+    model: &Path,
+    prompt: &str,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_loratool"));
     c.arg("preview")
         .arg("--model")
@@ -107,7 +116,7 @@ fn preview(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> Output {
             c.args([flag, value]);
         }
     }
-    c.output().unwrap()
+    c
 }
 
 fn ok(o: &Output) {
@@ -171,10 +180,19 @@ fn preview_writes_a_png_with_a1111_infotext_and_loras_at_load_match_merge() {
         "{text}"
     );
 
-    // Deterministic: the same arguments give the same bytes.
-    let again = dir.path().join("b.png");
-    ok(&preview(&model, prompt, &again, &[]));
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    // Deterministic: the same arguments give the same bytes, whatever the thread count.
+    for threads in ["1", "2", "3"] {
+        let again = dir.path().join(format!("b{threads}.png"));
+        ok(&preview_command(&model, prompt, &again, &[])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap());
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&again).unwrap(),
+            "{threads} threads"
+        );
+    }
 
     // Weight 0 renders exactly what no LoRA renders; weight 0.8 renders something else.
     let plain_prompt = "a (red:1.2) fox, [forest]";
