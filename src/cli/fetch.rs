@@ -139,7 +139,7 @@ pub fn run(args: FetchArgs) -> Result<i32> {
             Ok(f) => {
                 let indexed = match library.as_mut() {
                     Some(Ok(lib)) => lib
-                        .record_source(&f.path, &f.origin)
+                        .record_source(&f.path, &f.origin, Some(&f.hashes))
                         .map_err(|e| e.to_string()),
                     Some(Err(e)) => Err(e.to_string()),
                     None => Ok(()),

@@ -73,7 +73,7 @@ fn report(
     let mut failed = false;
     for item in &found {
         if let (Some(origin), Some(lib)) = (&item.origin, lib.as_mut()) {
-            if let Err(e) = lib.record_source(&item.path, origin) {
+            if let Err(e) = lib.record_source(&item.path, origin, None) {
                 failed = true;
                 eprintln!(
                     "loratool: {}: identified but not indexed: {e}",

@@ -7,6 +7,7 @@ use super::filename::{content_disposition_name, sanitize};
 use super::http::{is_transient, retry_after, Http, Reply};
 use super::{error_detail, Problem};
 use crate::ops::progress::ProgressSink;
+use crate::tensors::hash::FileHashes;
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_DISPOSITION, CONTENT_RANGE, CONTENT_TYPE};
 use reqwest::StatusCode;
 use std::fs::{File, OpenOptions};
@@ -52,6 +53,9 @@ pub struct Target {
 pub struct Downloaded {
     pub path: PathBuf,
     pub sha256: String,
+    /// Every hash the library index keeps, from the one read that verified the file: the
+    /// index records them instead of reading a multi-gigabyte file again.
+    pub hashes: FileHashes,
     pub size: u64,
     /// Bytes that were already in a `.part` from an earlier, interrupted run or attempt.
     pub resumed_from: u64,
@@ -375,7 +379,8 @@ fn finish(
             detail: format!("only {size} bytes"),
         });
     }
-    let sha256 = sha256_of(part)?;
+    let hashes = hashes_of(part)?;
+    let sha256 = hashes.sha256.clone();
     if let Some(expected) = &target.sha256 {
         if !expected.eq_ignore_ascii_case(&sha256) {
             discard(part, state_path);
@@ -403,6 +408,7 @@ fn finish(
     Ok(Finish::Done(Downloaded {
         path,
         sha256,
+        hashes,
         size,
         resumed_from: 0,
         already_present: false,
@@ -415,15 +421,16 @@ fn already_present(path: &Path, target: &Target) -> Result<Option<Downloaded>, P
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(None);
     };
-    let sha256 = match meta.is_file() {
-        true => sha256_of(path).ok(),
+    let hashes = match meta.is_file() {
+        true => hashes_of(path).ok(),
         false => None,
     };
-    match (&target.sha256, sha256) {
-        (Some(expected), Some(got)) if expected.eq_ignore_ascii_case(&got) => {
+    match (&target.sha256, hashes) {
+        (Some(expected), Some(got)) if expected.eq_ignore_ascii_case(&got.sha256) => {
             Ok(Some(Downloaded {
                 path: path.to_path_buf(),
-                sha256: got,
+                sha256: got.sha256.clone(),
+                hashes: got,
                 size: meta.len(),
                 resumed_from: 0,
                 already_present: true,
@@ -551,11 +558,13 @@ fn discard(part: &Path, state_path: &Path) {
     let _ = std::fs::remove_file(state_path);
 }
 
-/// The whole-file sha256, by the project's one hashing code.
-fn sha256_of(path: &Path) -> Result<String, Problem> {
-    crate::tensors::hash::hash_file(path, None)
-        .map(|h| h.sha256)
-        .map_err(|e| Problem::Io(e.to_string()))
+/// The whole-file sha256 (what Civitai and the Hub list) and, in the same read, the hashes of
+/// the tensor data the library index keeps, by the project's one hashing code.
+fn hashes_of(path: &Path) -> Result<FileHashes, Problem> {
+    let data_start = crate::tensors::SafetensorsFile::data_start_of(path)
+        .ok()
+        .flatten();
+    crate::tensors::hash::hash_file(path, data_start).map_err(|e| Problem::Io(e.to_string()))
 }
 
 fn free_space(dir: &Path) -> Option<u64> {

@@ -34,6 +34,9 @@ pub enum Origin {
 pub struct Fetched {
     pub path: PathBuf,
     pub sha256: String,
+    /// The hashes the verifying read computed (see [`super::download::Downloaded::hashes`]).
+    #[serde(skip)]
+    pub hashes: crate::tensors::hash::FileHashes,
     pub size: u64,
     pub resumed_from: u64,
     pub already_present: bool,
@@ -53,6 +56,7 @@ impl Fetched {
         Fetched {
             path: done.path,
             sha256: done.sha256,
+            hashes: done.hashes,
             size: done.size,
             resumed_from: done.resumed_from,
             already_present: done.already_present,

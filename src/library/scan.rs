@@ -688,6 +688,13 @@ impl Library {
 
     /// Reads one file again and updates its entry (after `library sidecar` wrote its `.json`).
     pub fn reindex_file(&mut self, path: &Path) -> Result<()> {
+        self.reindex_file_with(path, None)
+    }
+
+    /// [`Library::reindex_file`] with the file's hashes when the caller has just computed them
+    /// from its current contents; otherwise known ones are reused if the file is unchanged, or
+    /// the file is read.
+    pub fn reindex_file_with(&mut self, path: &Path, fresh: Option<&FileHashes>) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
         let names: HashSet<OsString> = std::fs::read_dir(dir)
@@ -706,10 +713,14 @@ impl Library {
         };
         let known = self.known()?;
         let k = known.get(path_bytes(path));
-        let hashes = k
-            .filter(|k| k.size == size && k.mtime_ns == mtime_ns)
-            .and_then(|k| k.hashes.as_ref());
-        let source = k.and_then(|k| k.hash_source.as_deref());
+        let (hashes, source) = match fresh {
+            Some(h) => (Some(h), Some("read")),
+            None => (
+                k.filter(|k| k.size == size && k.mtime_ns == mtime_ns)
+                    .and_then(|k| k.hashes.as_ref()),
+                k.and_then(|k| k.hash_source.as_deref()),
+            ),
+        };
         let opts = ScanOptions::default();
         let cache = A1111Cache::default();
         match analyze(&found, hashes, source, &cache, false, &opts) {

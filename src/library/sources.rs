@@ -5,6 +5,7 @@ use super::scan::now;
 use super::sidecar::path_bytes;
 use super::Library;
 use crate::hub::fetch::Origin;
+use crate::tensors::hash::FileHashes;
 use crate::{Error, Result};
 use rusqlite::params;
 use std::path::Path;
@@ -12,8 +13,15 @@ use std::path::Path;
 impl Library {
     /// Indexes `path` (reading it again if it changed) and records where it came from, replacing
     /// an earlier record from the same service.
-    pub fn record_source(&mut self, path: &Path, origin: &Origin) -> Result<()> {
-        self.reindex_file(path)?;
+    /// `hashes`: the file's hashes when the caller has just read them (a download's verifying
+    /// read), so the index does not read the file again.
+    pub fn record_source(
+        &mut self,
+        path: &Path,
+        origin: &Origin,
+        hashes: Option<&FileHashes>,
+    ) -> Result<()> {
+        self.reindex_file_with(path, hashes)?;
         let err = |e: rusqlite::Error| Error::Invalid(format!("{}: {e}", self.path.display()));
         let id: i64 = self
             .conn
@@ -190,5 +198,46 @@ impl Library {
                 },
             )
             .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_s_hashes_are_recorded_without_reading_the_file_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tiny.safetensors");
+        let mut header = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.to_vec();
+        while !header.len().is_multiple_of(8) {
+            header.push(b' ');
+        }
+        let data_start = 8 + header.len() as u64;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&1f32.to_le_bytes());
+        std::fs::write(&file, bytes).unwrap();
+        let mut lib = Library::open(&dir.path().join("library.db")).unwrap();
+        // Hashes no read of this file could give: if the index read it, it would hold others.
+        let given = FileHashes {
+            sha256: "ab".repeat(32),
+            autov2: "ABABABABAB".into(),
+            addnet: Some("cd".repeat(32)),
+            autov3: Some("CDCDCDCDCDCD".into()),
+        };
+        let origin = Origin::HuggingFace {
+            repo: "someone/tiny".into(),
+            revision: Some("main".into()),
+            path: "tiny.safetensors".into(),
+        };
+        lib.record_source(&file, &origin, Some(&given)).unwrap();
+        let file = std::fs::canonicalize(&file).unwrap();
+        assert_eq!(lib.known_hashes(&file), Some(given));
+        // Without them, a fresh index reads the file: its real hashes.
+        let mut other = Library::open(&dir.path().join("other.db")).unwrap();
+        other.record_source(&file, &origin, None).unwrap();
+        let real = crate::tensors::hash::hash_file(&file, Some(data_start)).unwrap();
+        assert_eq!(other.known_hashes(&file), Some(real));
     }
 }
