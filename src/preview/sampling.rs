@@ -148,11 +148,11 @@ impl NoiseSchedule {
             )));
         }
         let betas: Vec<f64> = match kind {
-            BetaSchedule::ScaledLinear => linspace_f64(start.sqrt(), end.sqrt(), timesteps)
+            BetaSchedule::ScaledLinear => torch_linspace(start.sqrt(), end.sqrt(), timesteps)
                 .into_iter()
                 .map(|b| b * b)
                 .collect(),
-            BetaSchedule::Linear => linspace_f64(start, end, timesteps),
+            BetaSchedule::Linear => torch_linspace(start, end, timesteps),
         };
         let mut product = 1.0f64;
         let alphas_cumprod = betas
@@ -304,40 +304,53 @@ impl NoiseSchedule {
     }
 }
 
-/// `torch.linspace(start, end, n)` in float32 as torch's x86 CPU kernel computes it: a float32
-/// step, the first half counted up from `start`, the second half down from `end`, each value one
-/// fused multiply-add (torch's AVX2/AVX512 builds contract `start + step * i`; its portable build
-/// does not, which moves some values by one unit in the last place).
-fn torch_linspace(start: f32, end: f32, n: usize) -> Vec<f32> {
+/// `torch.linspace(start, end, n)` as torch's x86 CPU kernel computes it: one step, the first half
+/// counted up from `start`, the second half down from `end`, each value one fused multiply-add
+/// (torch's AVX2/AVX512 builds contract `start + step * i`; its portable build does not, which
+/// moves some values by one unit in the last place). In float32 for the sampler's timesteps and in
+/// float64 for LDM's betas (`torch.linspace(..., dtype=torch.float64)`).
+fn torch_linspace<T: LinspaceFloat>(start: T, end: T, n: usize) -> Vec<T> {
     if n == 1 {
         return vec![start];
     }
-    let step = (end - start) / (n - 1) as f32;
+    let step = (end - start) / T::count(n - 1);
     let halfway = n / 2;
     (0..n)
         .map(|i| {
             if i < halfway {
-                step.mul_add(i as f32, start)
+                step.fma(T::count(i), start)
             } else {
-                (-step).mul_add((n - 1 - i) as f32, end)
+                (-step).fma(T::count(n - 1 - i), end)
             }
         })
         .collect()
 }
 
-/// The same in float64 (LDM builds its betas with `torch.linspace(..., dtype=torch.float64)`).
-fn linspace_f64(start: f64, end: f64, n: usize) -> Vec<f64> {
-    let step = (end - start) / (n - 1) as f64;
-    let halfway = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < halfway {
-                step.mul_add(i as f64, start)
-            } else {
-                (-step).mul_add((n - 1 - i) as f64, end)
-            }
-        })
-        .collect()
+/// What [`torch_linspace`] needs of a float type.
+trait LinspaceFloat:
+    Copy + std::ops::Sub<Output = Self> + std::ops::Div<Output = Self> + std::ops::Neg<Output = Self>
+{
+    fn count(n: usize) -> Self;
+    /// `self * a + b`, rounded once.
+    fn fma(self, a: Self, b: Self) -> Self;
+}
+
+impl LinspaceFloat for f32 {
+    fn count(n: usize) -> f32 {
+        n as f32
+    }
+    fn fma(self, a: f32, b: f32) -> f32 {
+        self.mul_add(a, b)
+    }
+}
+
+impl LinspaceFloat for f64 {
+    fn count(n: usize) -> f64 {
+        n as f64
+    }
+    fn fma(self, a: f64, b: f64) -> f64 {
+        self.mul_add(a, b)
+    }
 }
 
 // float32 transcendentals as the correctly rounded double result: torch's (SLEEF's vector code)
