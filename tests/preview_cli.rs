@@ -1,9 +1,10 @@
 //! `loratool preview` end to end on a tiny SD1 checkpoint whose text encoder has CLIP's full
 //! 49,408-token vocabulary (built here from the tiny fixture): the PNG and its A1111 infotext,
 //! determinism, `<lora:…>` tags resolved in `--lora-dir`, weight 0 identical to no LoRA, and a
-//! LoRA at load time rendering what the checkpoint `merge` writes renders. The pieces themselves
+//! LoRA at load time rendering what the checkpoint `merge` writes renders; on a tiny SD2 checkpoint,
+//! A1111's v-prediction rule and `--prediction` overriding it. The pieces themselves
 //! are checked against the peers in preview_text, preview_unet, preview_vae, preview_render,
-//! sampling, prompt and png_infotext.
+//! preview_sd2, sampling, prompt and png_infotext.
 
 mod common;
 use common::fixture;
@@ -690,4 +691,134 @@ fn pickled_and_safetensors_embeddings_load_the_same_vectors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a textual-inversion embedding"), "{e}");
+}
+
+/// `loratool preview` on the tiny SD2 checkpoint (common::sd2_variant) with its configs.
+fn preview_sd2(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_loratool"))
+        .arg("preview")
+        .arg("--model")
+        .arg(model)
+        .arg("--config")
+        .arg(fixture("preview/sd2_diffusers"))
+        .args(["--prompt", "a red fox, (snow:1.2)", "--negative", "blurry"])
+        .args([
+            "--seed", "42", "--steps", "3", "--width", "64", "--height", "64",
+        ])
+        .args(["--sampler", "euler", "-o"])
+        .arg(out)
+        .arg("--db")
+        .arg(out.with_extension("db"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// A LyCORIS full-weight module on the UNet's conv_out that leaves the weight and raises the
+/// bias by 1: at weight 1 it moves A1111's probe from −1.5 (v) to −0.5 (ε).
+fn conv_out_bias_lora(path: &Path) {
+    let specs = [
+        ("lora_unet_conv_out.diff", vec![4, 4, 3, 3], 0.0f32),
+        ("lora_unet_conv_out.diff_b", vec![4], 1.0),
+    ];
+    let mut data = Vec::new();
+    let specs: Vec<TensorSpec> = specs
+        .into_iter()
+        .map(|(name, shape, value)| {
+            let n: usize = shape.iter().product();
+            data.extend((0..n).flat_map(|_| value.to_le_bytes()));
+            TensorSpec {
+                name: name.into(),
+                dtype: loratool::tensors::Dtype::F32,
+                shape,
+            }
+        })
+        .collect();
+    let meta = BTreeMap::from([("ss_base_model_version".to_string(), "sd_v2".to_string())]);
+    let header = build_header(&meta, &specs);
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn sd2_renders_with_a1111s_prediction_rule_and_prediction_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let v_model = dir.path().join("tiny_sd2.safetensors");
+    common::sd2_variant(&v_model, 0.0, Some(49408));
+    let render = |model: &Path, name: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{name}.png"));
+        ok(&preview_sd2(model, &out, extra));
+        let text = read_parameters(&out).unwrap().unwrap().text;
+        (pixels(&out), text)
+    };
+    // A1111's probe says v: the infotext is A1111's own (it has no prediction key).
+    let (auto, text) = render(&v_model, "auto", &[]);
+    let parsed = parse_generation_parameters(&text);
+    for (k, v) in [
+        ("Model", "tiny_sd2"),
+        ("Sampler", "Euler"),
+        ("Size", "64x64"),
+    ] {
+        assert_eq!(parsed.get(k), Some(v), "{k} in {text}");
+    }
+    assert_eq!(parsed.get("Prediction"), None, "{text}");
+    assert_eq!(
+        render(&v_model, "v", &["--prediction", "v"]),
+        (auto.clone(), text.clone())
+    );
+    let (eps, eps_text) = render(&v_model, "eps", &["--prediction", "eps"]);
+    assert_ne!(eps, auto);
+    assert_eq!(
+        parse_generation_parameters(&eps_text).get("Prediction"),
+        Some("eps")
+    );
+    // A1111 conditions SD2 on the penultimate layer whatever its clip skip, and records it.
+    let (skip2, skip2_text) = render(&v_model, "skip2", &["--clip-skip", "2"]);
+    assert_eq!(skip2, auto);
+    assert_eq!(
+        parse_generation_parameters(&skip2_text).get("Clip skip"),
+        Some("2")
+    );
+
+    // The ε twin (conv_out bias +1): the probe says ε.
+    let eps_model = dir.path().join("tiny_sd2_eps.safetensors");
+    common::sd2_variant(&eps_model, 1.0, Some(49408));
+    let (twin, twin_text) = render(&eps_model, "twin", &[]);
+    assert_eq!(
+        parse_generation_parameters(&twin_text).get("Prediction"),
+        None
+    );
+    assert_eq!(
+        render(&eps_model, "twin_eps", &["--prediction", "eps"]).0,
+        twin
+    );
+    let (_, forced) = render(&eps_model, "twin_v", &["--prediction", "v"]);
+    assert_eq!(
+        parse_generation_parameters(&forced).get("Prediction"),
+        Some("v")
+    );
+
+    // A1111 probes the checkpoint before LoRAs: a LoRA that would move the probe to ε leaves v.
+    let lora = dir.path().join("conv_out_bias.safetensors");
+    conv_out_bias_lora(&lora);
+    let with = format!("{}:1", lora.display());
+    let (lora_auto, _) = render(&v_model, "lora_auto", &["--lora", &with]);
+    assert_ne!(lora_auto, auto, "the LoRA changes the image");
+    let (lora_v, lora_v_text) = render(&v_model, "lora_v", &["--lora", &with, "--prediction", "v"]);
+    assert_eq!(lora_auto, lora_v);
+    assert_eq!(
+        parse_generation_parameters(&lora_v_text).get("Prediction"),
+        None
+    );
+
+    // A bad value is one line, and nothing is written.
+    let out = dir.path().join("bad.png");
+    let o = preview_sd2(&v_model, &out, &["--prediction", "x0"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(e.contains("--prediction 'x0': eps or v"), "{e}");
+    assert!(!out.exists());
 }

@@ -4,7 +4,7 @@ use super::progress::count_bar;
 use super::values::parse_lora;
 use clap::{Args, ValueEnum};
 use loratool::preview::png::write_png;
-use loratool::preview::sampling::{SamplerKind, ScheduleKind};
+use loratool::preview::sampling::{Prediction, SamplerKind, ScheduleKind};
 use loratool::preview::txt2img::{txt2img, txt2img_grid, GridSpec, Txt2Img};
 use loratool::preview::weights::Placement;
 use loratool::tensors::WriteOptions;
@@ -42,7 +42,7 @@ enum RngArg {
 
 #[derive(Args, Debug)]
 pub struct PreviewArgs {
-    /// An SD1 checkpoint (single file or diffusers pipeline folder).
+    /// An SD1 or SD2 checkpoint (single file or diffusers pipeline folder).
     #[arg(long, value_name = "CKPT")]
     model: PathBuf,
     /// A diffusers pipeline folder (or a folder of its */config.json) for head counts and norm
@@ -88,6 +88,8 @@ pub struct PreviewArgs {
     width: u32,
     #[arg(long, default_value_t = 512)]
     height: u32,
+    /// A1111's "Clip skip" (CLIP-L only: A1111 conditions SD2 on OpenCLIP's penultimate layer
+    /// whatever it is set to, and still records it).
     #[arg(long, default_value_t = 1)]
     clip_skip: usize,
     /// The noise source (A1111's "RNG source: CPU"; the same seed gives the same image anywhere).
@@ -100,6 +102,10 @@ pub struct PreviewArgs {
     /// cpu, cuda[:N] or metal[:N] (the GPU ones need a build with `--features cuda`/`metal`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// What the UNet predicts, `eps` or `v`; by default A1111's rule decides (SD2: its probe of
+    /// the UNet; everything else: eps).
+    #[arg(long, value_name = "eps|v")]
+    prediction: Option<String>,
     /// A labelled contact sheet: `weights=0,0.5,1` (every LoRA at each weight, one column each)
     /// and optionally `;seeds=1,2` (one row each; default: --seed).
     #[arg(long, value_name = "SPEC")]
@@ -162,6 +168,12 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
         width: args.width,
         height: args.height,
         clip_skip: args.clip_skip,
+        prediction: match &args.prediction {
+            Some(p) => Some(Prediction::parse(p).ok_or_else(|| {
+                loratool::Error::Invalid(format!("--prediction '{p}': eps or v"))
+            })?),
+            None => None,
+        },
         grid_weight: None,
         placement,
     };

@@ -265,6 +265,47 @@ fn openclip_to_hf(path: &str) -> Vec<(String, Option<usize>)> {
     }
 }
 
+/// The rows of q, k or v (`chunk` 0, 1, 2) in a fused OpenCLIP `attn.in_proj_weight` /
+/// `in_proj_bias` of `rows` rows.
+fn fused_third(chunk: usize, rows: usize) -> Range<usize> {
+    chunk * rows / 3..(chunk + 1) * rows / 3
+}
+
+/// The prefix of SD2's OpenCLIP text encoder in a single-file checkpoint.
+pub const SD2_OPENCLIP: &str = "cond_stage_model.model.";
+
+/// An OpenCLIP text-encoder tensor (its name after the slot's `model.` prefix, `rows` its first
+/// dimension) → the HF CLIP tensors it holds, each with its rows when the tensor is fused (the
+/// q, k, v thirds of `attn.in_proj_*`). The same map as [`KeyMap`]'s module names, plus the
+/// embedding tables; `text_projection` (stored transposed), `logit_scale` and `attn_mask` have no
+/// HF CLIP text-model twin here.
+pub fn openclip_tensor_to_hf(name: &str, rows: usize) -> Vec<(String, Option<Range<usize>>)> {
+    match name {
+        "token_embedding.weight" => {
+            return vec![("text_model.embeddings.token_embedding.weight".into(), None)]
+        }
+        "positional_embedding" => {
+            return vec![(
+                "text_model.embeddings.position_embedding.weight".into(),
+                None,
+            )]
+        }
+        _ => {}
+    }
+    let split = ["weight", "bias"].into_iter().find_map(|leaf| {
+        name.strip_suffix(&format!(".{leaf}"))
+            .or_else(|| name.strip_suffix(&format!("_{leaf}")))
+            .map(|module| (module, leaf))
+    });
+    let Some((module, leaf)) = split else {
+        return vec![];
+    };
+    openclip_to_hf(module)
+        .into_iter()
+        .map(|(hf, chunk)| (format!("{hf}.{leaf}"), chunk.map(|c| fused_third(c, rows))))
+        .collect()
+}
+
 /// Flux: diffusers module paths that land on a BFL module path, with their row slices, given the
 /// hidden size `h` and the single-block MLP width `mlp`.
 fn flux_diffusers_names(bfl: &str, h: usize, mlp: usize) -> Vec<(String, Option<Range<usize>>)> {
@@ -412,7 +453,7 @@ impl KeyMap {
                         register_text_encoder(&mut add, &p, Component::TextEncoder, None);
                         primary.push((p, Component::TextEncoder, None));
                     } else if let Some((p, component)) = module_key
-                        .strip_prefix("cond_stage_model.model.")
+                        .strip_prefix(SD2_OPENCLIP)
                         .map(|p| (p, Component::TextEncoder))
                         .or_else(|| {
                             module_key
@@ -421,7 +462,7 @@ impl KeyMap {
                         })
                     {
                         for (hf, chunk) in openclip_to_hf(p) {
-                            let slice = chunk.map(|c| c * rows / 3..(c + 1) * rows / 3);
+                            let slice = chunk.map(|c| fused_third(c, rows));
                             register_text_encoder(&mut add, &hf, component, slice.clone());
                             primary.push((hf, component, slice));
                         }
@@ -513,4 +554,49 @@ fn register_text_encoder(
         add(format!("{p}{flat}"), component, slice.clone());
     }
     add(format!("{}:{hf_path}", component.name()), component, slice);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openclip_tensors_name_their_hf_twins_and_rows() {
+        let q = "text_model.encoder.layers.3.self_attn.q_proj";
+        assert_eq!(
+            openclip_tensor_to_hf("transformer.resblocks.3.attn.in_proj_weight", 24),
+            vec![
+                (format!("{q}.weight"), Some(0..8)),
+                (q.replace("q_proj", "k_proj") + ".weight", Some(8..16)),
+                (q.replace("q_proj", "v_proj") + ".weight", Some(16..24)),
+            ]
+        );
+        assert_eq!(
+            openclip_tensor_to_hf("transformer.resblocks.3.attn.in_proj_bias", 24)[2],
+            (q.replace("q_proj", "v_proj") + ".bias", Some(16..24))
+        );
+        for (openclip, hf) in [
+            (
+                "positional_embedding",
+                "text_model.embeddings.position_embedding.weight",
+            ),
+            (
+                "token_embedding.weight",
+                "text_model.embeddings.token_embedding.weight",
+            ),
+            ("ln_final.bias", "text_model.final_layer_norm.bias"),
+            (
+                "transformer.resblocks.0.mlp.c_proj.weight",
+                "text_model.encoder.layers.0.mlp.fc2.weight",
+            ),
+        ] {
+            assert_eq!(
+                openclip_tensor_to_hf(openclip, 77),
+                vec![(hf.to_string(), None)]
+            );
+        }
+        for unmapped in ["text_projection", "logit_scale", "attn_mask"] {
+            assert!(openclip_tensor_to_hf(unmapped, 8).is_empty(), "{unmapped}");
+        }
+    }
 }

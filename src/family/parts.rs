@@ -268,14 +268,19 @@ fn hf_encoder<'a>(
     {
         return Some(Encoder::T5);
     }
-    let width = tensors
+    tensors
         .into_iter()
         .find(|t| rest(t).ends_with("text_model.final_layer_norm.weight"))
-        .and_then(|t| t.shape.first().copied());
+        .and_then(|t| t.shape.first().copied())
+        .and_then(clip_encoder_of_width)
+}
+
+/// The CLIP text encoder of a real width: 768 CLIP-L, 1024 OpenCLIP-H, 1280 OpenCLIP-bigG.
+pub fn clip_encoder_of_width(width: usize) -> Option<Encoder> {
     match width {
-        Some(768) => Some(Encoder::ClipL),
-        Some(1024) => Some(Encoder::OpenclipH),
-        Some(1280) => Some(Encoder::OpenclipBigg),
+        768 => Some(Encoder::ClipL),
+        1024 => Some(Encoder::OpenclipH),
+        1280 => Some(Encoder::OpenclipBigg),
         _ => None,
     }
 }

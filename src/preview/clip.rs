@@ -1,18 +1,32 @@
-//! The CLIP text encoder of SD1 (CLIP-L, HF CLIP names), on candle tensors: token and position
-//! embeddings, pre-norm causal self-attention layers, quick-GELU MLPs, the final layer norm, and
-//! A1111's clip skip (the final norm applied to an earlier layer's output).
+//! The CLIP text encoders of SD1 (CLIP-L) and SD2 (OpenCLIP-H), HF CLIP names, on candle
+//! tensors: token and position embeddings, pre-norm causal self-attention layers, MLPs (quick
+//! GELU for CLIP-L, GELU for OpenCLIP), the final layer norm, and the hidden state A1111 conditions
+//! on (clip skip for CLIP-L; OpenCLIP's penultimate layer, whatever the clip-skip setting).
 //!
 //! Written here rather than taken from candle-transformers: the preview needs the hidden states of
 //! any layer (clip skip), token embeddings it can replace (textual inversion), and the same
-//! module for OpenCLIP checkpoints whose weights come in another shape; the model is small next to
-//! the UNet, so candle's own matmul and softmax are enough.
+//! module for OpenCLIP checkpoints whose weights come in another shape (the weights map them to
+//! HF names); the model is small next to the UNet, so candle's own matmul and softmax are enough.
 
 use super::layers::{multi_head_attention, LayerNorm, Linear};
+use super::tokenizer::ClipPadding;
 use super::weights::{candle_error, Part, Weights};
+use crate::family::parts::{clip_encoder_of_width, Encoder};
+use crate::family::BaseModel;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// The text encoder's size; everything but the head count is read from the weights' shapes.
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x·σ(1.702·x)`, as OpenAI's CLIP-L was trained (HF `quick_gelu`).
+    QuickGelu,
+    /// GELU with erf, as OpenCLIP's towers use it (HF `gelu`).
+    Gelu,
+}
+
+/// The text encoder's size and the A1111 conventions of its kind; the sizes but the head count are
+/// read from the weights' shapes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
     pub vocab: usize,
@@ -22,11 +36,25 @@ pub struct ClipConfig {
     pub heads: usize,
     pub positions: usize,
     pub layer_norm_eps: f64,
+    pub activation: Activation,
+    /// What A1111 pads a window with after its end token (`id_pad`): the end token for CLIP-L, 0
+    /// for OpenCLIP (`sd_hijack_open_clip`; `process_tokens` zeroes everything after the first
+    /// end token).
+    pub padding: ClipPadding,
+    /// The clip skip A1111 uses whatever its setting, when it ignores the setting: SD2's OpenCLIP
+    /// (`sd_hijack_open_clip.encode_with_transformers` never reads `CLIP_stop_at_last_layers`;
+    /// LDM's `FrozenOpenCLIPEmbedder` stops at the penultimate layer, then `ln_final`). 2 for a
+    /// single file's full 24-layer tower; 1 for a pipeline's 23-layer text encoder, whose last
+    /// layer diffusers' converter dropped. `None`: the setting applies (CLIP-L).
+    pub fixed_clip_skip: Option<usize>,
 }
 
 impl ClipConfig {
-    /// From the checkpoint's shapes. `heads` is the family's rule (64-wide heads: CLIP-L has 12)
-    /// unless given (tiny and non-standard models come with a config).
+    /// From the checkpoint's shapes and kind. `heads` is the family's rule (64-wide heads: CLIP-L
+    /// has 12, OpenCLIP-H 16) unless given (tiny and non-standard models come with a config). The
+    /// encoder is OpenCLIP when the single file stores it under OpenCLIP's names (SD2's
+    /// `cond_stage_model.model.`), when the checkpoint is SD2 (a pipeline's UNet with linear
+    /// projections) or when the width is OpenCLIP-H's 1024; else CLIP-L.
     pub fn infer(weights: &Weights, heads: Option<usize>) -> Result<ClipConfig> {
         let part = Part::ClipTextEncoder;
         let missing = |what: &str| {
@@ -60,7 +88,7 @@ impl ClipConfig {
                 format!("text encoder width {hidden} does not split into {heads} heads"),
             ));
         }
-        Ok(ClipConfig {
+        let config = ClipConfig {
             vocab: tok[0],
             hidden,
             intermediate: fc1[0],
@@ -68,7 +96,39 @@ impl ClipConfig {
             heads,
             positions: pos[0],
             layer_norm_eps: 1e-5,
+            activation: Activation::QuickGelu,
+            padding: ClipPadding::EndOfText,
+            fixed_clip_skip: None,
+        };
+        if weights.text_encoder_is_openclip() {
+            return Ok(ClipConfig {
+                fixed_clip_skip: Some(2),
+                ..config.openclip()
+            });
+        }
+        let openclip = weights.checkpoint().family() == BaseModel::Sd2
+            || clip_encoder_of_width(hidden) == Some(Encoder::OpenclipH);
+        Ok(match openclip {
+            true => config.openclip(),
+            false => config,
         })
+    }
+
+    /// The same sizes as an OpenCLIP encoder under HF names, SD2's (GELU, padded with 0, the
+    /// encoder's last layer whatever the clip-skip setting): what a pipeline's text encoder is when
+    /// its config says `hidden_act: gelu` and its width cannot tell.
+    pub fn openclip(self) -> ClipConfig {
+        ClipConfig {
+            activation: Activation::Gelu,
+            padding: ClipPadding::Zero,
+            fixed_clip_skip: self.fixed_clip_skip.or(Some(1)),
+            ..self
+        }
+    }
+
+    /// The clip skip A1111 conditions on for its setting `requested`.
+    pub fn a1111_clip_skip(&self, requested: usize) -> usize {
+        self.fixed_clip_skip.unwrap_or(requested)
     }
 }
 
@@ -266,8 +326,10 @@ impl ClipTextEncoder {
             x = (x + layer.out.forward(&attended)?)?;
             let h = layer.norm2.forward(&x)?;
             let h = layer.fc1.forward(&h)?;
-            // quick GELU, as CLIP-L was trained: x·σ(1.702·x).
-            let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
+            let h = match self.config.activation {
+                Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+                Activation::Gelu => h.gelu_erf()?,
+            };
             x = (x + layer.fc2.forward(&h)?)?;
         }
         self.final_norm

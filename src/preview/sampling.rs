@@ -71,6 +71,23 @@ pub enum Prediction {
     V,
 }
 
+impl Prediction {
+    /// As `--prediction` writes it: `eps` or `v`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "eps",
+            Prediction::V => "v",
+        }
+    }
+
+    /// The inverse of [`Prediction::name`].
+    pub fn parse(name: &str) -> Option<Prediction> {
+        [Prediction::Epsilon, Prediction::V]
+            .into_iter()
+            .find(|p| p.name() == name)
+    }
+}
+
 /// The UNet's raw output for one call: for the prompt, and for the negative prompt when
 /// classifier-free guidance is on (A1111 runs both as one batch `[cond, uncond]`).
 #[derive(Clone, Debug, PartialEq)]

@@ -2,7 +2,7 @@
 //! chunks), the checkpoint with every LoRA applied at load, the text encoder, the sampler, the
 //! VAE, and the infotext A1111 would write for the same render.
 
-use super::clip::{ClipConfig, ClipTextEncoder};
+use super::clip::{Activation, ClipConfig, ClipTextEncoder};
 use super::embeddings::{load_dirs, Embedding};
 use super::infotext::{
     embedding_short_hash, lora_short_hash, loratool_version, model_short_hash, schedule_type,
@@ -12,11 +12,12 @@ use super::png::RgbImage;
 use super::prompt::{parse_emphasis, parse_extra_networks, LoraTag};
 use super::render::{decode_latent, sample_latent, RenderSettings, SD_SCALING_FACTOR};
 use super::sampling::{NoiseSchedule, Prediction, SamplerKind, SamplerSettings, ScheduleKind};
-use super::tokenizer::{ChunkOptions, ClipPadding, ClipTokenizer, PromptChunk, TextualInversion};
-use super::unet::{Heads, Unet, UnetConfig};
+use super::tokenizer::{ChunkOptions, ClipTokenizer, PromptChunk, TextualInversion};
+use super::unet::{prediction_from_probe, Heads, Unet, UnetConfig};
 use super::vae::VaeDecoder;
 use super::weights::{candle_error, Part, Placement, Weights};
 use crate::family::layout::Checkpoint;
+use crate::family::{BaseModel, Component};
 use crate::ops::patch_plan::{LoraWeight, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::hash_file;
@@ -53,6 +54,9 @@ pub struct Txt2Img {
     pub width: u32,
     pub height: u32,
     pub clip_skip: usize,
+    /// What the UNet predicts (`--prediction`); `None`: A1111's rule (ε, or its probe's answer
+    /// for SD2).
+    pub prediction: Option<Prediction>,
     /// In a grid cell: the weight that replaces every prompt tag's multipliers.
     pub grid_weight: Option<f32>,
     /// The device and dtype the models run in (`--device`, `--dtype`).
@@ -71,9 +75,49 @@ pub struct Rendered {
 #[derive(Debug, Default)]
 struct Configs {
     text_heads: Option<usize>,
-    unet_heads: Option<usize>,
+    text_activation: Option<Activation>,
+    unet_heads: Option<Heads>,
     unet_groups: Option<usize>,
     vae_groups: Option<usize>,
+}
+
+/// The UNet's heads from its diffusers config: `num_attention_heads`, else (diffusers' misnamed
+/// field) `attention_head_dim`. One number is a head count for every transformer (SD1); a list
+/// gives each level's count (SD2, SDXL), which must make heads of one width.
+fn unet_heads(unet: &serde_json::Value, path: &Path) -> Result<Option<Heads>> {
+    let field = ["num_attention_heads", "attention_head_dim"]
+        .iter()
+        .find_map(|k| unet.get(*k).filter(|v| !v.is_null()));
+    let counts: Vec<u64> = match field {
+        None => return Ok(None),
+        Some(serde_json::Value::Number(n)) => {
+            return Ok(n.as_u64().map(|n| Heads::Count(n as usize)))
+        }
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).collect(),
+        Some(_) => return Ok(None),
+    };
+    let channels: Vec<u64> = unet
+        .get("block_out_channels")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    let widths: Vec<u64> = channels
+        .iter()
+        .zip(&counts)
+        .filter(|(c, n)| **n > 0 && *c % *n == 0)
+        .map(|(c, n)| c / n)
+        .collect();
+    match widths.first() {
+        Some(&w) if widths.len() == counts.len() && widths.iter().all(|x| *x == w) => {
+            Ok(Some(Heads::Width(w as usize)))
+        }
+        _ => Err(Error::bad_file(
+            path,
+            format!(
+                "head counts {counts:?} over block widths {channels:?} do not make heads of one width"
+            ),
+        )),
+    }
 }
 
 fn read_configs(dir: &Path) -> Result<Configs> {
@@ -99,10 +143,22 @@ fn read_configs(dir: &Path) -> Result<Configs> {
             dir.display()
         )));
     }
+    let unet_heads = match &unet {
+        Some(u) => unet_heads(u, &dir.join("unet").join("config.json"))?,
+        None => None,
+    };
+    let text_activation = text
+        .as_ref()
+        .and_then(|t| t.get("hidden_act"))
+        .and_then(|a| match a.as_str() {
+            Some("gelu") => Some(Activation::Gelu),
+            Some("quick_gelu") => Some(Activation::QuickGelu),
+            _ => None,
+        });
     Ok(Configs {
         text_heads: num(&text, "num_attention_heads"),
-        // diffusers' SD1 configs name the head count `attention_head_dim`.
-        unet_heads: num(&unet, "num_attention_heads").or(num(&unet, "attention_head_dim")),
+        text_activation,
+        unet_heads,
         unet_groups: num(&unet, "norm_num_groups"),
         vae_groups: num(&vae, "norm_num_groups"),
     })
@@ -185,6 +241,31 @@ fn schedule_of(checkpoint: &Checkpoint) -> Result<NoiseSchedule> {
         }
         None => Ok(NoiseSchedule::stable_diffusion()),
     }
+}
+
+/// The UNet to render with (LoRAs applied) and what A1111 decides it predicts: v for an SD2
+/// checkpoint whose UNet fails its probe ([`Unet::a1111_v_probe`]), ε otherwise (SD1 and the rest
+/// load A1111's ε configs). A1111 probes the checkpoint as loaded, before any LoRA: when LoRAs
+/// change the UNet, the probe runs on a UNet without them, dropped before the render's is loaded.
+fn load_unet(weights: &Weights, config: &UnetConfig) -> Result<(Unet, Prediction)> {
+    let checkpoint = weights.checkpoint();
+    if checkpoint.family() != BaseModel::Sd2 {
+        return Ok((Unet::load(weights, config)?, Prediction::Epsilon));
+    }
+    let plan = weights.plan();
+    let patches_unet = plan
+        .files
+        .iter()
+        .flat_map(|f| f.values().flatten())
+        .any(|p| plan.module(p).1.component == Component::Unet);
+    if !patches_unet {
+        let unet = Unet::load(weights, config)?;
+        let probe = unet.a1111_v_probe()?;
+        return Ok((unet, prediction_from_probe(probe)));
+    }
+    let bare = PatchPlan::build(checkpoint, &[], &PlanOptions::default())?;
+    let probe = Unet::load(&Weights::new(bare), config)?.a1111_v_probe()?;
+    Ok((Unet::load(weights, config)?, prediction_from_probe(probe)))
 }
 
 /// A prompt's windows through the text encoder, concatenated along the token axis. Embedding
@@ -376,6 +457,10 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         Some(dir) => read_configs(dir)?,
         None => Configs::default(),
     };
+    let unet_config = UnetConfig {
+        heads: configs.unet_heads,
+        groups: configs.unet_groups.unwrap_or(32),
+    };
     // The VAE loads after sampling: a checkpoint without one fails now, not after the render.
     if !weights.has(Part::Vae, "decoder.conv_in.weight") {
         return Err(Error::bad_file(
@@ -386,8 +471,12 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     // One model in memory at a time: the text encoder is dropped before the UNet loads, the UNet
     // before the VAE (peak RSS is the UNet's, not the sum).
     let (cond, uncond, embeddings, used, notes) = {
-        let encoder =
-            ClipTextEncoder::load(&weights, ClipConfig::infer(&weights, configs.text_heads)?)?;
+        let mut text_config = ClipConfig::infer(&weights, configs.text_heads)?;
+        if configs.text_activation == Some(Activation::Gelu) {
+            text_config = text_config.openclip();
+        }
+        let encoder = ClipTextEncoder::load(&weights, text_config)?;
+        let clip_skip = encoder.config().a1111_clip_skip(req.clip_skip);
         let (embeddings, skipped) = load_dirs(&req.embedding_dirs, encoder.config().hidden);
         // A skipped embedding the prompt names is encoded as plain words, as in A1111; say so.
         let named_in_prompts = |name: &str| {
@@ -409,7 +498,7 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
             })
             .collect();
         let tokenizer = ClipTokenizer::new()?;
-        let options = ChunkOptions::a1111(ClipPadding::EndOfText);
+        let options = ChunkOptions::a1111(encoder.config().padding);
         let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
             Ok(tokenizer
                 .chunk(&parse_emphasis(text)?, &inversions, &options)?
@@ -425,8 +514,8 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         while uncond_chunks.len() < cond_chunks.len() {
             uncond_chunks.push(empty[0].clone());
         }
-        let cond = encode_chunks(&encoder, &cond_chunks, &embeddings, req.clip_skip)?;
-        let uncond = encode_chunks(&encoder, &uncond_chunks, &embeddings, req.clip_skip)?;
+        let cond = encode_chunks(&encoder, &cond_chunks, &embeddings, clip_skip)?;
+        let uncond = encode_chunks(&encoder, &uncond_chunks, &embeddings, clip_skip)?;
         // `TI hashes`: the embeddings the prompt or the negative prompt used, in file-name order.
         let mut used: Vec<usize> = cond_chunks
             .iter()
@@ -439,7 +528,7 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     };
 
     let schedule = schedule_of(&checkpoint)?;
-    let settings = RenderSettings {
+    let mut settings = RenderSettings {
         sampler: SamplerSettings {
             sampler: req.sampler,
             schedule: req.schedule,
@@ -455,22 +544,19 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     };
     progress.start(req.steps as u64);
     let guided = req.cfg_scale != 1.0;
-    let latent = {
-        let unet = Unet::load(
-            &weights,
-            &UnetConfig {
-                heads: configs.unet_heads.map(Heads::Count),
-                groups: configs.unet_groups.unwrap_or(32),
-            },
-        )?;
-        sample_latent(
+    let (latent, prediction, a1111_prediction) = {
+        let (unet, a1111_prediction) = load_unet(&weights, &unet_config)?;
+        let prediction = req.prediction.unwrap_or(a1111_prediction);
+        settings.prediction = prediction;
+        let latent = sample_latent(
             &unet,
             &schedule,
             &cond,
             guided.then_some(&uncond),
             &settings,
             &mut |_, _| progress.advance(1),
-        )?
+        )?;
+        (latent, prediction, a1111_prediction)
     };
     let image = decode_latent(
         &VaeDecoder::load(&weights, configs.vae_groups)?,
@@ -549,8 +635,12 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         rng: Some("CPU".into()),
         lora_hashes,
         ti_hashes,
+        // Not an A1111 key: written only when --prediction overrode what A1111 would use.
+        extra: match prediction != a1111_prediction {
+            true => vec![("Prediction".into(), prediction.name().into())],
+            false => Vec::new(),
+        },
         version: Some(loratool_version()),
-        ..Default::default()
     };
     Ok(Rendered {
         image,

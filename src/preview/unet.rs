@@ -6,6 +6,7 @@
 use super::layers::{
     multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock, ResnetNames,
 };
+use super::sampling::Prediction;
 use super::weights::{candle_error, Part, Placement, Weights};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, D};
@@ -244,6 +245,8 @@ impl Layer {
 pub struct Unet {
     placement: Placement,
     model_channels: usize,
+    /// The width of the text states the cross-attention reads (SD1 768, SD2 1024).
+    context_width: usize,
     time_1: Linear,
     time_2: Linear,
     conv_in: Conv2d,
@@ -305,9 +308,15 @@ impl Unet {
             }
             layers
         };
+        let to_k = "middle_block.1.transformer_blocks.0.attn2.to_k.weight";
+        let context_width = w
+            .shape(PART, to_k)
+            .and_then(|s| s.get(1).copied())
+            .ok_or_else(|| Error::bad_tensor(&w.checkpoint().root, to_k, "missing"))?;
         Ok(Unet {
             placement: w.placement().clone(),
             model_channels: time_shape[1],
+            context_width,
             time_1: Linear::load(w, PART, "time_embed.0")?,
             time_2: Linear::load(w, PART, "time_embed.2")?,
             conv_in: Conv2d::load(w, PART, "input_blocks.0.0", 1)?,
@@ -323,6 +332,27 @@ impl Unet {
     /// `t` (one per batch item), attending to `context` `[batch, tokens, width]`.
     pub fn forward(&self, x: &Tensor, t: &[f32], context: &Tensor) -> Result<Tensor> {
         self.run(x, t, context).map_err(|e| candle_error("UNet", e))
+    }
+
+    pub fn context_width(&self) -> usize {
+        self.context_width
+    }
+
+    /// A1111's test for a v-prediction SD2 UNet (`sd_models_config.is_using_v_parameterization_for_sd2`,
+    /// run when it loads an SD2 checkpoint without a config beside it): the mean of
+    /// `unet(x, 999, c) − x` for `x` = 0.5 everywhere (`[1, 4, 8, 8]`) and `c` = 0.5 everywhere
+    /// (`[1, 2, width]`). [`prediction_from_probe`] turns it into A1111's decision.
+    pub fn a1111_v_probe(&self) -> Result<f32> {
+        let probe = || -> candle_core::Result<f32> {
+            let x = Tensor::full(0.5f32, (1, 4, 8, 8), &Device::Cpu)?;
+            let context = Tensor::full(0.5f32, (1, 2, self.context_width), &Device::Cpu)?;
+            let out = self
+                .run(&x, &[999.0], &context)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_device(&Device::Cpu)?;
+            (out - x)?.mean_all()?.to_scalar::<f32>()
+        };
+        probe().map_err(|e| candle_error("UNet (v-prediction probe)", e))
     }
 
     /// LDM's `timestep_embedding`: `[cos(t·f), sin(t·f)]`, `f_i = 10000^(−i/half)`.
@@ -365,5 +395,13 @@ impl Unet {
             }
         }
         self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+    }
+}
+
+/// A1111's decision from [`Unet::a1111_v_probe`]: v-prediction when the mean is below −1.
+pub fn prediction_from_probe(probe: f32) -> Prediction {
+    match probe < -1.0 {
+        true => Prediction::V,
+        false => Prediction::Epsilon,
     }
 }

@@ -2,18 +2,22 @@
 //! CLIP, diffusers UNet/VAE), decoded to f32 with every LoRA applied at load time through the
 //! same patch plan `merge` uses — never a second copy of the key maps or the delta code.
 
+use crate::family::checkpoint::{openclip_tensor_to_hf, SD2_OPENCLIP};
 use crate::family::layout::{Checkpoint, Layout};
 use crate::family::Component;
 use crate::ops::patch_plan::PatchPlan;
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 /// What a component's modules are called inside the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
-    /// SD1's CLIP-L text encoder: HF CLIP names (`text_model.…`).
+    /// The CLIP text encoder, HF CLIP names (`text_model.…`): SD1's CLIP-L, or SD2's OpenCLIP-H,
+    /// whose single-file OpenCLIP names (fused q/k/v included) the family's map translates.
     ClipTextEncoder,
     /// The VAE, LDM names (`decoder.up.N.block.M…`, `post_quant_conv`); single-file checkpoints.
     Vae,
@@ -122,12 +126,23 @@ impl Placement {
     }
 }
 
+/// Where a part's tensor sits: the checkpoint file, the key, and the rows of that tensor when it
+/// is fused with others (OpenCLIP's `attn.in_proj_weight` holds q, k and v).
+#[derive(Clone)]
+struct Located {
+    file: usize,
+    key: String,
+    rows: Option<Range<usize>>,
+}
+
 /// Weights for the sampler's modules, LoRAs applied.
 pub struct Weights<'c> {
     plan: PatchPlan<'c>,
     placement: Placement,
     /// An external VAE (`--vae`, or a pipeline folder's `vae/`) that replaces the checkpoint's.
     vae: Option<(TensorFile, VaeNames)>,
+    /// A single file's OpenCLIP text encoder (SD2) by HF CLIP name, through the family's map.
+    openclip: HashMap<String, Located>,
 }
 
 /// How an external VAE file names its tensors.
@@ -142,10 +157,30 @@ enum VaeNames {
 
 impl<'c> Weights<'c> {
     pub fn new(plan: PatchPlan<'c>) -> Weights<'c> {
+        let mut openclip = HashMap::new();
+        for (i, cf) in plan.checkpoint.files.iter().enumerate() {
+            if cf.layout != Layout::SingleFile {
+                continue;
+            }
+            for t in cf.file.tensors() {
+                let Some(name) = t.name.strip_prefix(SD2_OPENCLIP) else {
+                    continue;
+                };
+                let rows = t.shape.first().copied().unwrap_or(0);
+                for (hf, rows) in openclip_tensor_to_hf(name, rows) {
+                    openclip.entry(hf).or_insert(Located {
+                        file: i,
+                        key: t.name.clone(),
+                        rows,
+                    });
+                }
+            }
+        }
         Weights {
             plan,
             placement: Placement::default(),
             vae: None,
+            openclip,
         }
     }
 
@@ -157,6 +192,12 @@ impl<'c> Weights<'c> {
 
     pub fn placement(&self) -> &Placement {
         &self.placement
+    }
+
+    /// Whether the text encoder is a single file's OpenCLIP (SD2's full 24-layer tower, which LDM
+    /// and A1111 run to its penultimate layer).
+    pub fn text_encoder_is_openclip(&self) -> bool {
+        !self.openclip.is_empty()
     }
 
     /// Takes the VAE from `path` instead of the checkpoint, as A1111's VAE setting does: a file
@@ -204,13 +245,19 @@ impl<'c> Weights<'c> {
         }
     }
 
+    /// The LoRA patches these weights apply.
+    pub fn plan(&self) -> &PatchPlan<'c> {
+        &self.plan
+    }
+
     pub fn checkpoint(&self) -> &'c Checkpoint {
         self.plan.checkpoint
     }
 
-    /// The checkpoint file and key holding `name` of `part`, if any.
-    fn locate(&self, part: Part, name: &str) -> Option<(usize, String)> {
-        self.plan
+    /// The checkpoint file, key (and rows of a fused tensor) holding `name` of `part`, if any.
+    fn locate(&self, part: Part, name: &str) -> Option<Located> {
+        let found = self
+            .plan
             .checkpoint
             .files
             .iter()
@@ -223,8 +270,16 @@ impl<'c> Weights<'c> {
                     }
                     Layout::DiffusersComponent(_) => return None,
                 };
-                cf.file.get(&key).is_some().then_some((i, key))
-            })
+                cf.file.get(&key).is_some().then_some(Located {
+                    file: i,
+                    key,
+                    rows: None,
+                })
+            });
+        match (found, part) {
+            (None, Part::ClipTextEncoder) => self.openclip.get(name).cloned(),
+            (found, _) => found,
+        }
     }
 
     /// Whether the checkpoint has `name` of `part`.
@@ -242,11 +297,15 @@ impl<'c> Weights<'c> {
                 .get(&key)
                 .map(|t| self.ldm_vae_shape(name, t.shape.clone()));
         }
-        let (i, key) = self.locate(part, name)?;
-        self.plan.checkpoint.files[i]
+        let at = self.locate(part, name)?;
+        let mut shape = self.plan.checkpoint.files[at.file]
             .file
-            .get(&key)
-            .map(|t| t.shape.clone())
+            .get(&at.key)
+            .map(|t| t.shape.clone())?;
+        if let Some(rows) = &at.rows {
+            shape[0] = rows.len();
+        }
+        Some(shape)
     }
 
     /// The external VAE's file and key for `name` (LDM), when one replaces the checkpoint's. A
@@ -297,25 +356,28 @@ impl<'c> Weights<'c> {
                 .and_then(|t| self.placement.place(&t))
                 .map_err(|e| candle_error(&key, e));
         }
-        let (i, key) = self.locate(part, name).ok_or_else(|| {
+        let at = self.locate(part, name).ok_or_else(|| {
             Error::bad_tensor(
                 &self.plan.checkpoint.root,
                 name,
                 format!("missing from the checkpoint ({part:?})"),
             )
         })?;
-        let cf = &self.plan.checkpoint.files[i];
-        let patches = self.plan.files[i]
-            .get(&key)
+        let cf = &self.plan.checkpoint.files[at.file];
+        let patches = self.plan.files[at.file]
+            .get(&at.key)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let t = self.plan.apply(&cf.file, &key, patches)?;
+        let t = match at.rows {
+            Some(rows) => self.plan.apply_rows(&cf.file, &at.key, rows, patches)?,
+            None => self.plan.apply(&cf.file, &at.key, patches)?,
+        };
         // The f32 copy is what the model keeps: the mapped pages it came from would only add
         // to the resident set (a 2 GB f16 checkpoint on top of its 4 GB f32 weights).
-        cf.file.release_tensor(&key);
+        cf.file.release_tensor(&at.key);
         Tensor::from_vec(t.data, t.shape, &Device::Cpu)
             .and_then(|t| self.placement.place(&t))
-            .map_err(|e| candle_error(&key, e))
+            .map_err(|e| candle_error(&at.key, e))
     }
 }
 

@@ -158,3 +158,44 @@ pub fn run_json(args: &[&str], files: &[std::path::PathBuf]) -> (i32, serde_json
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The tiny SD2 checkpoint (fixtures/preview/sd2_ldm.safetensors) with `shift` added to its
+/// UNet's conv_out bias (which moves A1111's v-prediction probe by `shift`: the file's −1.5 says
+/// v, −0.5 says ε) and, when given, its 1,000-row token embedding tiled to `vocab` rows (the
+/// tokenizer's ids reach 49,407).
+pub fn sd2_variant(dst: &std::path::Path, shift: f32, vocab: Option<usize>) {
+    use loratool::tensors::writer::{build_header, TensorSpec};
+    use loratool::tensors::TensorFile;
+    let f = TensorFile::open(&fixture("preview/sd2_ldm.safetensors")).unwrap();
+    let mut specs = Vec::new();
+    let mut data = Vec::new();
+    for t in f.tensors() {
+        let mut shape = t.shape.clone();
+        let mut bytes = f.raw_bytes(&t.name).unwrap().to_vec();
+        if t.name == "model.diffusion_model.out.2.bias" && shift != 0.0 {
+            let v: Vec<f32> = f.read_f32(&t.name).unwrap().data;
+            let v: Vec<f32> = v.iter().map(|x| x + shift).collect();
+            bytes = t.dtype.encode_f32(&v).unwrap();
+        }
+        if let (Some(rows), "cond_stage_model.model.token_embedding.weight") =
+            (vocab, t.name.as_str())
+        {
+            let row = bytes.len() / shape[0];
+            bytes = (0..rows)
+                .flat_map(|i| bytes[(i % shape[0]) * row..][..row].to_vec())
+                .collect();
+            shape[0] = rows;
+        }
+        specs.push(TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape,
+        });
+        data.extend_from_slice(&bytes);
+    }
+    let header = build_header(f.metadata(), &specs);
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&data);
+    std::fs::write(dst, out).unwrap();
+}
