@@ -20,10 +20,11 @@ use crate::family::layout::Checkpoint;
 use crate::family::{BaseModel, Component};
 use crate::ops::patch_plan::{LoraWeight, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
-use crate::tensors::hash::hash_file;
+use crate::tensors::hash::{hash_file, FileHashes};
 use crate::tensors::{SafetensorsFile, TensorFile};
 use crate::{Error, Result};
 use candle_core::Tensor;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone)]
@@ -355,52 +356,66 @@ impl GridSpec {
 
 /// One render per grid cell (row = seed, column = weight), laid out with A1111's X/Y plot labels;
 /// the sheet carries the first cell's infotext, as A1111's grids do. LoRAs are applied at load,
-/// so each weight loads the model again.
+/// so each weight (column) loads the model once and renders all its seeds.
 pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> Result<Rendered> {
     if req.loras.is_empty() && !req.prompt.contains("<lora:") {
         return Err(Error::Invalid(
             "--grid weights=…: there is no LoRA to weigh (add <lora:NAME:W> or --lora)".into(),
         ));
     }
-    let mut cells = Vec::new();
-    let mut first_infotext = None;
-    let mut notes = Vec::new();
-    for &seed in &grid.seeds {
-        for &w in &grid.weights {
-            let mut cell = Txt2Img {
-                seed,
-                loras: req
-                    .loras
-                    .iter()
-                    .map(|l| LoraWeight {
-                        text_encoder: w,
-                        unet: w,
-                        ..l.clone()
-                    })
-                    .collect(),
-                ..req.clone()
-            };
-            cell.grid_weight = Some(w);
-            let rendered = txt2img(&cell, progress)?;
-            first_infotext.get_or_insert(rendered.infotext);
-            if notes.is_empty() {
-                notes = rendered.notes;
-            }
-            cells.push(rendered.image);
-        }
+    // Column by column (one weight each): the model is loaded once per weight and renders
+    // every seed, rather than once per cell.
+    progress.start((req.steps * grid.weights.len() * grid.seeds.len()) as u64);
+    let mut known = HashMap::new();
+    let mut columns = Vec::with_capacity(grid.weights.len());
+    for &w in &grid.weights {
+        let cell = Txt2Img {
+            loras: req
+                .loras
+                .iter()
+                .map(|l| LoraWeight {
+                    text_encoder: w,
+                    unet: w,
+                    ..l.clone()
+                })
+                .collect(),
+            grid_weight: Some(w),
+            ..req.clone()
+        };
+        columns.push(render_seeds(&cell, &grid.seeds, progress, &mut known)?);
     }
+    let notes = columns[0][0].notes.clone();
+    let infotext = columns[0][0].infotext.clone();
+    // Row-major: one row per seed, one column per weight.
+    let cells: Vec<RgbImage> = (0..grid.seeds.len())
+        .flat_map(|row| columns.iter().map(move |column| column[row].image.clone()))
+        .collect();
     let labels = super::contact_sheet::GridLabels {
         columns: grid.weights.iter().map(|w| format!("weight {w}")).collect(),
         rows: grid.seeds.iter().map(|s| format!("seed {s}")).collect(),
     };
     Ok(Rendered {
         image: super::contact_sheet::contact_sheet(&cells, grid.weights.len(), &labels)?,
-        infotext: first_infotext.unwrap_or_default(),
+        infotext,
         notes,
     })
 }
 
 pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
+    progress.start(req.steps as u64);
+    let mut rendered = render_seeds(req, &[req.seed], progress, &mut HashMap::new())?;
+    Ok(rendered.remove(0))
+}
+
+/// One render per seed, everything else as `req` says: the prompts are encoded once, the UNet
+/// and the VAE loaded once. `known` keeps file hashes across calls (a grid's columns). The
+/// caller starts `progress` (one unit per sampling step).
+fn render_seeds(
+    req: &Txt2Img,
+    seeds: &[u64],
+    progress: &ProgressSink,
+    known: &mut HashMap<PathBuf, FileHashes>,
+) -> Result<Vec<Rendered>> {
     if req.steps == 0 || req.steps > 1000 {
         return Err(Error::Invalid(format!(
             "--steps {}: between 1 and 1000",
@@ -542,27 +557,32 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         prediction: Prediction::Epsilon,
         scaling_factor: SD_SCALING_FACTOR,
     };
-    progress.start(req.steps as u64);
     let guided = req.cfg_scale != 1.0;
-    let (latent, prediction, a1111_prediction) = {
+    let (latents, prediction, a1111_prediction) = {
         let (unet, a1111_prediction) = load_unet(&weights, &unet_config)?;
         let prediction = req.prediction.unwrap_or(a1111_prediction);
         settings.prediction = prediction;
-        let latent = sample_latent(
-            &unet,
-            &schedule,
-            &cond,
-            guided.then_some(&uncond),
-            &settings,
-            &mut |_, _| progress.advance(1),
-        )?;
-        (latent, prediction, a1111_prediction)
+        let mut latents = Vec::with_capacity(seeds.len());
+        for &seed in seeds {
+            settings.sampler.seed = seed;
+            latents.push(sample_latent(
+                &unet,
+                &schedule,
+                &cond,
+                guided.then_some(&uncond),
+                &settings,
+                &mut |_, _| progress.advance(1),
+            )?);
+        }
+        (latents, prediction, a1111_prediction)
     };
-    let image = decode_latent(
-        &VaeDecoder::load(&weights, configs.vae_groups)?,
-        &latent,
-        &settings,
-    )?;
+    let images = {
+        let vae = VaeDecoder::load(&weights, configs.vae_groups)?;
+        latents
+            .iter()
+            .map(|latent| decode_latent(&vae, latent, &settings))
+            .collect::<Result<Vec<_>>>()?
+    };
 
     let sampler = match req.sampler {
         SamplerKind::Euler => SamplerName::Euler,
@@ -580,12 +600,17 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         .as_deref()
         .filter(|p| p.exists())
         .and_then(|p| crate::library::Library::open(p).ok());
-    let hashes_of = |path: &Path| -> Result<crate::tensors::hash::FileHashes> {
+    let mut hashes_of = |path: &Path| -> Result<FileHashes> {
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        if let Some(h) = library.as_ref().and_then(|l| l.known_hashes(&canonical)) {
-            return Ok(h);
+        if let Some(h) = known.get(&canonical) {
+            return Ok(h.clone());
         }
-        hash_file(path, SafetensorsFile::data_start_of(path).ok().flatten())
+        let h = match library.as_ref().and_then(|l| l.known_hashes(&canonical)) {
+            Some(h) => h,
+            None => hash_file(path, SafetensorsFile::data_start_of(path).ok().flatten())?,
+        };
+        known.insert(canonical, h.clone());
+        Ok(h)
     };
     let model_hashes = hashes_of(&req.model)?;
     let mut ti_hashes = Vec::new();
@@ -642,9 +667,17 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
         },
         version: Some(loratool_version()),
     };
-    Ok(Rendered {
-        image,
-        infotext: parameters.to_infotext(),
-        notes,
-    })
+    Ok(seeds
+        .iter()
+        .zip(images)
+        .map(|(&seed, image)| Rendered {
+            image,
+            infotext: GenerationParameters {
+                seed,
+                ..parameters.clone()
+            }
+            .to_infotext(),
+            notes: notes.clone(),
+        })
+        .collect())
 }
