@@ -17,6 +17,7 @@ pub mod clip;
 pub mod contact_sheet;
 pub mod embeddings;
 pub mod infotext;
+pub mod kernels;
 pub mod label_font;
 pub mod layers;
 pub mod noise;
