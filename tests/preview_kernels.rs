@@ -41,6 +41,14 @@ fn own_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize) -> Tensor
         .expect("the kernel takes f32 CPU tensors")
 }
 
+/// The conv with im2col tiles of `pixels` output pixels (a multiple of 16), whatever the channels.
+fn tiled_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, pixels: usize) -> Tensor {
+    let k = w.dim(1).unwrap() * 9;
+    conv::conv2d_tiled(x, w, b, stride, k * pixels)
+        .unwrap()
+        .expect("the kernel takes f32 CPU tensors")
+}
+
 fn candle_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize) -> Tensor {
     let k = w.dim(3).unwrap();
     let y = x.conv2d(w, k / 2, stride, 1, 1).unwrap();
@@ -64,10 +72,8 @@ const CONVS: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
     (2, 32, 32, 9, 13, 3, 2),
     (1, 7, 9, 5, 3, 1, 1),
     (2, 40, 24, 16, 16, 1, 1),
-    // 9·300 values per pixel: tiles of 768 pixels, the third partial.
     (1, 300, 20, 37, 45, 3, 1),
-    // Stride 2 over two tiles (9·256 per pixel: 896 of 38·31).
-    (1, 256, 8, 75, 61, 3, 2),
+    (1, 64, 8, 75, 61, 3, 2),
 ];
 
 #[test]
@@ -90,8 +96,22 @@ fn conv2d_matches_candle() {
             1e-5,
             &format!("{what} without bias"),
         );
+        // Tiles of 16 and 48 pixels: tiles start and end inside output rows, the last partial.
+        for pixels in [16, 48] {
+            assert_close(
+                &tiled_conv(&x, &wt, Some(&bias), stride, pixels),
+                &candle_conv(&x, &wt, Some(&bias), stride),
+                1e-5,
+                &format!("{what} in tiles of {pixels}"),
+            );
+        }
     }
-    assert!(conv::tile_pixels(9 * 300, 37 * 45) < 37 * 45 / 2);
+    // The real budget: a 128-channel 512² image takes 37 tiles of 7,280 pixels (32 MiB each).
+    assert_eq!(
+        conv::tile_pixels(9 * 128, 512 * 512, conv::TILE_FLOATS),
+        7280
+    );
+    assert_eq!(conv::tile_pixels(9 * 320, 32 * 32, conv::TILE_FLOATS), 1024);
 }
 
 #[test]
@@ -296,8 +316,8 @@ fn all_kernels() -> Vec<Vec<f32>> {
     let x = random(&[2, 64, 30, 34], 1, 0.0);
     let w = random(&[48, 64, 3, 3], 2, 0.0);
     let b = random(&[48], 3, 0.0);
-    let big = random(&[1, 300, 37, 45], 4, 0.0);
-    let big_w = random(&[20, 300, 3, 3], 5, 0.0);
+    let big = random(&[1, 30, 37, 45], 4, 0.0);
+    let big_w = random(&[20, 30, 3, 3], 5, 0.0);
     let q = random(&[2, 700, 64], 6, 0.0);
     let k = random(&[2, 1100, 64], 7, 0.0);
     let v = random(&[2, 1100, 64], 8, 0.0);
@@ -309,7 +329,8 @@ fn all_kernels() -> Vec<Vec<f32>> {
     vec![
         values(&own_conv(&x, &w, Some(&b), 1)),
         values(&own_conv(&x, &w, Some(&b), 2)),
-        values(&own_conv(&big, &big_w, None, 1)),
+        values(&tiled_conv(&big, &big_w, None, 1, 112)),
+        values(&tiled_conv(&big, &big_w, None, 2, 32)),
         values(&own_conv(&x, &random(&[16, 64, 1, 1], 14, 0.0), None, 1)),
         values(
             &attention::multi_head_attention(&q, &k, &v, 4)
@@ -344,5 +365,42 @@ fn results_do_not_depend_on_the_thread_count() {
             let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
             assert!(same, "kernel {i} differs between 1 and {threads} threads");
         }
+    }
+}
+
+/// The tiny SD1 UNet (every layer: kernels and candle's elementwise ops between them) on 1, 2
+/// and 3 threads.
+#[test]
+fn a_unet_forward_does_not_depend_on_the_thread_count() {
+    use loratool::family::layout::Checkpoint;
+    use loratool::ops::patch_plan::{PatchPlan, PlanOptions};
+    use loratool::preview::unet::{Heads, Unet, UnetConfig};
+    use loratool::preview::weights::Weights;
+
+    let checkpoint = Checkpoint::open(&common::fixture("models/sd1_ldm.safetensors")).unwrap();
+    let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default()).unwrap();
+    let weights = Weights::new(plan);
+    let config = UnetConfig {
+        heads: Some(Heads::Count(2)),
+        groups: 4,
+    };
+    let unet = Unet::load(&weights, &config).unwrap();
+    let x = random(&[2, 4, 8, 8], 1, 0.0);
+    let context = random(&[2, 77, 16], 2, 0.0);
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| values(&unet.forward(&x, &[500.0, 20.5], &context).unwrap()))
+    };
+    let one = on(1);
+    for threads in [2, 3] {
+        let many = on(threads);
+        let same = one
+            .iter()
+            .zip(&many)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "the UNet differs between 1 and {threads} threads");
     }
 }

@@ -16,7 +16,7 @@ pub fn geglu(ff: &Tensor) -> candle_core::Result<Option<Tensor>> {
     }
     let mut dims = ff.dims().to_vec();
     let two_h = dims[dims.len() - 1];
-    if two_h % 2 != 0 || two_h == 0 {
+    if !two_h.is_multiple_of(2) || two_h == 0 {
         return Ok(None);
     }
     let h = two_h / 2;

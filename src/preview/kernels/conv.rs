@@ -10,15 +10,16 @@ use super::{applies, matmul, read, tensor, Mat, MatMut};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-/// The im2col tile's size in f32 values (8 MiB): small enough to stay near the caches, large
-/// enough that gemm's packing of the weights is spread over many pixels.
-pub const TILE_FLOATS: usize = 2 << 20;
+/// The im2col tile's size in f32 values (32 MiB): a whole image up to 640 channels at 32² (SD1.5's
+/// 64² level takes two tiles), so gemm packs the weights once per image or twice; smaller tiles
+/// measured slower, as the weights are packed again for every tile.
+pub const TILE_FLOATS: usize = 8 << 20;
 
-/// How many output pixels one im2col tile holds for a reduction of `k` (= 9·Cin) values: a
-/// multiple of 16 (gemm's register tile width), at least 16, at most the image. It depends on the
-/// shapes alone, never on the thread count.
-pub fn tile_pixels(k: usize, pixels: usize) -> usize {
-    let fit = (TILE_FLOATS / k.max(1)) / 16 * 16;
+/// How many output pixels an im2col tile of `tile_floats` values holds for a reduction of `k`
+/// (= 9·Cin) values: a multiple of 16 (gemm's register tile width), at least 16, at most the
+/// image. It depends on the shapes alone, never on the thread count.
+pub fn tile_pixels(k: usize, pixels: usize, tile_floats: usize) -> usize {
+    let fit = (tile_floats / k.max(1)) / 16 * 16;
     fit.max(16).min(pixels)
 }
 
@@ -30,6 +31,17 @@ pub fn conv2d(
     weight: &Tensor,
     bias: Option<&Tensor>,
     stride: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    conv2d_tiled(x, weight, bias, stride, TILE_FLOATS)
+}
+
+/// [`conv2d`] with im2col tiles of `tile_floats` values (tests split small images into many).
+pub fn conv2d_tiled(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    tile_floats: usize,
 ) -> candle_core::Result<Option<Tensor>> {
     if !applies(x) || !applies(weight) || bias.is_some_and(|b| !applies(b)) {
         return Ok(None);
@@ -61,6 +73,7 @@ pub fn conv2d(
         None => vec![0f32; batch * cout * pixels],
     };
     let geometry = Geometry {
+        tile_floats,
         cin,
         h,
         w,
@@ -120,6 +133,7 @@ fn conv1x1(
 
 /// The input's size and how the 3×3 window walks over it.
 struct Geometry {
+    tile_floats: usize,
     cin: usize,
     h: usize,
     w: usize,
@@ -139,7 +153,7 @@ fn conv3x3(
     accumulate: bool,
 ) {
     let k = g.cin * 9;
-    let tile = tile_pixels(k, pixels);
+    let tile = tile_pixels(k, pixels, g.tile_floats);
     let mut col = vec![0f32; k * tile];
     let mut start = 0;
     while start < pixels {

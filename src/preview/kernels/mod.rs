@@ -258,12 +258,12 @@ pub(crate) fn max_of(x: &[f32]) -> f32 {
 
 /// Cephes' exp2f coefficients for `2^f − 1 = f·P(f)`, |f| ≤ ½, highest power first.
 const EXP2_P: [f64; 6] = [
-    1.535336188319500e-4,
+    1.5353361883195e-4,
     1.339887440266574e-3,
-    9.618437357674640e-3,
+    9.61843735767464e-3,
     5.550332471162809e-2,
     2.402264791363012e-1,
-    6.931472028550421e-1,
+    6.93147202855042e-1,
 ];
 
 /// Eigen's erf numerator (odd, `x·P(x²)`) and denominator (`Q(x²)`), highest power first.
@@ -289,21 +289,51 @@ const ERF_Q: [f64; 5] = [
 /// −126, at most 2^127.
 #[inline(always)]
 pub(crate) fn exp2(x: f32) -> f32 {
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer.
+    match x < -126.0 {
+        true => 0.0,
+        false => exp2_in_range(x.min(127.0)),
+    }
+}
+
+/// [`exp2`] for `x ≤ 127` without its underflow to 0: below −126 it gives 2^−126 (≈ 1e−38), which
+/// a softmax's sum of at least 1 cannot tell from 0.
+#[inline(always)]
+pub(crate) fn exp2_in_range(x: f32) -> f32 {
+    // Adding 1.5·2^23 rounds to the nearest integer, which then sits in the low mantissa bits
+    // (integer arithmetic on the bits vectorises; a float-to-int `as` cast does not).
     const ROUND: f32 = 12_582_912.0;
-    let clamped = x.clamp(-126.0, 127.0);
-    let n = (clamped + ROUND) - ROUND;
-    let f = clamped - n;
+    let x = x.max(-126.0);
+    let shifted = x + ROUND;
+    let f = x - (shifted - ROUND);
     let mut p = EXP2_P[0] as f32;
     for c in &EXP2_P[1..] {
         p = p * f + *c as f32;
     }
     let frac = p * f + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    match x < -126.0 {
-        true => 0.0,
-        false => frac * scale,
+    let n_plus_bias = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    frac * f32::from_bits(n_plus_bias << 23)
+}
+
+/// `p[j] = 2^(x[j] − shift)` (each `x[j] ≤ shift`, as a softmax row against its maximum), and
+/// their sum in [`LANES`] partial sums.
+pub(crate) fn exp2_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp2_in_range(*v - shift);
+            *a += *v;
+        }
     }
+    let mut total = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp2_in_range(*v - shift);
+        total += *v;
+    }
+    acc.iter().sum::<f32>() + total
 }
 
 /// `e^x` through [`exp2`].

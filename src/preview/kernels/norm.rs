@@ -26,7 +26,7 @@ pub fn group_norm(
     let dims = x.dims().to_vec();
     let channels = dims[1];
     let spatial: usize = dims[2..].iter().product();
-    if groups == 0 || channels % groups != 0 || weight.elem_count() != channels {
+    if groups == 0 || !channels.is_multiple_of(groups) || weight.elem_count() != channels {
         return Ok(None);
     }
     let per_group = channels / groups;
