@@ -10,9 +10,9 @@ use super::{applies, matmul, read, tensor, Mat, MatMut};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-/// The im2col tile's size in f32 values (32 MiB): a whole image up to 640 channels at 32² (SD1.5's
-/// 64² level takes two tiles), so gemm packs the weights once per image or twice; smaller tiles
-/// measured slower, as the weights are packed again for every tile.
+/// The im2col tile's size in f32 values (32 MiB): a whole image up to 640 channels at 32², two to
+/// four tiles at SD1.5's 64² level. gemm packs the weights again for every tile, and smaller tiles
+/// measured the same or slower (docs/DECISIONS.md).
 pub const TILE_FLOATS: usize = 8 << 20;
 
 /// How many output pixels an im2col tile of `tile_floats` values holds for a reduction of `k`

@@ -1,7 +1,7 @@
 //! Own f32 CPU kernels for the sampler's hot spots, behind the layer types of [`super::layers`]:
 //! the 3×3 and 1×1 convolutions as im2col + gemm ([`conv`]), fused attention with an online
 //! softmax ([`attention`]), single-pass group and layer norms with the SiLU fused in ([`norm`]),
-//! the GEGLU gate and SiLU ([`activation`]), and linear layers with the bias in the gemm.
+//! the GEGLU gate ([`activation`]), and linear layers with the bias in the gemm ([`linear`]).
 //!
 //! Candle stays the currency: every kernel takes and returns [`Tensor`]s and answers `None` when
 //! the tensor is not f32 on the CPU (f16, CUDA, Metal), so the layer falls back to candle's ops.
