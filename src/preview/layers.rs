@@ -1,9 +1,11 @@
 //! Building blocks the VAE and the UNet share: convolutions, group norms, the ResNet block and
 //! single-head spatial attention, loaded from [`Weights`] by name.
 //!
-//! They run on candle's own kernels for now; the 3×3 convolution and the attention are the two
-//! the speed target asks to replace (shared/reference/cpu_kernels.md), behind these same types.
+//! On f32 CPU tensors they run the sampler's own kernels ([`super::kernels`]: convolutions as
+//! im2col + gemm, fused attention, single-pass norms); on other dtypes and devices, or with
+//! `LORATOOL_CANDLE_KERNELS=1`, candle's ops.
 
+use super::kernels::{self, own_or_candle};
 use super::weights::{candle_error, Part, Weights};
 use crate::Result;
 use candle_core::{Module, Tensor};
@@ -33,6 +35,13 @@ impl Linear {
 
     /// `x` is `[…, in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        own_or_candle(
+            || kernels::linear(x, &self.weight_t, self.bias.as_ref()),
+            || self.forward_candle(x),
+        )
+    }
+
+    fn forward_candle(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match x.rank() {
             2 => x.matmul(&self.weight_t)?,
             _ => x.broadcast_matmul(&self.weight_t)?,
@@ -61,7 +70,10 @@ impl LayerNorm {
 
     /// Over the last axis.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        own_or_candle(
+            || kernels::norm::layer_norm(x, &self.weight, &self.bias, self.eps),
+            || candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps),
+        )
     }
 }
 
@@ -69,6 +81,23 @@ impl LayerNorm {
 /// `CrossAttention`, CLIP's self-attention with its causal `mask` added to the scores),
 /// `[batch, tokens, width]` in and out.
 pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    // The fused kernel takes no mask; CLIP's causal attention over 77 tokens is small.
+    match mask {
+        None => own_or_candle(
+            || kernels::attention::multi_head_attention(q, k, v, heads),
+            || attention_candle(q, k, v, heads, None),
+        ),
+        Some(_) => attention_candle(q, k, v, heads, mask),
+    }
+}
+
+fn attention_candle(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -120,12 +149,20 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(x)
+        let stride = self.inner.config().stride;
+        own_or_candle(
+            || kernels::conv::conv2d(x, self.inner.weight(), self.inner.bias(), stride),
+            || self.inner.forward(x),
+        )
     }
 }
 
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f32,
 }
 
 impl GroupNorm {
@@ -139,13 +176,36 @@ impl GroupNorm {
         let weight = w.get(part, &format!("{prefix}.weight"))?;
         let bias = w.get(part, &format!("{prefix}.bias"))?;
         let channels = weight.dims1().map_err(|e| candle_error(prefix, e))?;
-        let inner = candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)
+        let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)
             .map_err(|e| candle_error(prefix, e))?;
-        Ok(GroupNorm { inner })
+        Ok(GroupNorm {
+            inner,
+            weight,
+            bias,
+            groups,
+            eps: eps as f32,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(x)
+        self.norm(x, false)
+    }
+
+    /// The norm followed by SiLU, as every ResNet block and the models' output heads use it: in
+    /// the kernel, one pass.
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.norm(x, true)
+    }
+
+    fn norm(&self, x: &Tensor, then_silu: bool) -> candle_core::Result<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        own_or_candle(
+            || kernels::norm::group_norm(x, w, b, self.groups, self.eps, then_silu),
+            || match then_silu {
+                true => self.inner.forward(x)?.silu(),
+                false => self.inner.forward(x),
+            },
+        )
     }
 }
 
@@ -202,13 +262,13 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match temb {
             // `[batch, channels]` → `[batch, channels, 1, 1]`, added at every position.
             Some(t) => h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?,
             None => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -241,18 +301,45 @@ impl SpatialSelfAttention {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = self.norm.forward(x)?;
-        // [b, c, h·w] → [b, h·w, c] for q and v; k stays [b, c, h·w].
         let flat = |t: Tensor| t.reshape((b, c, h * w));
-        let q = flat(self.q.forward(&n)?)?.transpose(1, 2)?.contiguous()?;
-        let k = flat(self.k.forward(&n)?)?.contiguous()?;
-        let v = flat(self.v.forward(&n)?)?.transpose(1, 2)?.contiguous()?;
-        let scores = (q.matmul(&k)? * (1.0 / (c as f64).sqrt()))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let attended = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, c, h, w))?;
+        let (q, k, v) = (
+            flat(self.q.forward(&n)?)?,
+            flat(self.k.forward(&n)?)?,
+            flat(self.v.forward(&n)?)?,
+        );
+        let attended = own_or_candle(
+            || kernels::attention::spatial_attention(&q, &k, &v),
+            || Self::attend_candle(q.clone(), k.clone(), v.clone()),
+        )?;
+        // [b, h·w, c] → [b, c, h, w].
+        let attended = attended.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + self.out.forward(&attended)?
     }
+
+    /// `[b, c, h·w]` q, k, v → `[b, h·w, c]`.
+    fn attend_candle(q: Tensor, k: Tensor, v: Tensor) -> candle_core::Result<Tensor> {
+        let c = q.dim(1)?;
+        // [b, c, h·w] → [b, h·w, c] for q and v; k stays [b, c, h·w].
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let scores = (q.matmul(&k)? * (1.0 / (c as f64).sqrt()))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs.matmul(&v)
+    }
+}
+
+/// GEGLU's gate on the projection `ff` `[…, 2h]`: the first half times GELU (erf) of the second.
+pub fn geglu(ff: &Tensor) -> candle_core::Result<Tensor> {
+    own_or_candle(
+        || kernels::activation::geglu(ff),
+        || {
+            let half = ff.dim(candle_core::D::Minus1)? / 2;
+            let (a, b) = (
+                ff.narrow(candle_core::D::Minus1, 0, half)?,
+                ff.narrow(candle_core::D::Minus1, half, half)?,
+            );
+            a * b.gelu_erf()?
+        },
+    )
 }

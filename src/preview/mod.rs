@@ -5,7 +5,7 @@
 //! - [`clip`]: the CLIP text encoder (clip skip, emphasis, replaceable token embeddings);
 //!   [`embeddings`]: textual-inversion files.
 //! - [`layers`], [`unet`], [`vae`]: convolutions, norms, ResNet blocks, attention; the UNet and
-//!   the VAE decoder.
+//!   the VAE decoder. [`kernels`]: the layers' own f32 CPU kernels (conv, attention, norms).
 //! - [`prompt`], [`tokenizer`]: A1111's prompt syntax, CLIP's BPE and A1111's chunking.
 //! - [`noise`]: torch-compatible CPU noise; [`sampling`]: A1111's samplers and schedules.
 //! - [`render`]: one txt2img render (sampler → UNet with CFG → VAE → pixels); [`txt2img`]: the
@@ -17,6 +17,7 @@ pub mod clip;
 pub mod contact_sheet;
 pub mod embeddings;
 pub mod infotext;
+pub mod kernels;
 pub mod label_font;
 pub mod layers;
 pub mod noise;

@@ -4,12 +4,12 @@
 //! family's rule unless given.
 
 use super::layers::{
-    multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock, ResnetNames,
+    geglu, multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock, ResnetNames,
 };
 use super::sampling::Prediction;
 use super::weights::{candle_error, Part, Placement, Weights};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 const PART: Part = Part::Unet;
 
@@ -123,12 +123,8 @@ impl TransformerBlock {
         let h = self.norm1.forward(x)?;
         let x = (x + self.attn1.forward(&h, &h)?)?;
         let x = (&x + self.attn2.forward(&self.norm2.forward(&x)?, context)?)?;
-        // GEGLU: the first half times GELU (erf) of the second.
         let ff = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        let half = ff.dim(D::Minus1)? / 2;
-        let gated =
-            (ff.narrow(D::Minus1, 0, half)? * ff.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
-        x + self.ff_out.forward(&gated)?
+        x + self.ff_out.forward(&geglu(&ff)?)?
     }
 }
 
@@ -394,7 +390,7 @@ impl Unet {
                 h = layer.forward(&h, &emb, context)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

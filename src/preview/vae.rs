@@ -116,6 +116,6 @@ impl VaeDecoder {
                 h = conv.forward(&h.upsample_nearest2d(height * 2, width * 2)?)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
