@@ -277,6 +277,28 @@ fn bad_requests_are_one_line_errors_and_write_nothing() {
     assert!(e.contains("60x64"), "{e}");
     let e = err(preview(&model, "a fox", &out, &["--steps", "0"]));
     assert!(e.contains("--steps 0"), "{e}");
+    let e = err(preview(&model, "a fox", &out, &["--steps", "5000"]));
+    assert!(e.contains("--steps 5000: between 1 and 1000"), "{e}");
+    let sdxl_lora = fixture("loras/sdxl_kohya_lora.safetensors");
+    let e = err(preview(
+        &model,
+        "a fox",
+        &out,
+        &["--lora", &format!("{}:1", sdxl_lora.display())],
+    ));
+    assert!(
+        e.contains("this is a sdxl LoRA but")
+            && e.contains("is a sd1 checkpoint")
+            && !e.contains("--force"),
+        "{e}"
+    );
+    let e = err(preview(
+        &dir.path().join("missing.safetensors"),
+        "a fox",
+        &out,
+        &[],
+    ));
+    assert!(e.contains("missing.safetensors: No such file"), "{e}");
     let not_a_model = fixture("loras/sd1_kohya_lora.safetensors");
     let e = err(preview(&not_a_model, "a fox", &out, &[]));
     assert!(e.contains("sd1_kohya_lora.safetensors"), "{e}");
