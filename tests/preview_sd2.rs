@@ -239,6 +239,16 @@ fn the_unet_matches_diffusers_and_a1111s_probe_says_v() {
     let got = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let err = max_rel_error(&got, &r.read_f32("out").unwrap().data);
     assert!(err <= 1e-4, "relative error {err}");
+    // The same UNet from the pipeline folder (diffusers names, linear projections) through the
+    // family's UNet key map.
+    let pipeline = Checkpoint::open(&fixture("preview/sd2_diffusers")).unwrap();
+    let from_folder = Unet::load(&weights_of(&pipeline, &[]), &UNET)
+        .unwrap()
+        .forward(&tensor("sample"), &timesteps, &tensor("context"))
+        .unwrap();
+    let from_folder = from_folder.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let err = max_rel_error(&from_folder, &r.read_f32("out").unwrap().data);
+    assert!(err <= 1e-4, "pipeline folder: relative error {err}");
     // SD2's own rule (64-wide heads: one head at these widths) is another model.
     let one_head = Unet::load(
         &weights,
