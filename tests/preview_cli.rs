@@ -844,3 +844,67 @@ fn sd2_renders_with_a1111s_prediction_rule_and_prediction_overrides_it() {
     assert!(e.contains("--prediction 'x0': eps or v"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn save_beside_writes_the_loras_preview_and_the_index_learns_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny_sd1.safetensors");
+    full_vocab_checkpoint(&model);
+    let loras = dir.path().join("loras");
+    std::fs::create_dir_all(&loras).unwrap();
+    let lora = loras.join("style.safetensors");
+    std::fs::copy(fixture("loras/sd1_kohya_lora.safetensors"), &lora).unwrap();
+    let db = dir.path().join("lib.db");
+    let add = std::process::Command::new(env!("CARGO_BIN_EXE_loratool"))
+        .args(["library", "--db"])
+        .arg(&db)
+        .arg("add")
+        .arg(&loras)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    ok(&add);
+    let has_preview = || {
+        let lib = loratool::library::Library::open(&db).unwrap();
+        let entries = lib.list(&Default::default()).unwrap();
+        assert_eq!(entries.len(), 1);
+        entries[0].has_preview
+    };
+    assert!(!has_preview());
+
+    let prompt = "a fox <lora:style:0.8>";
+    let out = dir.path().join("a.png");
+    let extra = [
+        "--lora-dir",
+        loras.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+        "--save-beside",
+    ];
+    ok(&preview(&model, prompt, &out, &extra));
+    let beside = loras.join("style.preview.png");
+    assert_eq!(
+        std::fs::read(&beside).unwrap(),
+        std::fs::read(&out).unwrap()
+    );
+    assert!(has_preview());
+
+    // Never over an existing preview without --force: one line, the preview untouched.
+    std::fs::write(&beside, b"mine").unwrap();
+    let again = dir.path().join("b.png");
+    let o = preview(&model, prompt, &again, &extra);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("style.preview.png: already exists"), "{e}");
+    assert_eq!(std::fs::read(&beside).unwrap(), b"mine");
+    assert!(!again.exists());
+
+    // Two LoRAs: which one's preview would it be? Refused before rendering.
+    let two = format!("{prompt} <lora:sd1_kohya_lora:1>");
+    let o = preview(&model, &two, &again, &extra);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("--save-beside: the render uses 2 LoRAs; it needs exactly one"),
+        "{e}"
+    );
+}

@@ -5,7 +5,7 @@ use super::values::parse_lora;
 use clap::{Args, ValueEnum};
 use loratool::preview::png::write_png;
 use loratool::preview::sampling::{Prediction, SamplerKind, ScheduleKind};
-use loratool::preview::txt2img::{txt2img, txt2img_grid, GridSpec, Txt2Img};
+use loratool::preview::txt2img::{lora_files, txt2img, txt2img_grid, GridSpec, Txt2Img};
 use loratool::preview::weights::Placement;
 use loratool::tensors::WriteOptions;
 use loratool::Result;
@@ -111,7 +111,11 @@ pub struct PreviewArgs {
     #[arg(long, value_name = "SPEC")]
     grid: Option<String>,
     #[arg(short = 'o', long, value_name = "OUT.png")]
-    output: PathBuf,
+    output: Option<PathBuf>,
+    /// Also (or instead of -o) write the image as `<lora stem>.preview.png` beside the render's
+    /// one LoRA (A1111's and ComfyUI's preview), and update the library index's entry for it.
+    #[arg(long)]
+    save_beside: bool,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
@@ -181,13 +185,44 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
         Some(spec) => Some(GridSpec::parse(spec, seed)?),
         None => None,
     };
+    let beside = match args.save_beside {
+        true => {
+            let files = lora_files(&req)?;
+            let [lora] = files.as_slice() else {
+                return Err(loratool::Error::Invalid(format!(
+                    "--save-beside: the render uses {} LoRAs; it needs exactly one",
+                    files.len()
+                )));
+            };
+            let stem = lora.file_stem().unwrap_or_default().to_string_lossy();
+            Some((
+                lora.clone(),
+                lora.with_file_name(format!("{stem}.preview.png")),
+            ))
+        }
+        false => None,
+    };
+    let outputs: Vec<PathBuf> = args
+        .output
+        .iter()
+        .cloned()
+        .chain(beside.iter().map(|(_, png)| png.clone()))
+        .collect();
+    if outputs.is_empty() {
+        return Err(loratool::Error::Invalid(
+            "nowhere to write the image: give -o OUT.png or --save-beside".into(),
+        ));
+    }
     let write = WriteOptions {
         force: args.force,
-        inputs: vec![args.model.clone()],
+        inputs: std::iter::once(args.model.clone())
+            .chain(beside.iter().map(|(lora, _)| lora.clone()))
+            .collect(),
     };
-    if args.output.exists() && !args.force {
+    // Checked before the render (minutes), and again by the atomic write.
+    if let Some(existing) = outputs.iter().find(|o| o.exists() && !args.force) {
         return Err(loratool::Error::OutputExists {
-            path: args.output.clone(),
+            path: existing.clone(),
             appeared: false,
         });
     }
@@ -206,7 +241,25 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
     for note in &rendered.notes {
         eprintln!("note: {note}");
     }
-    write_png(&args.output, &rendered.image, &rendered.infotext, &write)?;
-    println!("{} (seed {seed})", args.output.display());
+    for out in &outputs {
+        write_png(out, &rendered.image, &rendered.infotext, &write)?;
+        println!("{} (seed {seed})", out.display());
+    }
+    // The index learns of the new preview now, not at the next scan (only for a LoRA it knows).
+    if let (Some((lora, _)), Some(db)) = (&beside, req.library.as_ref().filter(|p| p.exists())) {
+        let lora = std::fs::canonicalize(lora).unwrap_or_else(|_| lora.clone());
+        let indexed = loratool::library::Library::open(db).and_then(|mut lib| {
+            match lib.known_hashes(&lora) {
+                Some(_) => lib.reindex_file(&lora),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = indexed {
+            eprintln!(
+                "loratool: {}: preview written but not indexed: {e}",
+                lora.display()
+            );
+        }
+    }
     Ok(0)
 }

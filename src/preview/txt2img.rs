@@ -401,6 +401,19 @@ pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> 
     })
 }
 
+/// The LoRA files a request renders with: its prompt's `<lora:…>` tags resolved as the render
+/// resolves them, then the `--lora` files.
+pub fn lora_files(req: &Txt2Img) -> Result<Vec<PathBuf>> {
+    let prompt = parse_extra_networks(&req.prompt)?;
+    let mut files = prompt
+        .loras
+        .iter()
+        .map(|tag| resolve_lora(tag, &req.lora_dirs, req.library.as_deref()))
+        .collect::<Result<Vec<_>>>()?;
+    files.extend(req.loras.iter().map(|l| l.path.clone()));
+    Ok(files)
+}
+
 pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     progress.start(req.steps as u64);
     let mut rendered = render_seeds(req, &[req.seed], progress, &mut HashMap::new())?;
