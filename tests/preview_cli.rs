@@ -11,7 +11,7 @@ use common::fixture;
 
 use loratool::preview::infotext::parse_generation_parameters;
 use loratool::preview::png::read_parameters;
-use loratool::tensors::writer::{build_header, TensorSpec};
+use loratool::tensors::writer::TensorSpec;
 use loratool::tensors::TensorFile;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -72,11 +72,7 @@ fn with_schedule(dst: &Path, schedule: Option<Vec<f32>>) {
         });
         data.extend(ac.iter().flat_map(|v| v.to_le_bytes()));
     }
-    let header = build_header(&BTreeMap::new(), &specs);
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&data);
-    std::fs::write(dst, out).unwrap();
+    common::write_safetensors(dst, &BTreeMap::new(), &specs, &data);
 }
 
 fn preview(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> Output {
@@ -407,14 +403,12 @@ fn lora_names_resolve_through_the_library_by_alias_and_trigger_words_are_added()
             shape: t.shape.clone(),
         })
         .collect();
-    let header = build_header(&meta, &specs);
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&header);
-    for sp in &specs {
-        bytes.extend_from_slice(&src.raw_bytes(&sp.name).unwrap());
-    }
+    let data: Vec<u8> = specs
+        .iter()
+        .flat_map(|sp| src.raw_bytes(&sp.name).unwrap().into_owned())
+        .collect();
     let file = loras.join("wc_v1.safetensors");
-    std::fs::write(&file, bytes).unwrap();
+    common::write_safetensors(&file, &meta, &specs, &data);
     std::fs::write(loras.join("wc_v1.json"), r#"{"activation text": "wtrclr"}"#).unwrap();
     let db = dir.path().join("index.db");
     let add = std::process::Command::new(env!("CARGO_BIN_EXE_loratool"))
@@ -465,11 +459,7 @@ fn vae_file(dst: &Path, shift: f32) {
         });
         data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
     }
-    let header = build_header(&BTreeMap::new(), &specs);
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&data);
-    std::fs::write(dst, out).unwrap();
+    common::write_safetensors(dst, &BTreeMap::new(), &specs, &data);
 }
 
 #[test]
@@ -529,13 +519,11 @@ fn tables_file(dst: &Path, tables: &[(&str, &[Vec<f32>])]) {
             shape: vec![rows.len(), rows[0].len()],
         })
         .collect();
-    let header = build_header(&BTreeMap::new(), &specs);
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&header);
-    for (_, rows) in tables {
-        out.extend(rows.iter().flatten().flat_map(|v| v.to_le_bytes()));
-    }
-    std::fs::write(dst, out).unwrap();
+    let data: Vec<u8> = tables
+        .iter()
+        .flat_map(|(_, rows)| rows.iter().flatten().flat_map(|v| v.to_le_bytes()))
+        .collect();
+    common::write_safetensors(dst, &BTreeMap::new(), &specs, &data);
 }
 
 #[test]
@@ -757,11 +745,7 @@ fn conv_out_bias_lora(path: &Path) {
         })
         .collect();
     let meta = BTreeMap::from([("ss_base_model_version".to_string(), "sd_v2".to_string())]);
-    let header = build_header(&meta, &specs);
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&data);
-    std::fs::write(path, out).unwrap();
+    common::write_safetensors(path, &meta, &specs, &data);
 }
 
 #[test]

@@ -19,10 +19,7 @@ use loratool::tensors::TensorFile;
 #[test]
 fn renders_match_k_diffusion_with_diffusers_models() {
     let reference = TensorFile::open(&fixture("preview/render_sd1.safetensors")).unwrap();
-    let tensor = |n: &str| {
-        let t = reference.read_f32(n).unwrap();
-        candle_core::Tensor::from_vec(t.data, t.shape, &candle_core::Device::Cpu).unwrap()
-    };
+    let tensor = |n: &str| common::candle_tensor(&reference, n);
     let checkpoint = Checkpoint::open(&fixture("models/sd1_ldm.safetensors")).unwrap();
     let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default()).unwrap();
     let weights = Weights::new(plan);

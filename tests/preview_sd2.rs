@@ -20,7 +20,7 @@ use loratool::preview::tokenizer::{ChunkOptions, ClipPadding, ClipTokenizer};
 use loratool::preview::unet::{prediction_from_probe, Heads, Unet, UnetConfig};
 use loratool::preview::vae::VaeDecoder;
 use loratool::preview::weights::Weights;
-use loratool::tensors::writer::{build_header, TensorSpec};
+use loratool::tensors::writer::TensorSpec;
 use loratool::tensors::{Dtype, TensorFile};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -173,11 +173,7 @@ fn sd2_text_lora(path: &Path) {
         }
     }
     let meta = BTreeMap::from([("ss_base_model_version".to_string(), "sd_v2".to_string())]);
-    let header = build_header(&meta, &specs);
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&data);
-    std::fs::write(path, out).unwrap();
+    common::write_safetensors(path, &meta, &specs, &data);
 }
 
 #[test]
@@ -224,10 +220,7 @@ fn a_lora_on_fused_qkv_at_load_equals_the_merged_checkpoint() {
 #[test]
 fn the_unet_matches_diffusers_and_a1111s_probe_says_v() {
     let r = reference("unet_sd2.safetensors");
-    let tensor = |n: &str| {
-        let t = r.read_f32(n).unwrap();
-        candle_core::Tensor::from_vec(t.data, t.shape, &candle_core::Device::Cpu).unwrap()
-    };
+    let tensor = |n: &str| common::candle_tensor(&r, n);
     let checkpoint = Checkpoint::open(&fixture(CHECKPOINT)).unwrap();
     let weights = weights_of(&checkpoint, &[]);
     let unet = Unet::load(&weights, &UNET).unwrap();
@@ -295,10 +288,7 @@ fn the_unet_matches_diffusers_and_a1111s_probe_says_v() {
 #[test]
 fn v_prediction_renders_match_k_diffusion_and_a1111s_ddim() {
     let r = reference("render_sd2.safetensors");
-    let tensor = |n: &str| {
-        let t = r.read_f32(n).unwrap();
-        candle_core::Tensor::from_vec(t.data, t.shape, &candle_core::Device::Cpu).unwrap()
-    };
+    let tensor = |n: &str| common::candle_tensor(&r, n);
     let checkpoint = Checkpoint::open(&fixture(CHECKPOINT)).unwrap();
     let weights = weights_of(&checkpoint, &[]);
     let unet = Unet::load(&weights, &UNET).unwrap();

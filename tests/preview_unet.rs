@@ -18,10 +18,7 @@ fn eps_of(ck: &Path) -> (Vec<f32>, Vec<f32>) {
 
 fn eps_in(ck: &Path, placement: Placement) -> (Vec<f32>, Vec<f32>) {
     let reference = TensorFile::open(&fixture("preview/unet_sd1.safetensors")).unwrap();
-    let tensor = |n: &str| {
-        let t = reference.read_f32(n).unwrap();
-        candle_core::Tensor::from_vec(t.data, t.shape, &candle_core::Device::Cpu).unwrap()
-    };
+    let tensor = |n: &str| common::candle_tensor(&reference, n);
     let timesteps = reference.read_f32("timestep").unwrap().data;
     let want = reference.read_f32("eps").unwrap().data;
     let checkpoint = Checkpoint::open(ck).unwrap();

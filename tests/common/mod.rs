@@ -164,7 +164,7 @@ pub fn run_json(args: &[&str], files: &[std::path::PathBuf]) -> (i32, serde_json
 /// v, −0.5 says ε) and, when given, its 1,000-row token embedding tiled to `vocab` rows (the
 /// tokenizer's ids reach 49,407).
 pub fn sd2_variant(dst: &std::path::Path, shift: f32, vocab: Option<usize>) {
-    use loratool::tensors::writer::{build_header, TensorSpec};
+    use loratool::tensors::writer::TensorSpec;
     use loratool::tensors::TensorFile;
     let f = TensorFile::open(&fixture("preview/sd2_ldm.safetensors")).unwrap();
     let mut specs = Vec::new();
@@ -193,9 +193,25 @@ pub fn sd2_variant(dst: &std::path::Path, shift: f32, vocab: Option<usize>) {
         });
         data.extend_from_slice(&bytes);
     }
-    let header = build_header(f.metadata(), &specs);
+    write_safetensors(dst, f.metadata(), &specs, &data);
+}
+
+/// A safetensors file from its metadata, tensor specs and data bytes (in spec order).
+pub fn write_safetensors(
+    path: &std::path::Path,
+    metadata: &std::collections::BTreeMap<String, String>,
+    specs: &[loratool::tensors::writer::TensorSpec],
+    data: &[u8],
+) {
+    let header = loratool::tensors::writer::build_header(metadata, specs);
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&header);
-    out.extend_from_slice(&data);
-    std::fs::write(dst, out).unwrap();
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Tensor `name` of a reference file, as an f32 candle tensor on the CPU.
+pub fn candle_tensor(file: &loratool::tensors::TensorFile, name: &str) -> candle_core::Tensor {
+    let t = file.read_f32(name).unwrap();
+    candle_core::Tensor::from_vec(t.data, t.shape, &candle_core::Device::Cpu).unwrap()
 }
