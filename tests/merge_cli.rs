@@ -99,6 +99,19 @@ fn refusals() {
         "this is a sdxl LoRA but",
         &out,
     );
+    // The refusal names the flag that overrides it.
+    assert_refused(
+        &merge(&[
+            "--base",
+            &sd1,
+            "--lora",
+            &fx("loras/sdxl_kohya_lora.safetensors"),
+            "-o",
+            &out_s,
+        ]),
+        "(use --force to merge anyway)",
+        &out,
+    );
     // Forced across families, the shapes still cannot fit.
     assert_refused(
         &merge(&[

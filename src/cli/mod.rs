@@ -49,12 +49,14 @@ pub enum Command {
     /// local files on Civitai (--identify).
     Fetch(fetch::FetchArgs),
     /// Render an image as A1111 would (same seed, same sampler) with LoRAs applied at load time:
-    /// SD1 checkpoints, CPU.
+    /// SD1 and SD2 checkpoints.
     Preview(preview::PreviewArgs),
 }
 
 /// Runs a command and returns the process exit code.
 pub fn run(cli: Cli) -> loratool::Result<i32> {
+    // Only merge's --force accepts a LoRA of another family; elsewhere --force means overwrite.
+    let force_accepts_any_family = matches!(cli.command, Command::Merge(_));
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),
@@ -66,11 +68,11 @@ pub fn run(cli: Cli) -> loratool::Result<i32> {
         Command::Fetch(args) => fetch::run(args),
         Command::Preview(args) => preview::run(args),
     };
-    result.map_err(with_flag_hints)
+    result.map_err(|e| with_flag_hints(e, force_accepts_any_family))
 }
 
 /// Names the flag that overrides a refusal the user may override; the library knows no flags.
-fn with_flag_hints(e: Error) -> Error {
+fn with_flag_hints(e: Error, force_accepts_any_family: bool) -> Error {
     match e {
         Error::OutputExists { path, appeared } => Error::Invalid(format!(
             "{}: already exists ({}use --force to overwrite)",
@@ -81,7 +83,7 @@ fn with_flag_hints(e: Error) -> Error {
                 ""
             }
         )),
-        Error::FamilyMismatch { .. } => {
+        Error::FamilyMismatch { .. } if force_accepts_any_family => {
             Error::Invalid(format!("{e} (use --force to merge anyway)"))
         }
         e => e,

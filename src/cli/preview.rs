@@ -232,12 +232,7 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
         None => txt2img(&req, &progress),
     };
     bar.finish_and_clear();
-    // A LoRA of another family cannot be rendered (no flag overrides that here, unlike merge's
-    // --force, so the error carries no hint).
-    let rendered = rendered.map_err(|e| match e {
-        loratool::Error::FamilyMismatch { .. } => loratool::Error::Invalid(e.to_string()),
-        e => e,
-    })?;
+    let rendered = rendered?;
     for note in &rendered.notes {
         eprintln!("note: {note}");
     }

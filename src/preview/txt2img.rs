@@ -405,13 +405,24 @@ pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> 
 /// resolves them, then the `--lora` files.
 pub fn lora_files(req: &Txt2Img) -> Result<Vec<PathBuf>> {
     let prompt = parse_extra_networks(&req.prompt)?;
-    let mut files = prompt
-        .loras
-        .iter()
-        .map(|tag| resolve_lora(tag, &req.lora_dirs, req.library.as_deref()))
-        .collect::<Result<Vec<_>>>()?;
+    let mut files: Vec<PathBuf> = resolve_tags(req, &prompt.loras)?
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect();
     files.extend(req.loras.iter().map(|l| l.path.clone()));
     Ok(files)
+}
+
+/// Each `<lora:…>` tag with its file.
+fn resolve_tags<'t>(req: &Txt2Img, tags: &'t [LoraTag]) -> Result<Vec<(&'t LoraTag, PathBuf)>> {
+    tags.iter()
+        .map(|tag| {
+            Ok((
+                tag,
+                resolve_lora(tag, &req.lora_dirs, req.library.as_deref())?,
+            ))
+        })
+        .collect()
 }
 
 pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
@@ -439,8 +450,7 @@ fn render_seeds(
     let negative = parse_extra_networks(&req.negative)?;
     let mut loras = req.loras.clone();
     let mut named = Vec::new();
-    for tag in &prompt.loras {
-        let path = resolve_lora(tag, &req.lora_dirs, req.library.as_deref())?;
+    for (tag, path) in resolve_tags(req, &prompt.loras)? {
         loras.push(LoraWeight {
             path: path.clone(),
             text_encoder: req.grid_weight.unwrap_or(tag.te_weight as f32),
