@@ -1,22 +1,12 @@
 //! The preview's own CPU kernels against candle's ops on SD1.5's shapes (docs/BENCHMARKS.md,
-//! "Preview kernels"), and one whole UNet forward.
+//! "Preview kernels").
 //!
-//! Usage:
-//! - `preview_kernels_bench [ops] [RUNS]`: each op, candle's way and the kernel's, the median of
-//!   RUNS (default 5) after one warm-up, in milliseconds.
-//! - `preview_kernels_bench unet CHECKPOINT [RUNS]`: `Unet::forward` at batch 2 (CFG), 64×64
-//!   latent, 77 context tokens of width 768, median of RUNS (default 3) after one warm-up. Run it
-//!   once as is and once with `LORATOOL_CANDLE_KERNELS=1` (candle's ops) to compare.
-//! - `preview_kernels_bench vae CHECKPOINT [RUNS]`: the VAE decoding a 64×64 latent to 512×512,
-//!   the same way.
+//! Usage: `preview_kernels_bench [ops] [RUNS]`: each op, candle's way and the kernel's, the median
+//! of RUNS (default 5) after one warm-up, in milliseconds. Whole models (a UNet step, a VAE
+//! decode) are timed by `preview_step_bench`, with and without `LORATOOL_CANDLE_KERNELS=1`.
 
 use candle_core::{Device, Module, Tensor, D};
-use loratool::family::layout::Checkpoint;
-use loratool::ops::patch_plan::{PatchPlan, PlanOptions};
 use loratool::preview::kernels::{self, activation, attention, conv, norm};
-use loratool::preview::unet::{Unet, UnetConfig};
-use loratool::preview::vae::VaeDecoder;
-use loratool::preview::weights::Weights;
 use std::time::Instant;
 
 fn random(dims: &[usize], seed: u64) -> Tensor {
@@ -198,74 +188,9 @@ fn ops(runs: usize) {
     }
 }
 
-fn unet(path: &str, runs: usize) {
-    let checkpoint = Checkpoint::open(std::path::Path::new(path)).expect("checkpoint");
-    let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default()).expect("plan");
-    let weights = Weights::new(plan);
-    let start = Instant::now();
-    let model = Unet::load(&weights, &UnetConfig::default()).expect("UNet");
-    eprintln!("loaded in {:.1} s", start.elapsed().as_secs_f64());
-    let x = random(&[2, 4, 64, 64], 1);
-    let context = random(&[2, 77, 768], 2);
-    let ms = median_ms(runs, || {
-        let t = Instant::now();
-        let eps = model
-            .forward(&x, &[500.0, 500.0], &context)
-            .expect("forward");
-        eprintln!("  {:.2} s", t.elapsed().as_secs_f64());
-        eps
-    });
-    println!(
-        "UNet forward, batch 2, 64×64, {}: {:.2} s",
-        kind(),
-        ms / 1e3
-    );
-}
-
-fn vae(path: &str, runs: usize) {
-    let checkpoint = Checkpoint::open(std::path::Path::new(path)).expect("checkpoint");
-    let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default()).expect("plan");
-    let weights = Weights::new(plan);
-    let model = VaeDecoder::load(&weights, None).expect("VAE");
-    let z = random(&[1, 4, 64, 64], 3);
-    let ms = median_ms(runs, || {
-        let t = Instant::now();
-        let image = model.decode(&z).expect("decode");
-        eprintln!("  {:.2} s", t.elapsed().as_secs_f64());
-        image
-    });
-    println!(
-        "VAE decode, 64×64 latent → 512×512, {}: {:.2} s",
-        kind(),
-        ms / 1e3
-    );
-}
-
-/// Which ops the layers run, for the printed line.
-fn kind() -> &'static str {
-    match kernels::enabled() {
-        true => "own kernels",
-        false => "candle (LORATOOL_CANDLE_KERNELS=1)",
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("unet") => {
-            let path = args
-                .get(1)
-                .expect("usage: preview_kernels_bench unet CHECKPOINT [RUNS]");
-            let runs = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(3);
-            unet(path, runs);
-        }
-        Some("vae") => {
-            let path = args
-                .get(1)
-                .expect("usage: preview_kernels_bench vae CHECKPOINT [RUNS]");
-            let runs = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(3);
-            vae(path, runs);
-        }
         Some("ops") => ops(args.get(1).and_then(|r| r.parse().ok()).unwrap_or(5)),
         _ => ops(5),
     }
