@@ -46,14 +46,6 @@ fn applies(t: &Tensor) -> bool {
     t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
 }
 
-/// `t` itself when its data is contiguous, otherwise a contiguous copy (candle's).
-fn contiguous(t: &Tensor) -> candle_core::Result<Tensor> {
-    match t.is_contiguous() {
-        true => Ok(t.clone()),
-        false => t.contiguous(),
-    }
-}
-
 /// Calls `f` with the contiguous f32 data of a CPU tensor; `None` when it has other data or is
 /// not contiguous.
 fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -65,9 +57,10 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     Some(f(&data[start..end]))
 }
 
-/// `f` on `t`'s f32 data, made contiguous first if it is not.
+/// `f` on `t`'s f32 data, made contiguous first if it is not (candle's `contiguous` is a
+/// cheap clone when it already is).
 fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = contiguous(t)?;
+    let t = t.contiguous()?;
     with_data(&t, f).ok_or_else(|| candle_core::Error::Msg("kernel: not f32 on the CPU".into()))
 }
 
