@@ -75,37 +75,15 @@ fn renders_match_k_diffusion_with_diffusers_models() {
             prediction: Prediction::Epsilon,
             scaling_factor: SD_SCALING_FACTOR,
         };
-        let mut steps_seen = 0;
-        let (latent, image) = render(
-            &unet,
-            &vae,
-            &schedule,
-            &cond,
-            Some(&uncond),
-            &settings,
-            &mut |_, _| steps_seen += 1,
-        )
-        .unwrap();
-        assert_eq!(steps_seen, steps, "{name}");
-        let want = reference.read_f32(&format!("{name}.latent")).unwrap().data;
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = latent
-            .values()
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (g, w)| m.max((g - w).abs() / scale));
-        assert!(err <= 1e-4, "{name}: latent relative error {err}");
-        // Pixels: [3, 64, 64] planes in the reference, HWC in the image.
-        let pixels = reference.read_f32(&format!("{name}.pixels")).unwrap().data;
-        let got = image.pixels();
-        let mut worst = 0i32;
-        for c in 0..3 {
-            for i in 0..64 * 64 {
-                let d = (got[i * 3 + c] as i32 - pixels[c * 64 * 64 + i] as i32).abs();
-                worst = worst.max(d);
-            }
-        }
-        assert!(worst <= 2, "{name}: a pixel differs by {worst}/255");
+        let models = common::RenderModels {
+            unet: &unet,
+            vae: &vae,
+            schedule: &schedule,
+            cond: &cond,
+            uncond: &uncond,
+        };
+        let calls = common::check_render(&reference, name, &models, &settings);
+        assert_eq!(calls, steps, "{name}");
     }
 }
 

@@ -12,7 +12,7 @@ use loratool::family::layout::Checkpoint;
 use loratool::ops::patch_plan::{LoraWeight, PatchPlan, PlanOptions};
 use loratool::preview::clip::{Activation, ClipConfig, ClipTextEncoder};
 use loratool::preview::prompt::parse_emphasis;
-use loratool::preview::render::{render, RenderSettings, SD_SCALING_FACTOR};
+use loratool::preview::render::{RenderSettings, SD_SCALING_FACTOR};
 use loratool::preview::sampling::{
     NoiseSchedule, Prediction, SamplerKind, SamplerSettings, ScheduleKind,
 };
@@ -343,29 +343,14 @@ fn v_prediction_renders_match_k_diffusion_and_a1111s_ddim() {
             prediction: Prediction::V,
             scaling_factor: SD_SCALING_FACTOR,
         };
-        let mut steps_seen = 0;
-        let (latent, image) = render(
-            &unet,
-            &vae,
-            &schedule,
-            &cond,
-            Some(&uncond),
-            &settings,
-            &mut |_, _| steps_seen += 1,
-        )
-        .unwrap();
-        assert_eq!(steps_seen, calls, "{name}");
-        let want = r.read_f32(&format!("{name}.latent")).unwrap().data;
-        let err = max_rel_error(latent.values(), &want);
-        assert!(err <= 1e-4, "{name}: latent relative error {err}");
-        let pixels = r.read_f32(&format!("{name}.pixels")).unwrap().data;
-        let got = image.pixels();
-        let mut worst = 0i32;
-        for c in 0..3 {
-            for i in 0..64 * 64 {
-                worst = worst.max((got[i * 3 + c] as i32 - pixels[c * 64 * 64 + i] as i32).abs());
-            }
-        }
-        assert!(worst <= 2, "{name}: a pixel differs by {worst}/255");
+        let models = common::RenderModels {
+            unet: &unet,
+            vae: &vae,
+            schedule: &schedule,
+            cond: &cond,
+            uncond: &uncond,
+        };
+        let model_calls = common::check_render(&r, name, &models, &settings);
+        assert_eq!(model_calls, calls, "{name}");
     }
 }

@@ -215,3 +215,47 @@ pub fn candle_tensor(file: &loratool::tensors::TensorFile, name: &str) -> candle
     let t = file.read_f32(name).unwrap();
     candle_core::Tensor::from_vec(t.data, t.shape, &candle_core::Device::Cpu).unwrap()
 }
+
+/// The models and text states a whole-render parity test drives.
+pub struct RenderModels<'a> {
+    pub unet: &'a loratool::preview::unet::Unet,
+    pub vae: &'a loratool::preview::vae::VaeDecoder,
+    pub schedule: &'a loratool::preview::sampling::NoiseSchedule,
+    pub cond: &'a candle_core::Tensor,
+    pub uncond: &'a candle_core::Tensor,
+}
+
+/// Renders case `name` of a render reference (64×64) with `settings` and checks it: the final
+/// latent within 1e-4 (relative to its largest value) of `{name}.latent`, every pixel within 2/255
+/// of `{name}.pixels` (`[3, 64, 64]` planes). Returns how many model calls the sampler made.
+pub fn check_render(
+    reference: &loratool::tensors::TensorFile,
+    name: &str,
+    models: &RenderModels,
+    settings: &loratool::preview::render::RenderSettings,
+) -> usize {
+    let mut calls = 0;
+    let (latent, image) = loratool::preview::render::render(
+        models.unet,
+        models.vae,
+        models.schedule,
+        models.cond,
+        Some(models.uncond),
+        settings,
+        &mut |_, _| calls += 1,
+    )
+    .unwrap();
+    let want = reference.read_f32(&format!("{name}.latent")).unwrap().data;
+    let err = max_rel_error(latent.values(), &want);
+    assert!(err <= 1e-4, "{name}: latent relative error {err}");
+    let pixels = reference.read_f32(&format!("{name}.pixels")).unwrap().data;
+    let got = image.pixels();
+    let mut worst = 0i32;
+    for c in 0..3 {
+        for i in 0..64 * 64 {
+            worst = worst.max((got[i * 3 + c] as i32 - pixels[c * 64 * 64 + i] as i32).abs());
+        }
+    }
+    assert!(worst <= 2, "{name}: a pixel differs by {worst}/255");
+    calls
+}
