@@ -14,10 +14,18 @@ use loratool::preview::png::read_parameters;
 use loratool::tensors::writer::TensorSpec;
 use loratool::tensors::TensorFile;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 /// The tiny SD1 checkpoint with its 1,000-row token embedding tiled to 49,408 rows.
+/// A temporary folder holding [`full_vocab_checkpoint`] as `tiny_sd1.safetensors`.
+fn tiny_model() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny_sd1.safetensors");
+    full_vocab_checkpoint(&model);
+    (dir, model)
+}
+
 fn full_vocab_checkpoint(dst: &Path) {
     with_schedule(dst, None)
 }
@@ -136,9 +144,7 @@ fn pixels(png: &Path) -> Vec<u8> {
 
 #[test]
 fn preview_writes_a_png_with_a1111_infotext_and_loras_at_load_match_merge() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny_sd1.safetensors");
-    full_vocab_checkpoint(&model);
+    let (dir, model) = tiny_model();
     let prompt = "a (red:1.2) fox, [forest] <lora:sd1_kohya_lora:0.8>";
     let out = dir.path().join("a.png");
     ok(&preview(&model, prompt, &out, &[]));
@@ -247,9 +253,7 @@ fn preview_writes_a_png_with_a1111_infotext_and_loras_at_load_match_merge() {
 
 #[test]
 fn bad_requests_are_one_line_errors_and_write_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny_sd1.safetensors");
-    full_vocab_checkpoint(&model);
+    let (dir, model) = tiny_model();
     let out = dir.path().join("x.png");
     let err = |o: Output| {
         assert!(!o.status.success());
@@ -322,9 +326,7 @@ fn bad_requests_are_one_line_errors_and_write_nothing() {
 
 #[test]
 fn half_precision_renders_close_to_f32() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny_sd1.safetensors");
-    full_vocab_checkpoint(&model);
+    let (dir, model) = tiny_model();
     let render = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
         let mut args = vec!["--negative", "blurry"];
@@ -386,9 +388,7 @@ fn the_checkpoints_own_schedule_is_used() {
 
 #[test]
 fn lora_names_resolve_through_the_library_by_alias_and_trigger_words_are_added() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny_sd1.safetensors");
-    full_vocab_checkpoint(&model);
+    let (dir, model) = tiny_model();
     let loras = dir.path().join("collection");
     std::fs::create_dir_all(&loras).unwrap();
     let mut meta = BTreeMap::new();
@@ -464,9 +464,7 @@ fn vae_file(dst: &Path, shift: f32) {
 
 #[test]
 fn an_external_vae_replaces_the_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny_sd1.safetensors");
-    full_vocab_checkpoint(&model);
+    let (dir, model) = tiny_model();
     let (same, other) = (
         dir.path().join("same.vae.safetensors"),
         dir.path().join("other.vae.safetensors"),
@@ -528,9 +526,7 @@ fn tables_file(dst: &Path, tables: &[(&str, &[Vec<f32>])]) {
 
 #[test]
 fn textual_inversion_vectors_replace_their_names_tokens() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny_sd1.safetensors");
-    full_vocab_checkpoint(&model);
+    let (dir, model) = tiny_model();
     let embeddings = dir.path().join("embeddings");
     std::fs::create_dir_all(&embeddings).unwrap();
     // `foxemb`: one vector, the token embedding of "fox" itself: "a foxemb" must render "a fox".
@@ -633,9 +629,7 @@ fn find_cell(sheet: &[u8], w: usize, cell: &[u8]) -> Option<(usize, usize)> {
 
 #[test]
 fn a_grid_lays_out_each_weight_and_seed_with_the_first_cells_infotext() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny_sd1.safetensors");
-    full_vocab_checkpoint(&model);
+    let (dir, model) = tiny_model();
     let prompt = "a red fox <lora:sd1_kohya_lora:1>";
     let sheet = dir.path().join("grid.png");
     ok(&preview(
@@ -831,9 +825,7 @@ fn sd2_renders_with_a1111s_prediction_rule_and_prediction_overrides_it() {
 
 #[test]
 fn save_beside_writes_the_loras_preview_and_the_index_learns_of_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny_sd1.safetensors");
-    full_vocab_checkpoint(&model);
+    let (dir, model) = tiny_model();
     let loras = dir.path().join("loras");
     std::fs::create_dir_all(&loras).unwrap();
     let lora = loras.join("style.safetensors");
