@@ -27,60 +27,7 @@ fn tiny_model() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn full_vocab_checkpoint(dst: &Path) {
-    with_schedule(dst, None)
-}
-
-/// SD's training schedule: betas from √0.00085 to √0.012 squared (scaled linear) or, when
-/// `linear`, from 0.0001 to 0.02; their cumulative product of 1 − β.
-fn alphas_cumprod(linear: bool) -> Vec<f32> {
-    let (a, b): (f64, f64) = match linear {
-        true => (0.0001, 0.02),
-        false => (0.00085f64.sqrt(), 0.012f64.sqrt()),
-    };
-    let mut acc = 1f64;
-    (0..1000)
-        .map(|i| {
-            let x = a + (b - a) * i as f64 / 999.0;
-            let beta = if linear { x } else { x * x };
-            acc *= 1.0 - beta;
-            acc as f32
-        })
-        .collect()
-}
-
-/// [`full_vocab_checkpoint`], with an `alphas_cumprod` buffer when given (as LDM checkpoints
-/// carry one).
-fn with_schedule(dst: &Path, schedule: Option<Vec<f32>>) {
-    let f = TensorFile::open(&fixture("models/sd1_ldm.safetensors")).unwrap();
-    let embedding = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight";
-    let mut specs = Vec::new();
-    let mut data = Vec::new();
-    for t in f.tensors() {
-        let mut shape = t.shape.clone();
-        let mut bytes = f.raw_bytes(&t.name).unwrap().to_vec();
-        if t.name == embedding {
-            let row = bytes.len() / shape[0];
-            bytes = (0..49408)
-                .flat_map(|i| bytes[(i % shape[0]) * row..][..row].to_vec())
-                .collect();
-            shape[0] = 49408;
-        }
-        specs.push(TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape,
-        });
-        data.extend_from_slice(&bytes);
-    }
-    if let Some(ac) = schedule {
-        specs.push(TensorSpec {
-            name: "alphas_cumprod".into(),
-            dtype: loratool::tensors::Dtype::F32,
-            shape: vec![ac.len()],
-        });
-        data.extend(ac.iter().flat_map(|v| v.to_le_bytes()));
-    }
-    common::write_safetensors(dst, &BTreeMap::new(), &specs, &data);
+    common::full_vocab_sd1(dst, None)
 }
 
 fn preview(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> Output {
@@ -367,7 +314,7 @@ fn the_checkpoints_own_schedule_is_used() {
     let dir = tempfile::tempdir().unwrap();
     let render = |name: &str, schedule: Option<Vec<f32>>| {
         let model = dir.path().join(format!("{name}.safetensors"));
-        with_schedule(&model, schedule);
+        common::full_vocab_sd1(&model, schedule);
         let out = dir.path().join(format!("{name}.png"));
         ok(&preview(&model, "a red fox", &out, &["--steps", "2"]));
         pixels(&out)
@@ -375,7 +322,7 @@ fn the_checkpoints_own_schedule_is_used() {
     let default = render("none", None);
     // The same schedule stored in the file gives the same image (within float rounding of the
     // stored values); another one (linear betas) a different image.
-    let stored = render("scaled", Some(alphas_cumprod(false)));
+    let stored = render("scaled", Some(common::sd_alphas_cumprod(false)));
     let worst = default
         .iter()
         .zip(&stored)
@@ -383,7 +330,10 @@ fn the_checkpoints_own_schedule_is_used() {
         .max()
         .unwrap();
     assert!(worst <= 1, "{worst}");
-    assert_ne!(default, render("linear", Some(alphas_cumprod(true))));
+    assert_ne!(
+        default,
+        render("linear", Some(common::sd_alphas_cumprod(true)))
+    );
 }
 
 #[test]

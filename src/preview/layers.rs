@@ -20,11 +20,7 @@ pub struct Linear {
 impl Linear {
     /// `prefix.weight` (`[out, in]`) and `prefix.bias` when the checkpoint has one.
     pub fn load(w: &Weights, part: Part, prefix: &str) -> Result<Linear> {
-        let weight = w.get(part, &format!("{prefix}.weight"))?;
-        let weight_t = weight
-            .t()
-            .and_then(|t| t.contiguous())
-            .map_err(|e| candle_error(prefix, e))?;
+        let weight_t = w.get_transposed(part, &format!("{prefix}.weight"))?;
         let bias_name = format!("{prefix}.bias");
         let bias = match w.has(part, &bias_name) {
             true => Some(w.get(part, &bias_name)?),

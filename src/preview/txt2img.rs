@@ -64,6 +64,36 @@ pub struct Txt2Img {
     pub placement: Placement,
 }
 
+impl Txt2Img {
+    /// A request for `model` with `preview`'s defaults (A1111's: 20 steps of Euler a, CFG 7,
+    /// 512×512, clip skip 1, seed 0), an empty prompt and no LoRA.
+    pub fn new(model: impl Into<PathBuf>) -> Txt2Img {
+        Txt2Img {
+            model: model.into(),
+            vae: None,
+            config: None,
+            prompt: String::new(),
+            negative: String::new(),
+            loras: Vec::new(),
+            lora_dirs: Vec::new(),
+            embedding_dirs: Vec::new(),
+            library: None,
+            trigger: false,
+            sampler: SamplerKind::EulerAncestral,
+            schedule: ScheduleKind::Normal,
+            steps: 20,
+            cfg_scale: 7.0,
+            seed: 0,
+            width: 512,
+            height: 512,
+            clip_skip: 1,
+            prediction: None,
+            grid_weight: None,
+            placement: Placement::default(),
+        }
+    }
+}
+
 pub struct Rendered {
     pub image: RgbImage,
     pub infotext: String,
@@ -247,8 +277,9 @@ fn schedule_of(checkpoint: &Checkpoint) -> Result<NoiseSchedule> {
 /// The UNet to render with (LoRAs applied) and what A1111 decides it predicts: v for an SD2
 /// checkpoint whose UNet fails its probe ([`Unet::a1111_v_probe`]), ε otherwise (SD1 and the rest
 /// load A1111's ε configs). A1111 probes the checkpoint as loaded, before any LoRA: when LoRAs
-/// change the UNet, the probe runs on a UNet without them, dropped before the render's is loaded.
-fn load_unet(weights: &Weights, config: &UnetConfig) -> Result<(Unet, Prediction)> {
+/// change the UNet, the bare UNet is loaded and probed, then the tensors the LoRAs patch are
+/// rebuilt in place.
+fn load_unet(weights: &mut Weights, config: &UnetConfig) -> Result<(Unet, Prediction)> {
     let checkpoint = weights.checkpoint();
     if checkpoint.family() != BaseModel::Sd2 {
         return Ok((Unet::load(weights, config)?, Prediction::Epsilon));
@@ -265,8 +296,13 @@ fn load_unet(weights: &Weights, config: &UnetConfig) -> Result<(Unet, Prediction
         return Ok((unet, prediction_from_probe(probe)));
     }
     let bare = PatchPlan::build(checkpoint, &[], &PlanOptions::default())?;
-    let probe = Unet::load(&Weights::new(bare), config)?.a1111_v_probe()?;
-    Ok((Unet::load(weights, config)?, prediction_from_probe(probe)))
+    let with_loras = weights.repatch(bare)?.previous;
+    weights.keep_for_repatch();
+    let unet = Unet::load(weights, config)?;
+    let probe = unet.a1111_v_probe()?;
+    weights.repatch(with_loras)?;
+    weights.stop_keeping();
+    Ok((unet, prediction_from_probe(probe)))
 }
 
 /// A prompt's windows through the text encoder, concatenated along the token axis. Embedding
@@ -355,18 +391,17 @@ impl GridSpec {
 }
 
 /// One render per grid cell (row = seed, column = weight), laid out with A1111's X/Y plot labels;
-/// the sheet carries the first cell's infotext, as A1111's grids do. LoRAs are applied at load,
-/// so each weight (column) loads the model once and renders all its seeds.
+/// the sheet carries the first cell's infotext, as A1111's grids do. The models load once; each
+/// weight (column) re-patches the tensors its LoRAs touch and renders all its seeds.
 pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> Result<Rendered> {
     if req.loras.is_empty() && !req.prompt.contains("<lora:") {
         return Err(Error::Invalid(
             "--grid weights=…: there is no LoRA to weigh (add <lora:NAME:W> or --lora)".into(),
         ));
     }
-    // Column by column (one weight each): the model is loaded once per weight and renders
-    // every seed, rather than once per cell.
     progress.start((req.steps * grid.weights.len() * grid.seeds.len()) as u64);
-    let mut known = HashMap::new();
+    let checkpoint = Checkpoint::open(&req.model)?;
+    let mut models = LoadedModels::load(&checkpoint, req)?;
     let mut columns = Vec::with_capacity(grid.weights.len());
     for &w in &grid.weights {
         let cell = Txt2Img {
@@ -382,7 +417,7 @@ pub fn txt2img_grid(req: &Txt2Img, grid: &GridSpec, progress: &ProgressSink) -> 
             grid_weight: Some(w),
             ..req.clone()
         };
-        columns.push(render_seeds(&cell, &grid.seeds, progress, &mut known)?);
+        columns.push(models.render(&cell, &grid.seeds, progress)?.0);
     }
     let notes = columns[0][0].notes.clone();
     let infotext = columns[0][0].infotext.clone();
@@ -431,15 +466,16 @@ pub fn txt2img(req: &Txt2Img, progress: &ProgressSink) -> Result<Rendered> {
     Ok(rendered.remove(0))
 }
 
-/// One render per seed, everything else as `req` says: the prompts are encoded once, the UNet
-/// and the VAE loaded once. `known` keeps file hashes across calls (a grid's columns). The
-/// caller starts `progress` (one unit per sampling step).
-fn render_seeds(
-    req: &Txt2Img,
-    seeds: &[u64],
-    progress: &ProgressSink,
-    known: &mut HashMap<PathBuf, FileHashes>,
-) -> Result<Vec<Rendered>> {
+/// A request's prompts and LoRAs resolved: `<lora:…>` tags to files (with the grid's weight when
+/// in a grid cell), the names the infotext gives them, trigger words appended.
+struct Resolved {
+    loras: Vec<LoraWeight>,
+    named: Vec<(String, PathBuf)>,
+    prompt_text: String,
+    negative_text: String,
+}
+
+fn resolve(req: &Txt2Img) -> Result<Resolved> {
     if req.steps == 0 || req.steps > 1000 {
         return Err(Error::Invalid(format!(
             "--steps {}: between 1 and 1000",
@@ -468,7 +504,6 @@ fn render_seeds(
             .into_owned();
         named.push((name, l.path.clone()));
     }
-
     let mut prompt_text = prompt.text.clone();
     if req.trigger {
         for l in &loras {
@@ -484,8 +519,22 @@ fn render_seeds(
             }
         }
     }
-    let checkpoint = Checkpoint::open(&req.model)?;
-    let plan = PatchPlan::build(&checkpoint, &loras, &PlanOptions::default())?;
+    Ok(Resolved {
+        loras,
+        named,
+        prompt_text,
+        negative_text: negative.text,
+    })
+}
+
+/// The checkpoint's weights as `req` renders them (its VAE, its placement) with `loras` applied,
+/// and what the configs say.
+fn open_weights<'c>(
+    req: &Txt2Img,
+    checkpoint: &'c Checkpoint,
+    loras: &[LoraWeight],
+) -> Result<(Weights<'c>, Configs)> {
+    let plan = PatchPlan::build(checkpoint, loras, &PlanOptions::default())?;
     let weights = Weights::new(plan).with_placement(req.placement.clone());
     let weights = match &req.vae {
         Some(v) => weights.with_vae(v)?,
@@ -495,10 +544,6 @@ fn render_seeds(
         Some(dir) => read_configs(dir)?,
         None => Configs::default(),
     };
-    let unet_config = UnetConfig {
-        heads: configs.unet_heads,
-        groups: configs.unet_groups.unwrap_or(32),
-    };
     // The VAE loads after sampling: a checkpoint without one fails now, not after the render.
     if !weights.has(Part::Vae, "decoder.conv_in.weight") {
         return Err(Error::bad_file(
@@ -506,67 +551,94 @@ fn render_seeds(
             "no VAE in the checkpoint (decoder.conv_in missing); give one with --vae",
         ));
     }
-    // One model in memory at a time: the text encoder is dropped before the UNet loads, the UNet
-    // before the VAE (peak RSS is the UNet's, not the sum).
-    let (cond, uncond, embeddings, used, notes) = {
-        let mut text_config = ClipConfig::infer(&weights, configs.text_heads)?;
-        if configs.text_activation == Some(Activation::Gelu) {
-            text_config = text_config.openclip();
-        }
-        let encoder = ClipTextEncoder::load(&weights, text_config)?;
-        let clip_skip = encoder.config().a1111_clip_skip(req.clip_skip);
-        let (embeddings, skipped) = load_dirs(&req.embedding_dirs, encoder.config().hidden);
-        // A skipped embedding the prompt names is encoded as plain words, as in A1111; say so.
-        let named_in_prompts = |name: &str| {
-            [&prompt_text, &negative.text].iter().any(|text| {
-                text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
-                    .any(|word| word == name)
-            })
-        };
-        let notes: Vec<String> = skipped
-            .iter()
-            .filter(|s| named_in_prompts(&s.name))
-            .map(|s| format!("embedding '{}' not used: {}", s.name, s.reason))
-            .collect();
-        let inversions: Vec<TextualInversion> = embeddings
-            .iter()
-            .map(|e| TextualInversion {
-                name: e.name.clone(),
-                vectors: e.vectors.len(),
-            })
-            .collect();
-        let tokenizer = ClipTokenizer::new()?;
-        let options = ChunkOptions::a1111(encoder.config().padding);
-        let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
-            Ok(tokenizer
-                .chunk(&parse_emphasis(text)?, &inversions, &options)?
-                .chunks)
-        };
-        let mut cond_chunks = chunk(&prompt_text)?;
-        let mut uncond_chunks = chunk(&negative.text)?;
-        // A1111 pads the shorter prompt with empty windows so both have the same length.
-        let empty = chunk("")?;
-        while cond_chunks.len() < uncond_chunks.len() {
-            cond_chunks.push(empty[0].clone());
-        }
-        while uncond_chunks.len() < cond_chunks.len() {
-            uncond_chunks.push(empty[0].clone());
-        }
-        let cond = encode_chunks(&encoder, &cond_chunks, &embeddings, clip_skip)?;
-        let uncond = encode_chunks(&encoder, &uncond_chunks, &embeddings, clip_skip)?;
-        // `TI hashes`: the embeddings the prompt or the negative prompt used, in file-name order.
-        let mut used: Vec<usize> = cond_chunks
-            .iter()
-            .chain(&uncond_chunks)
-            .flat_map(|c| c.embeddings.iter().map(|s| s.embedding))
-            .collect();
-        used.sort_unstable();
-        used.dedup();
-        (cond, uncond, embeddings, used, notes)
-    };
+    Ok((weights, configs))
+}
 
-    let schedule = schedule_of(&checkpoint)?;
-    let mut settings = RenderSettings {
+fn unet_config(configs: &Configs) -> UnetConfig {
+    UnetConfig {
+        heads: configs.unet_heads,
+        groups: configs.unet_groups.unwrap_or(32),
+    }
+}
+
+fn load_text_encoder(weights: &Weights, configs: &Configs) -> Result<ClipTextEncoder> {
+    let mut text_config = ClipConfig::infer(weights, configs.text_heads)?;
+    if configs.text_activation == Some(Activation::Gelu) {
+        text_config = text_config.openclip();
+    }
+    ClipTextEncoder::load(weights, text_config)
+}
+
+/// The text states of a request's prompt and negative prompt, and what the infotext and the
+/// notes need to know about the embeddings they used.
+struct Conditioning {
+    cond: Tensor,
+    uncond: Tensor,
+    embeddings: Vec<Embedding>,
+    /// Indices into `embeddings` of those the prompts used, in file-name order.
+    used: Vec<usize>,
+    notes: Vec<String>,
+}
+
+fn condition(encoder: &ClipTextEncoder, req: &Txt2Img, r: &Resolved) -> Result<Conditioning> {
+    let clip_skip = encoder.config().a1111_clip_skip(req.clip_skip);
+    let (embeddings, skipped) = load_dirs(&req.embedding_dirs, encoder.config().hidden);
+    // A skipped embedding the prompt names is encoded as plain words, as in A1111; say so.
+    let named_in_prompts = |name: &str| {
+        [&r.prompt_text, &r.negative_text].iter().any(|text| {
+            text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
+                .any(|word| word == name)
+        })
+    };
+    let notes: Vec<String> = skipped
+        .iter()
+        .filter(|s| named_in_prompts(&s.name))
+        .map(|s| format!("embedding '{}' not used: {}", s.name, s.reason))
+        .collect();
+    let inversions: Vec<TextualInversion> = embeddings
+        .iter()
+        .map(|e| TextualInversion {
+            name: e.name.clone(),
+            vectors: e.vectors.len(),
+        })
+        .collect();
+    let tokenizer = ClipTokenizer::new()?;
+    let options = ChunkOptions::a1111(encoder.config().padding);
+    let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
+        Ok(tokenizer
+            .chunk(&parse_emphasis(text)?, &inversions, &options)?
+            .chunks)
+    };
+    let mut cond_chunks = chunk(&r.prompt_text)?;
+    let mut uncond_chunks = chunk(&r.negative_text)?;
+    // A1111 pads the shorter prompt with empty windows so both have the same length.
+    let empty = chunk("")?;
+    while cond_chunks.len() < uncond_chunks.len() {
+        cond_chunks.push(empty[0].clone());
+    }
+    while uncond_chunks.len() < cond_chunks.len() {
+        uncond_chunks.push(empty[0].clone());
+    }
+    let cond = encode_chunks(encoder, &cond_chunks, &embeddings, clip_skip)?;
+    let uncond = encode_chunks(encoder, &uncond_chunks, &embeddings, clip_skip)?;
+    let mut used: Vec<usize> = cond_chunks
+        .iter()
+        .chain(&uncond_chunks)
+        .flat_map(|c| c.embeddings.iter().map(|s| s.embedding))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    Ok(Conditioning {
+        cond,
+        uncond,
+        embeddings,
+        used,
+        notes,
+    })
+}
+
+fn render_settings(req: &Txt2Img) -> RenderSettings {
+    RenderSettings {
         sampler: SamplerSettings {
             sampler: req.sampler,
             schedule: req.schedule,
@@ -579,25 +651,63 @@ fn render_seeds(
         height: req.height,
         prediction: Prediction::Epsilon,
         scaling_factor: SD_SCALING_FACTOR,
-    };
-    let guided = req.cfg_scale != 1.0;
-    let (latents, prediction, a1111_prediction) = {
-        let (unet, a1111_prediction) = load_unet(&weights, &unet_config)?;
-        let prediction = req.prediction.unwrap_or(a1111_prediction);
-        settings.prediction = prediction;
-        let mut latents = Vec::with_capacity(seeds.len());
-        for &seed in seeds {
-            settings.sampler.seed = seed;
-            latents.push(sample_latent(
-                &unet,
-                &schedule,
-                &cond,
-                guided.then_some(&uncond),
-                &settings,
-                &mut |_, _| progress.advance(1),
-            )?);
-        }
-        (latents, prediction, a1111_prediction)
+    }
+}
+
+/// One latent per seed.
+fn sample_seeds(
+    unet: &Unet,
+    schedule: &NoiseSchedule,
+    c: &Conditioning,
+    settings: &mut RenderSettings,
+    seeds: &[u64],
+    progress: &ProgressSink,
+) -> Result<Vec<super::sampling::Latent>> {
+    let guided = settings.sampler.cfg_scale != 1.0;
+    let mut latents = Vec::with_capacity(seeds.len());
+    for &seed in seeds {
+        settings.sampler.seed = seed;
+        latents.push(sample_latent(
+            unet,
+            schedule,
+            &c.cond,
+            guided.then_some(&c.uncond),
+            settings,
+            &mut |_, _| progress.advance(1),
+        )?);
+    }
+    Ok(latents)
+}
+
+/// One render per seed, everything else as `req` says: the prompts are encoded once, the UNet
+/// and the VAE loaded once, one model in memory at a time. `known` keeps file hashes across
+/// calls. The caller starts `progress` (one unit per sampling step).
+fn render_seeds(
+    req: &Txt2Img,
+    seeds: &[u64],
+    progress: &ProgressSink,
+    known: &mut HashMap<PathBuf, FileHashes>,
+) -> Result<Vec<Rendered>> {
+    let resolved = resolve(req)?;
+    let checkpoint = Checkpoint::open(&req.model)?;
+    let (mut weights, configs) = open_weights(req, &checkpoint, &resolved.loras)?;
+    // The text encoder is dropped before the UNet loads, the UNet before the VAE (peak RSS is
+    // the UNet's, not the sum).
+    let conditioning = condition(&load_text_encoder(&weights, &configs)?, req, &resolved)?;
+    let schedule = schedule_of(&checkpoint)?;
+    let mut settings = render_settings(req);
+    let (latents, a1111_prediction) = {
+        let (unet, a1111_prediction) = load_unet(&mut weights, &unet_config(&configs))?;
+        settings.prediction = req.prediction.unwrap_or(a1111_prediction);
+        let latents = sample_seeds(
+            &unet,
+            &schedule,
+            &conditioning,
+            &mut settings,
+            seeds,
+            progress,
+        )?;
+        (latents, a1111_prediction)
     };
     let images = {
         let vae = VaeDecoder::load(&weights, configs.vae_groups)?;
@@ -606,7 +716,110 @@ fn render_seeds(
             .map(|latent| decode_latent(&vae, latent, &settings))
             .collect::<Result<Vec<_>>>()?
     };
+    finish(
+        req,
+        &resolved,
+        &conditioning,
+        settings.prediction,
+        a1111_prediction,
+        seeds.iter().copied().zip(images),
+        known,
+    )
+}
 
+/// A checkpoint's text encoder, UNet and VAE loaded once and kept, to render request after
+/// request with different LoRAs (a grid's columns, a library's previews): between renders only
+/// the tensors the old or the new LoRAs patch are rebuilt ([`Weights::repatch`]), in place.
+pub struct LoadedModels<'c> {
+    weights: Weights<'c>,
+    encoder: ClipTextEncoder,
+    unet: Unet,
+    vae: VaeDecoder,
+    schedule: NoiseSchedule,
+    /// What A1111 decides the bare checkpoint predicts.
+    a1111_prediction: Prediction,
+    known: HashMap<PathBuf, FileHashes>,
+}
+
+impl<'c> LoadedModels<'c> {
+    /// Loads `checkpoint` (`req.model`, opened by the caller) as `req` renders it — its VAE,
+    /// config folder and placement — without LoRAs.
+    pub fn load(checkpoint: &'c Checkpoint, req: &Txt2Img) -> Result<LoadedModels<'c>> {
+        let (mut weights, configs) = open_weights(req, checkpoint, &[])?;
+        weights.keep_for_repatch();
+        let encoder = load_text_encoder(&weights, &configs)?;
+        let unet = Unet::load(&weights, &unet_config(&configs))?;
+        let a1111_prediction = match checkpoint.family() {
+            BaseModel::Sd2 => prediction_from_probe(unet.a1111_v_probe()?),
+            _ => Prediction::Epsilon,
+        };
+        let vae = VaeDecoder::load(&weights, configs.vae_groups)?;
+        Ok(LoadedModels {
+            weights,
+            encoder,
+            unet,
+            vae,
+            schedule: schedule_of(checkpoint)?,
+            a1111_prediction,
+            known: HashMap::new(),
+        })
+    }
+
+    /// Renders `req` (whose model, VAE, config and placement must be those the models were
+    /// loaded for) at each seed, after re-patching the models for its LoRAs. Returns the
+    /// renders and how many tensors the re-patch rebuilt. The caller starts `progress`.
+    pub fn render(
+        &mut self,
+        req: &Txt2Img,
+        seeds: &[u64],
+        progress: &ProgressSink,
+    ) -> Result<(Vec<Rendered>, usize)> {
+        let resolved = resolve(req)?;
+        let plan = PatchPlan::build(
+            self.weights.checkpoint(),
+            &resolved.loras,
+            &PlanOptions::default(),
+        )?;
+        let rebuilt = self.weights.repatch(plan)?.rebuilt;
+        let conditioning = condition(&self.encoder, req, &resolved)?;
+        let mut settings = render_settings(req);
+        settings.prediction = req.prediction.unwrap_or(self.a1111_prediction);
+        let latents = sample_seeds(
+            &self.unet,
+            &self.schedule,
+            &conditioning,
+            &mut settings,
+            seeds,
+            progress,
+        )?;
+        let images = latents
+            .iter()
+            .map(|latent| decode_latent(&self.vae, latent, &settings))
+            .collect::<Result<Vec<_>>>()?;
+        let rendered = finish(
+            req,
+            &resolved,
+            &conditioning,
+            settings.prediction,
+            self.a1111_prediction,
+            seeds.iter().copied().zip(images),
+            &mut self.known,
+        )?;
+        Ok((rendered, rebuilt))
+    }
+}
+
+/// The renders with the infotext A1111 would write for them (hashes from the library index when
+/// it has a file unchanged, else read once here and kept in `known`).
+fn finish(
+    req: &Txt2Img,
+    resolved: &Resolved,
+    c: &Conditioning,
+    prediction: Prediction,
+    a1111_prediction: Prediction,
+    images: impl Iterator<Item = (u64, RgbImage)>,
+    known: &mut HashMap<PathBuf, FileHashes>,
+) -> Result<Vec<Rendered>> {
     let sampler = match req.sampler {
         SamplerKind::Euler => SamplerName::Euler,
         SamplerKind::EulerAncestral => SamplerName::EulerAncestral,
@@ -617,7 +830,6 @@ fn render_seeds(
         ScheduleKind::Normal => ScheduleName::Normal,
         ScheduleKind::Karras => ScheduleName::Karras,
     };
-    // Hashes from the library index when it has the file unchanged, else read once here.
     let library = req
         .library
         .as_deref()
@@ -637,15 +849,15 @@ fn render_seeds(
     };
     let model_hashes = hashes_of(&req.model)?;
     let mut ti_hashes = Vec::new();
-    for i in used {
-        let e = &embeddings[i];
+    for &i in &c.used {
+        let e = &c.embeddings[i];
         ti_hashes.push(NamedHash::new(
             &e.name,
             embedding_short_hash(&hashes_of(&e.path)?),
         ));
     }
     let mut lora_hashes = Vec::new();
-    for (name, path) in &named {
+    for (name, path) in &resolved.named {
         let sshs = TensorFile::open(path)?
             .metadata()
             .get("sshs_model_hash")
@@ -690,17 +902,15 @@ fn render_seeds(
         },
         version: Some(loratool_version()),
     };
-    Ok(seeds
-        .iter()
-        .zip(images)
-        .map(|(&seed, image)| Rendered {
+    Ok(images
+        .map(|(seed, image)| Rendered {
             image,
             infotext: GenerationParameters {
                 seed,
                 ..parameters.clone()
             }
             .to_infotext(),
-            notes: notes.clone(),
+            notes: c.notes.clone(),
         })
         .collect())
 }

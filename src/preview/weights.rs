@@ -9,6 +9,7 @@ use crate::ops::patch_plan::PatchPlan;
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -135,10 +136,38 @@ struct Located {
     rows: Option<Range<usize>>,
 }
 
+/// How a model holds a tensor it took from [`Weights`]: as stored, or transposed once (linear
+/// layers, so that every call is a plain matmul).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    AsStored,
+    Transposed,
+}
+
+/// A tensor a loaded model holds, remembered so that [`Weights::repatch`] can rewrite it in place
+/// (the model's copy shares its storage).
+struct Kept {
+    part: Part,
+    name: String,
+    form: Form,
+    tensor: Tensor,
+}
+
+/// What [`Weights::repatch`] did.
+pub struct Repatched<'c> {
+    /// How many tensors were rebuilt.
+    pub rebuilt: usize,
+    /// The plan it replaced.
+    pub previous: PatchPlan<'c>,
+}
+
 /// Weights for the sampler's modules, LoRAs applied.
 pub struct Weights<'c> {
     plan: PatchPlan<'c>,
     placement: Placement,
+    /// The tensors handed out since [`Weights::keep_for_repatch`]; `None` when not keeping (a
+    /// single render drops each model after its stage, and these would keep it alive).
+    kept: Option<RefCell<Vec<Kept>>>,
     /// An external VAE (`--vae`, or a pipeline folder's `vae/`) that replaces the checkpoint's.
     vae: Option<(TensorFile, VaeNames)>,
     /// A single file's OpenCLIP text encoder (SD2) by HF CLIP name, through the family's map.
@@ -179,6 +208,7 @@ impl<'c> Weights<'c> {
         Weights {
             plan,
             placement: Placement::default(),
+            kept: None,
             vae: None,
             openclip,
         }
@@ -346,14 +376,100 @@ impl<'c> Weights<'c> {
         shape
     }
 
-    /// `name` of `part` in f32 with every LoRA patch applied.
+    /// Models built from now on can be re-patched in place by [`Weights::repatch`]: every tensor
+    /// handed out is remembered (the models hold the same storage, so this costs no memory while
+    /// they live).
+    pub fn keep_for_repatch(&mut self) {
+        self.kept = Some(RefCell::new(Vec::new()));
+    }
+
+    /// Forgets the remembered tensors: models dropped after this free their memory.
+    pub fn stop_keeping(&mut self) {
+        self.kept = None;
+    }
+
+    /// Replaces the LoRAs (the plan, built for the same checkpoint) and rewrites in place every
+    /// remembered tensor that the old or the new plan patches, so the models built since
+    /// [`Weights::keep_for_repatch`] compute with the new LoRAs without reloading anything
+    /// else.
+    pub fn repatch(&mut self, plan: PatchPlan<'c>) -> Result<Repatched<'c>> {
+        if !std::ptr::eq(plan.checkpoint, self.plan.checkpoint) {
+            return Err(Error::Invalid(
+                "re-patching weights with a plan for another checkpoint".into(),
+            ));
+        }
+        let old = std::mem::replace(&mut self.plan, plan);
+        let Some(kept) = &self.kept else {
+            return Ok(Repatched {
+                rebuilt: 0,
+                previous: old,
+            });
+        };
+        let mut rebuilt = 0;
+        for k in kept.borrow().iter() {
+            if self.external_vae(k.part, &k.name).is_some() {
+                continue; // an external VAE is never patched
+            }
+            let Some(at) = self.locate(k.part, &k.name) else {
+                continue;
+            };
+            let patched = |p: &PatchPlan| p.files[at.file].contains_key(&at.key);
+            if !patched(&old) && !patched(&self.plan) {
+                continue;
+            }
+            let fresh = self.read(k.part, &k.name, k.form)?;
+            k.tensor
+                .slice_set(&fresh, 0, 0)
+                .map_err(|e| candle_error(&k.name, e))?;
+            rebuilt += 1;
+        }
+        Ok(Repatched {
+            rebuilt,
+            previous: old,
+        })
+    }
+
+    /// `name` of `part` in f32 with every LoRA patch applied (then in the placement's dtype, on
+    /// its device).
     pub fn get(&self, part: Part, name: &str) -> Result<Tensor> {
+        self.get_as(part, name, Form::AsStored)
+    }
+
+    /// [`Weights::get`] transposed (a 2-D weight), contiguous.
+    pub fn get_transposed(&self, part: Part, name: &str) -> Result<Tensor> {
+        self.get_as(part, name, Form::Transposed)
+    }
+
+    fn get_as(&self, part: Part, name: &str, form: Form) -> Result<Tensor> {
+        let t = self.read(part, name, form)?;
+        if let Some(kept) = &self.kept {
+            kept.borrow_mut().push(Kept {
+                part,
+                name: name.to_string(),
+                form,
+                tensor: t.clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn read(&self, part: Part, name: &str, form: Form) -> Result<Tensor> {
+        let t = self.read_f32(part, name)?;
+        let t = match form {
+            Form::AsStored => Ok(t),
+            Form::Transposed => t.t().and_then(|t| t.contiguous()),
+        };
+        t.and_then(|t| self.placement.place(&t))
+            .map_err(|e| candle_error(name, e))
+    }
+
+    /// `name` of `part` in f32 on the CPU with every LoRA patch applied.
+    fn read_f32(&self, part: Part, name: &str) -> Result<Tensor> {
         if let Some((file, key)) = self.external_vae(part, name) {
             let t = file.read_f32(&key)?;
             file.release_tensor(&key);
             let shape = self.ldm_vae_shape(name, t.shape);
             return Tensor::from_vec(t.data, shape, &Device::Cpu)
-                .and_then(|t| self.placement.place(&t))
                 .map_err(|e| candle_error(&key, e));
         }
         let at = self.locate(part, name).ok_or_else(|| {
@@ -375,9 +491,7 @@ impl<'c> Weights<'c> {
         // The f32 copy is what the model keeps: the mapped pages it came from would only add
         // to the resident set (a 2 GB f16 checkpoint on top of its 4 GB f32 weights).
         cf.file.release_tensor(&at.key);
-        Tensor::from_vec(t.data, t.shape, &Device::Cpu)
-            .and_then(|t| self.placement.place(&t))
-            .map_err(|e| candle_error(&at.key, e))
+        Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| candle_error(&at.key, e))
     }
 }
 

@@ -259,3 +259,57 @@ pub fn check_render(
     assert!(worst <= 2, "{name}: a pixel differs by {worst}/255");
     calls
 }
+
+/// SD's training schedule: betas from √0.00085 to √0.012 squared (scaled linear) or, when
+/// `linear`, from 0.0001 to 0.02; their cumulative product of 1 − β.
+pub fn sd_alphas_cumprod(linear: bool) -> Vec<f32> {
+    let (a, b): (f64, f64) = match linear {
+        true => (0.0001, 0.02),
+        false => (0.00085f64.sqrt(), 0.012f64.sqrt()),
+    };
+    let mut acc = 1f64;
+    (0..1000)
+        .map(|i| {
+            let x = a + (b - a) * i as f64 / 999.0;
+            let beta = if linear { x } else { x * x };
+            acc *= 1.0 - beta;
+            acc as f32
+        })
+        .collect()
+}
+
+/// The tiny SD1 checkpoint (fixtures/models/sd1_ldm) with its 1,000-row token embedding tiled to
+/// CLIP's full 49,408 rows, so real prompts tokenize; with an `alphas_cumprod` buffer when given
+/// (as LDM checkpoints carry one).
+pub fn full_vocab_sd1(dst: &std::path::Path, schedule: Option<Vec<f32>>) {
+    let f = loratool::tensors::TensorFile::open(&fixture("models/sd1_ldm.safetensors")).unwrap();
+    let embedding = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight";
+    let mut specs = Vec::new();
+    let mut data = Vec::new();
+    for t in f.tensors() {
+        let mut shape = t.shape.clone();
+        let mut bytes = f.raw_bytes(&t.name).unwrap().to_vec();
+        if t.name == embedding {
+            let row = bytes.len() / shape[0];
+            bytes = (0..49408)
+                .flat_map(|i| bytes[(i % shape[0]) * row..][..row].to_vec())
+                .collect();
+            shape[0] = 49408;
+        }
+        specs.push(loratool::tensors::writer::TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape,
+        });
+        data.extend_from_slice(&bytes);
+    }
+    if let Some(ac) = schedule {
+        specs.push(loratool::tensors::writer::TensorSpec {
+            name: "alphas_cumprod".into(),
+            dtype: loratool::tensors::Dtype::F32,
+            shape: vec![ac.len()],
+        });
+        data.extend(ac.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    write_safetensors(dst, &std::collections::BTreeMap::new(), &specs, &data);
+}
