@@ -91,6 +91,10 @@ enum LibraryCommand {
     Sidecar(SidecarArgs),
     /// Move indexed files, each with all its sidecars, into DIR/<group>/ (never overwriting).
     Organize(OrganizeArgs),
+    /// Render `<stem>.preview.png` beside every indexed LoRA (or every one without a preview)
+    /// with a checkpoint of its base model, its trigger words and preferred weight; recorded in
+    /// the index. Killed, a second run renders only what is still missing.
+    Previews(PreviewsArgs),
     /// Look indexed files up on Civitai by hash; write `.civitai.info`, the preview and A1111's
     /// `<stem>.json` where missing; record the ids. Model files are never changed.
     Identify {
@@ -130,6 +134,47 @@ struct ScanFlags {
     #[arg(long)]
     quiet: bool,
     /// The scan report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PreviewsArgs {
+    /// Only LoRAs without any preview image (any name A1111 looks for).
+    #[arg(long)]
+    missing: bool,
+    /// Only LoRAs of this base model (sd1, sd2, sdxl, …).
+    #[arg(long)]
+    base: Option<String>,
+    /// The checkpoint for a base model's LoRAs, e.g. `sd1=v1-5.safetensors` (repeatable); LoRAs
+    /// of a base model without one are skipped and reported.
+    #[arg(long, value_name = "BASE=PATH", required = true)]
+    model_for: Vec<String>,
+    /// A diffusers pipeline folder (or a folder of its */config.json) for head counts and norm
+    /// groups the weights cannot tell (non-standard or tiny models), for every checkpoint.
+    #[arg(long, value_name = "DIR")]
+    config: Option<PathBuf>,
+    /// Text before each LoRA's activation text and `<lora:NAME:W>` tag.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// The negative prompt (each LoRA's `negative text` is added to it).
+    #[arg(long, default_value = "")]
+    negative: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Default: the base model's native size (1024 for SDXL, 512 otherwise).
+    #[arg(long, requires = "height")]
+    width: Option<u32>,
+    #[arg(long, requires = "width")]
+    height: Option<u32>,
+    /// Renders at once, each with its own copy of the checkpoint in memory.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Replace existing `<stem>.preview.png` files.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    sampling: super::preview::SamplingFlags,
     #[arg(long)]
     json: bool,
 }
@@ -402,6 +447,7 @@ pub fn run(args: LibraryArgs) -> Result<i32> {
             let failed = report.plan.iter().any(|p| p.skipped.is_some());
             Ok(if failed { 1 } else { 0 })
         }
+        LibraryCommand::Previews(a) => run_previews(&mut lib, a),
         LibraryCommand::Identify { all, json, token } => {
             super::identify::run_library(&services(token.as_deref())?, lib, all, json)
         }
@@ -774,4 +820,58 @@ fn print_organize(r: &OrganizeReport) {
         r.in_place,
         if r.dry_run { "; dry run, nothing moved" } else { "" }
     );
+}
+
+fn run_previews(lib: &mut Library, a: PreviewsArgs) -> Result<i32> {
+    use loratool::library::previews::{PreviewStatus, PreviewsOptions};
+    let mut models = std::collections::BTreeMap::new();
+    for spec in &a.model_for {
+        let Some((base, path)) = spec
+            .split_once('=')
+            .filter(|(b, p)| !b.is_empty() && !p.is_empty())
+        else {
+            return Err(Error::Invalid(format!(
+                "--model-for '{spec}': BASE=PATH, e.g. sd1=v1-5.safetensors"
+            )));
+        };
+        models.insert(base.to_string(), PathBuf::from(path));
+    }
+    let request = a.sampling.apply(loratool::preview::txt2img::Txt2Img {
+        prompt: a.prompt.clone(),
+        negative: a.negative.clone(),
+        seed: a.seed,
+        config: a.config.clone(),
+        ..loratool::preview::txt2img::Txt2Img::new("")
+    })?;
+    let opts = PreviewsOptions {
+        missing_only: a.missing,
+        base: a.base.clone(),
+        models,
+        request,
+        size: a.width.zip(a.height),
+        jobs: a.jobs,
+        force: a.force,
+    };
+    let (bar, progress) = super::progress::count_bar("rendering previews", "steps");
+    let report = lib.render_previews(&opts, &progress);
+    bar.finish_and_clear();
+    let report = report?;
+    if a.json {
+        print_json(&report);
+    } else {
+        for o in &report.outcomes {
+            let what = match o.status {
+                PreviewStatus::Rendered => "rendered",
+                PreviewStatus::Skipped => "skipped",
+                PreviewStatus::Failed => "failed",
+            };
+            let detail = o.reason.as_deref().or(o.preview.as_deref()).unwrap_or("");
+            println!("{what:8} {}  {detail}", o.path);
+        }
+        println!(
+            "{} rendered, {} skipped, {} failed",
+            report.rendered, report.skipped, report.failed
+        );
+    }
+    Ok(if report.failed > 0 { 1 } else { 0 })
 }

@@ -40,6 +40,73 @@ enum RngArg {
     Cpu,
 }
 
+/// How every render samples, shared by `preview` and `library previews`.
+#[derive(Args, Debug)]
+pub struct SamplingFlags {
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.0)]
+    cfg: f32,
+    #[arg(long, value_enum, default_value = "euler-a")]
+    sampler: SamplerArg,
+    #[arg(long, value_enum, default_value = "normal")]
+    schedule: ScheduleArg,
+    /// A1111's "Clip skip" (CLIP-L only: A1111 conditions SD2 on OpenCLIP's penultimate layer
+    /// whatever it is set to, and still records it).
+    #[arg(long, default_value_t = 1)]
+    clip_skip: usize,
+    /// The noise source (A1111's "RNG source: CPU"; the same seed gives the same image anywhere).
+    #[arg(long, value_enum, default_value = "cpu")]
+    rng: RngArg,
+    /// The models' weights and activations: f32 (exact, the default) or f16 (half the memory;
+    /// on the CPU slower, and not bit-comparable with f32 renders).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// cpu, cuda[:N] or metal[:N] (the GPU ones need a build with `--features cuda`/`metal`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// What the UNet predicts, `eps` or `v`; by default A1111's rule decides (SD2: its probe of
+    /// the UNet; everything else: eps).
+    #[arg(long, value_name = "eps|v")]
+    prediction: Option<String>,
+}
+
+impl SamplingFlags {
+    /// `req` with these settings.
+    pub fn apply(&self, req: Txt2Img) -> Result<Txt2Img> {
+        let RngArg::Cpu = self.rng;
+        Ok(Txt2Img {
+            sampler: match self.sampler {
+                SamplerArg::EulerA => SamplerKind::EulerAncestral,
+                SamplerArg::Euler => SamplerKind::Euler,
+                SamplerArg::DpmPp2m => SamplerKind::DpmPp2m,
+                SamplerArg::Ddim => SamplerKind::Ddim,
+            },
+            schedule: match self.schedule {
+                ScheduleArg::Normal => ScheduleKind::Normal,
+                ScheduleArg::Karras => ScheduleKind::Karras,
+            },
+            steps: self.steps,
+            cfg_scale: self.cfg,
+            clip_skip: self.clip_skip,
+            prediction: match &self.prediction {
+                Some(p) => Some(Prediction::parse(p).ok_or_else(|| {
+                    loratool::Error::Invalid(format!("--prediction '{p}': eps or v"))
+                })?),
+                None => None,
+            },
+            placement: Placement {
+                device: Placement::device(&self.device)?,
+                dtype: match self.dtype {
+                    DtypeArg::F32 => candle_core::DType::F32,
+                    DtypeArg::F16 => candle_core::DType::F16,
+                },
+            },
+            ..req
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct PreviewArgs {
     /// An SD1 or SD2 checkpoint (single file or diffusers pipeline folder).
@@ -73,14 +140,6 @@ pub struct PreviewArgs {
     /// Append each LoRA's activation text (its A1111 `<stem>.json`) to the prompt.
     #[arg(long)]
     trigger: bool,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    #[arg(long, default_value_t = 7.0)]
-    cfg: f32,
-    #[arg(long, value_enum, default_value = "euler-a")]
-    sampler: SamplerArg,
-    #[arg(long, value_enum, default_value = "normal")]
-    schedule: ScheduleArg,
     /// -1: a random seed (printed and recorded).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     seed: i64,
@@ -88,24 +147,8 @@ pub struct PreviewArgs {
     width: u32,
     #[arg(long, default_value_t = 512)]
     height: u32,
-    /// A1111's "Clip skip" (CLIP-L only: A1111 conditions SD2 on OpenCLIP's penultimate layer
-    /// whatever it is set to, and still records it).
-    #[arg(long, default_value_t = 1)]
-    clip_skip: usize,
-    /// The noise source (A1111's "RNG source: CPU"; the same seed gives the same image anywhere).
-    #[arg(long, value_enum, default_value = "cpu")]
-    rng: RngArg,
-    /// The models' weights and activations: f32 (exact, the default) or f16 (half the memory;
-    /// on the CPU slower, and not bit-comparable with f32 renders).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeArg,
-    /// cpu, cuda[:N] or metal[:N] (the GPU ones need a build with `--features cuda`/`metal`).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// What the UNet predicts, `eps` or `v`; by default A1111's rule decides (SD2: its probe of
-    /// the UNet; everything else: eps).
-    #[arg(long, value_name = "eps|v")]
-    prediction: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingFlags,
     /// A labelled contact sheet: `weights=0,0.5,1` (every LoRA at each weight, one column each)
     /// and optionally `;seeds=1,2` (one row each; default: --seed).
     #[arg(long, value_name = "SPEC")]
@@ -122,14 +165,6 @@ pub struct PreviewArgs {
 }
 
 pub fn run(args: PreviewArgs) -> Result<i32> {
-    let RngArg::Cpu = args.rng;
-    let placement = Placement {
-        device: Placement::device(&args.device)?,
-        dtype: match args.dtype {
-            DtypeArg::F32 => candle_core::DType::F32,
-            DtypeArg::F16 => candle_core::DType::F16,
-        },
-    };
     let seed = match args.seed {
         s if s >= 0 => s as u64,
         // A1111 draws seeds below 2³² as well.
@@ -141,8 +176,7 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
             (nanos % (1u128 << 32)) as u64
         }
     };
-    let req = Txt2Img {
-        model: args.model.clone(),
+    let req = args.sampling.apply(Txt2Img {
         vae: args.vae.clone(),
         config: args.config.clone(),
         prompt: args.prompt.clone(),
@@ -156,31 +190,11 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
         embedding_dirs: args.embedding_dir.clone(),
         library: loratool::library::db::default_path(args.db.as_deref()).ok(),
         trigger: args.trigger,
-        sampler: match args.sampler {
-            SamplerArg::EulerA => SamplerKind::EulerAncestral,
-            SamplerArg::Euler => SamplerKind::Euler,
-            SamplerArg::DpmPp2m => SamplerKind::DpmPp2m,
-            SamplerArg::Ddim => SamplerKind::Ddim,
-        },
-        schedule: match args.schedule {
-            ScheduleArg::Normal => ScheduleKind::Normal,
-            ScheduleArg::Karras => ScheduleKind::Karras,
-        },
-        steps: args.steps,
-        cfg_scale: args.cfg,
         seed,
         width: args.width,
         height: args.height,
-        clip_skip: args.clip_skip,
-        prediction: match &args.prediction {
-            Some(p) => Some(Prediction::parse(p).ok_or_else(|| {
-                loratool::Error::Invalid(format!("--prediction '{p}': eps or v"))
-            })?),
-            None => None,
-        },
-        grid_weight: None,
-        placement,
-    };
+        ..Txt2Img::new(&args.model)
+    })?;
     let grid = match &args.grid {
         Some(spec) => Some(GridSpec::parse(spec, seed)?),
         None => None,
@@ -194,10 +208,9 @@ pub fn run(args: PreviewArgs) -> Result<i32> {
                     files.len()
                 )));
             };
-            let stem = lora.file_stem().unwrap_or_default().to_string_lossy();
             Some((
                 lora.clone(),
-                lora.with_file_name(format!("{stem}.preview.png")),
+                loratool::library::sidecar::rendered_preview_path(lora),
             ))
         }
         false => None,

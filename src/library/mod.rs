@@ -13,6 +13,7 @@
 
 pub mod db;
 pub mod organize;
+pub mod previews;
 pub mod query;
 pub mod scan;
 pub mod sidecar;

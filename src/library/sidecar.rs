@@ -57,6 +57,33 @@ pub fn find(dir: &Path, stem: &[u8], names: &HashSet<OsString>) -> Vec<Sidecar> 
     found
 }
 
+/// The preview images beside `model` that A1111 would find, in its lookup order (each of the
+/// [`SIDECARS`] of kind `preview` that exists).
+pub fn previews_of(model: &Path) -> Vec<PathBuf> {
+    let Some(stem) = model.file_stem() else {
+        return Vec::new();
+    };
+    let dir = model.parent().unwrap_or(Path::new("."));
+    SIDECARS
+        .iter()
+        .filter(|(_, kind)| *kind == "preview")
+        .map(|(suffix, _)| {
+            let mut name = stem.to_os_string();
+            name.push(suffix);
+            dir.join(name)
+        })
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+/// Where loratool writes a LoRA's preview: `<stem>.preview.png` beside it (A1111's and ComfyUI's
+/// preview name that leaves a downloaded `<stem>.png` alone).
+pub fn rendered_preview_path(model: &Path) -> PathBuf {
+    let mut name = model.file_stem().unwrap_or_default().to_os_string();
+    name.push(".preview.png");
+    model.with_file_name(name)
+}
+
 /// A short fingerprint of the sidecars' names, sizes and mtimes: a rescan re-reads a model's
 /// header when its sidecars changed even though the model file did not.
 pub fn signature(sidecars: &[Sidecar]) -> String {

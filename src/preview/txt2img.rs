@@ -40,6 +40,9 @@ pub struct Txt2Img {
     /// LoRAs from `--lora` (the prompt's `<lora:…>` tags are added to them).
     pub loras: Vec<LoraWeight>,
     pub lora_dirs: Vec<PathBuf>,
+    /// `<lora:NAME>` names whose files the caller already knows (`library previews`), looked up
+    /// before the folders and the index.
+    pub known_loras: Vec<(String, PathBuf)>,
     /// Textual-inversion folders (A1111's `embeddings/`).
     pub embedding_dirs: Vec<PathBuf>,
     /// The library index that resolves `<lora:NAME>` by stem or `ss_output_name` alias when the
@@ -76,6 +79,7 @@ impl Txt2Img {
             negative: String::new(),
             loras: Vec::new(),
             lora_dirs: Vec::new(),
+            known_loras: Vec::new(),
             embedding_dirs: Vec::new(),
             library: None,
             trigger: false,
@@ -452,10 +456,12 @@ pub fn lora_files(req: &Txt2Img) -> Result<Vec<PathBuf>> {
 fn resolve_tags<'t>(req: &Txt2Img, tags: &'t [LoraTag]) -> Result<Vec<(&'t LoraTag, PathBuf)>> {
     tags.iter()
         .map(|tag| {
-            Ok((
-                tag,
-                resolve_lora(tag, &req.lora_dirs, req.library.as_deref())?,
-            ))
+            let known = req.known_loras.iter().find(|(name, _)| *name == tag.name);
+            let path = match known {
+                Some((_, path)) => path.clone(),
+                None => resolve_lora(tag, &req.lora_dirs, req.library.as_deref())?,
+            };
+            Ok((tag, path))
         })
         .collect()
 }
