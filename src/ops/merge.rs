@@ -382,6 +382,35 @@ fn produce_blocks_with(
     patches: &[&Patch],
     fused: bool,
 ) -> Result<Vec<u8>> {
+    let n = spec.byte_len();
+    // Left uninitialised: zeroing gigabytes of output buffers only to overwrite them cost 3.6–5 %
+    // of a merge's CPU time (docs/BENCHMARKS.md, "The faer route it replaced").
+    let mut output = Vec::with_capacity(n);
+    produce_blocks_into(
+        plan,
+        base,
+        i,
+        spec.dtype,
+        patches,
+        fused,
+        &mut output.spare_capacity_mut()[..n],
+    )?;
+    // SAFETY: produce_blocks_into wrote every byte of 0..n.
+    unsafe { output.set_len(n) };
+    Ok(output)
+}
+
+/// Tensor `i` of `base` with plain low-rank `patches` added, encoded as `out_dtype` into `output`
+/// (exactly its size), every byte of which is written.
+fn produce_blocks_into(
+    plan: &PatchPlan,
+    base: &TensorFile,
+    i: usize,
+    out_dtype: Dtype,
+    patches: &[&Patch],
+    fused: bool,
+    output: &mut [std::mem::MaybeUninit<u8>],
+) -> Result<()> {
     let info = &base.tensors()[i];
     let rows = info.shape.first().copied().unwrap_or(1).max(1);
     let cols = info.numel() / rows;
@@ -391,8 +420,8 @@ fn produce_blocks_with(
         .collect::<Result<_>>()?;
     let input = base.raw_bytes(&info.name)?;
     let in_size = info.dtype.size().expect("float dtype");
-    let out_size = spec.dtype.size().expect("float dtype");
-    let n = spec.byte_len();
+    let out_size = out_dtype.size().expect("float dtype");
+    assert_eq!(output.len(), info.numel() * out_size, "output size");
     let block_rows = (BLOCK_ELEMS / cols.max(1)).max(1);
     let block_bytes = (block_rows * cols * out_size).max(1);
     let source = |b: usize, len: usize| {
@@ -401,29 +430,70 @@ fn produce_blocks_with(
         (&input[r0 * cols * in_size..r1 * cols * in_size], r0..r1)
     };
     if !fused {
-        let mut output = vec![0u8; n];
         output
             .par_chunks_mut(block_bytes)
             .enumerate()
             .for_each(|(b, out)| {
                 let (src, rows) = source(b, out.len());
-                faer_block(src, info.dtype, out, spec.dtype, rows, cols, &patches);
+                out.fill(std::mem::MaybeUninit::new(0));
+                // SAFETY: every byte of `out` was just initialised.
+                let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+                faer_block(src, info.dtype, out, out_dtype, rows, cols, &patches);
             });
-        return Ok(output);
+        return Ok(());
     }
-    // Left uninitialised: zeroing gigabytes of output buffers only to overwrite them cost 3.6–5 %
-    // of a merge's CPU time (docs/BENCHMARKS.md, "The faer route it replaced").
-    let mut output = Vec::with_capacity(n);
-    output.spare_capacity_mut()[..n]
+    output
         .par_chunks_mut(block_bytes)
         .enumerate()
         .for_each(|(b, out)| {
             let (src, rows) = source(b, out.len());
-            fused_block(src, info.dtype, out, spec.dtype, rows, cols, &patches);
+            fused_block(src, info.dtype, out, out_dtype, rows, cols, &patches);
         });
-    // SAFETY: fused_block writes every byte of every chunk, and the chunks cover 0..n.
-    unsafe { output.set_len(n) };
-    Ok(output)
+    Ok(())
+}
+
+/// `name` of `base` decoded to f32 with `patches` added by the row-block kernels a merge uses
+/// (one pass, parallel, no dense delta) — `None` when that path does not apply: a patch that is
+/// not plain low rank ([`PatchPlan::is_plain_low_rank`]), a tensor that is not floats, or none.
+pub(crate) fn patched_f32_blocks(
+    plan: &PatchPlan,
+    base: &TensorFile,
+    name: &str,
+    patches: &[Patch],
+) -> Option<Result<crate::tensors::Tensor>> {
+    if patches.is_empty()
+        || !patches.iter().all(|p| plan.is_plain_low_rank(p))
+        || cfg!(target_endian = "big")
+    {
+        return None;
+    }
+    let i = base.tensors().iter().position(|t| t.name == name)?;
+    let info = &base.tensors()[i];
+    if !info.dtype.is_float() {
+        return None;
+    }
+    let n = info.numel();
+    let fused = low_rank_add::supported(info.dtype, Dtype::F32);
+    let refs: Vec<&Patch> = patches.iter().collect();
+    let mut values: Vec<f32> = Vec::with_capacity(n);
+    // SAFETY: the spare capacity of `n` f32s viewed as its 4n bytes; f32 has no invalid bit
+    // patterns and the encoding is little-endian, the machine's order (checked above).
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            values.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+            n * 4,
+        )
+    };
+    Some(
+        produce_blocks_into(plan, base, i, Dtype::F32, &refs, fused, bytes).map(|()| {
+            // SAFETY: produce_blocks_into wrote all 4n bytes.
+            unsafe { values.set_len(n) };
+            crate::tensors::Tensor {
+                shape: info.shape.clone(),
+                data: values,
+            }
+        }),
+    )
 }
 
 /// Rows `block` of a tensor through the fused kernel: the block is cut where the set of patches
@@ -543,7 +613,7 @@ fn produce_whole(
         )
     };
     let Some(patched) = patched_rows(patches) else {
-        let w = plan.apply(base, &info.name, patches)?;
+        let w = plan.apply_dense(base, &info.name, patches)?;
         return spec.dtype.encode_f32(&w.data).ok_or_else(cannot_store);
     };
     let rows = info.shape.first().copied().unwrap_or(1);
@@ -750,6 +820,21 @@ mod tests {
                     "{stored}->{out} fused={fused}: patches were applied"
                 );
             }
+            // PatchPlan::apply (the sampler's f32 load) takes the block path for plain LoRAs.
+            let fast = plan.apply(base, "w", &patches).unwrap();
+            let dense = plan.apply_dense(base, "w", &patches).unwrap();
+            assert_eq!(fast.shape, dense.shape);
+            let scale = dense.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = fast
+                .data
+                .iter()
+                .zip(&dense.data)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+            assert!(
+                worst < 1e-6,
+                "{stored}: apply differs from apply_dense by {worst}"
+            );
+            assert!(patched_f32_blocks(&plan, base, "w", &patches).is_some());
         }
     }
 

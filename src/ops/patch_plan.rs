@@ -326,7 +326,17 @@ impl<'c> PatchPlan<'c> {
     }
 
     /// `name` from `file`, decoded to f32, with `patches` applied in order.
+    /// Plain LoRAs are decoded and added in one parallel pass by merge's row-block kernels (no
+    /// dense delta), the rest by [`PatchPlan::apply_dense`].
     pub fn apply(&self, file: &TensorFile, name: &str, patches: &[Patch]) -> Result<Tensor> {
+        match super::merge::patched_f32_blocks(self, file, name, patches) {
+            Some(w) => w,
+            None => self.apply_dense(file, name, patches),
+        }
+    }
+
+    /// [`PatchPlan::apply`] through each patch's dense delta, for every adapter kind.
+    pub fn apply_dense(&self, file: &TensorFile, name: &str, patches: &[Patch]) -> Result<Tensor> {
         let mut w = file.read_f32(name)?;
         for p in patches {
             let (adapter, m) = self.module(p);

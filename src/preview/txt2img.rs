@@ -771,6 +771,13 @@ impl<'c> LoadedModels<'c> {
         })
     }
 
+    /// Re-patches the models for `loras` (replacing the previous ones): only the tensors either
+    /// set patches are rebuilt. Returns how many.
+    pub fn apply_loras(&mut self, loras: &[LoraWeight]) -> Result<usize> {
+        let plan = PatchPlan::build(self.weights.checkpoint(), loras, &PlanOptions::default())?;
+        Ok(self.weights.repatch(plan)?.rebuilt)
+    }
+
     /// Renders `req` (whose model, VAE, config and placement must be those the models were
     /// loaded for) at each seed, after re-patching the models for its LoRAs. Returns the
     /// renders and how many tensors the re-patch rebuilt. The caller starts `progress`.
@@ -781,12 +788,7 @@ impl<'c> LoadedModels<'c> {
         progress: &ProgressSink,
     ) -> Result<(Vec<Rendered>, usize)> {
         let resolved = resolve(req)?;
-        let plan = PatchPlan::build(
-            self.weights.checkpoint(),
-            &resolved.loras,
-            &PlanOptions::default(),
-        )?;
-        let rebuilt = self.weights.repatch(plan)?.rebuilt;
+        let rebuilt = self.apply_loras(&resolved.loras)?;
         let conditioning = condition(&self.encoder, req, &resolved)?;
         let mut settings = render_settings(req);
         settings.prediction = req.prediction.unwrap_or(self.a1111_prediction);

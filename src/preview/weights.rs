@@ -9,10 +9,10 @@ use crate::ops::patch_plan::PatchPlan;
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// What a component's modules are called inside the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +167,7 @@ pub struct Weights<'c> {
     placement: Placement,
     /// The tensors handed out since [`Weights::keep_for_repatch`]; `None` when not keeping (a
     /// single render drops each model after its stage, and these would keep it alive).
-    kept: Option<RefCell<Vec<Kept>>>,
+    kept: Option<Mutex<Vec<Kept>>>,
     /// An external VAE (`--vae`, or a pipeline folder's `vae/`) that replaces the checkpoint's.
     vae: Option<(TensorFile, VaeNames)>,
     /// A single file's OpenCLIP text encoder (SD2) by HF CLIP name, through the family's map.
@@ -380,7 +380,7 @@ impl<'c> Weights<'c> {
     /// handed out is remembered (the models hold the same storage, so this costs no memory while
     /// they live).
     pub fn keep_for_repatch(&mut self) {
-        self.kept = Some(RefCell::new(Vec::new()));
+        self.kept = Some(Mutex::new(Vec::new()));
     }
 
     /// Forgets the remembered tensors: models dropped after this free their memory.
@@ -405,24 +405,27 @@ impl<'c> Weights<'c> {
                 previous: old,
             });
         };
-        let mut rebuilt = 0;
-        for k in kept.borrow().iter() {
-            if self.external_vae(k.part, &k.name).is_some() {
-                continue; // an external VAE is never patched
-            }
-            let Some(at) = self.locate(k.part, &k.name) else {
-                continue;
-            };
-            let patched = |p: &PatchPlan| p.files[at.file].contains_key(&at.key);
-            if !patched(&old) && !patched(&self.plan) {
-                continue;
-            }
+        let kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+        let stale: Vec<&Kept> = kept
+            .iter()
+            .filter(|k| self.external_vae(k.part, &k.name).is_none()) // never patched
+            .filter(|k| {
+                self.locate(k.part, &k.name).is_some_and(|at| {
+                    let patched = |p: &PatchPlan| p.files[at.file].contains_key(&at.key);
+                    patched(&old) || patched(&self.plan)
+                })
+            })
+            .collect();
+        // Tensors in parallel: a rebuild is mostly fresh pages and copies, which one thread
+        // cannot saturate.
+        use rayon::prelude::*;
+        stale.par_iter().try_for_each(|k| {
             let fresh = self.read(k.part, &k.name, k.form)?;
             k.tensor
                 .slice_set(&fresh, 0, 0)
-                .map_err(|e| candle_error(&k.name, e))?;
-            rebuilt += 1;
-        }
+                .map_err(|e| candle_error(&k.name, e))
+        })?;
+        let rebuilt = stale.len();
         Ok(Repatched {
             rebuilt,
             previous: old,
@@ -443,7 +446,7 @@ impl<'c> Weights<'c> {
     fn get_as(&self, part: Part, name: &str, form: Form) -> Result<Tensor> {
         let t = self.read(part, name, form)?;
         if let Some(kept) = &self.kept {
-            kept.borrow_mut().push(Kept {
+            kept.lock().unwrap_or_else(|e| e.into_inner()).push(Kept {
                 part,
                 name: name.to_string(),
                 form,
