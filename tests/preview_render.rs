@@ -122,7 +122,7 @@ fn sizes_that_are_not_multiples_of_8_are_refused() {
         &unet,
         &vae,
         &NoiseSchedule::stable_diffusion(),
-        &cond,
+        &cond.into(),
         None,
         &settings,
         &mut |_, _| {},

@@ -273,6 +273,15 @@ fn fused_third(chunk: usize, rows: usize) -> Range<usize> {
 
 /// The prefix of SD2's OpenCLIP text encoder in a single-file checkpoint.
 pub const SD2_OPENCLIP: &str = "cond_stage_model.model.";
+/// The prefix of SDXL's first text encoder (CLIP-L, HF CLIP names) in an SGM single file.
+pub const SDXL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
+/// The prefix of SDXL's second text encoder (OpenCLIP-bigG, OpenCLIP names) in an SGM single file.
+pub const SDXL_OPENCLIP: &str = "conditioner.embedders.1.model.";
+
+/// OpenCLIP's `text_projection` (`[width, embed]`, applied as `x @ P`) and the HF tensor that holds
+/// it in `CLIPTextModelWithProjection`: a linear layer's weight (`[embed, width]`), its transpose.
+/// SDXL's pooled text embedding goes through it; SD2 never reads it.
+pub const OPENCLIP_TEXT_PROJECTION: (&str, &str) = ("text_projection", "text_projection.weight");
 
 /// An OpenCLIP text-encoder tensor (its name after the slot's `model.` prefix, `rows` its first
 /// dimension) → the HF CLIP tensors it holds, each with its rows when the tensor is fused (the
@@ -443,7 +452,7 @@ impl KeyMap {
                         primary.push((path, Component::Unet, None));
                     } else if let Some(p) = module_key
                         .strip_prefix("cond_stage_model.transformer.")
-                        .or_else(|| module_key.strip_prefix("conditioner.embedders.0.transformer."))
+                        .or_else(|| module_key.strip_prefix(SDXL_CLIP_L))
                     {
                         let p = if p.starts_with("text_model.") {
                             p.to_string()
@@ -457,7 +466,7 @@ impl KeyMap {
                         .map(|p| (p, Component::TextEncoder))
                         .or_else(|| {
                             module_key
-                                .strip_prefix("conditioner.embedders.1.model.")
+                                .strip_prefix(SDXL_OPENCLIP)
                                 .map(|p| (p, Component::TextEncoder2))
                         })
                     {

@@ -1,7 +1,8 @@
-//! The CLIP text encoders of SD1 (CLIP-L) and SD2 (OpenCLIP-H), HF CLIP names, on candle
-//! tensors: token and position embeddings, pre-norm causal self-attention layers, MLPs (quick
-//! GELU for CLIP-L, GELU for OpenCLIP), the final layer norm, and the hidden state A1111 conditions
-//! on (clip skip for CLIP-L; OpenCLIP's penultimate layer, whatever the clip-skip setting).
+//! The CLIP text encoders of SD1 (CLIP-L), SD2 (OpenCLIP-H) and SDXL (CLIP-L and OpenCLIP-bigG),
+//! HF CLIP names, on candle tensors: token and position embeddings, pre-norm causal self-attention
+//! layers, MLPs (quick GELU for CLIP-L, GELU for OpenCLIP), the final layer norm, the hidden state
+//! A1111 conditions on (clip skip for SD1's CLIP-L; the penultimate layer for OpenCLIP and for
+//! SDXL, whatever the clip-skip setting), and SDXL's pooled, projected embedding.
 //!
 //! Written here rather than taken from candle-transformers: the preview needs the hidden states of
 //! any layer (clip skip), token embeddings it can replace (textual inversion), and the same
@@ -9,7 +10,7 @@
 //! HF names); the model is small next to the UNet, so candle's own matmul and softmax are enough.
 
 use super::layers::{multi_head_attention, LayerNorm, Linear};
-use super::tokenizer::ClipPadding;
+use super::tokenizer::{ClipPadding, PromptChunk};
 use super::weights::{candle_error, Part, Weights};
 use crate::family::parts::{clip_encoder_of_width, Encoder};
 use crate::family::BaseModel;
@@ -29,6 +30,8 @@ pub enum Activation {
 /// read from the weights' shapes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
+    /// Which of the checkpoint's text encoders.
+    pub part: Part,
     pub vocab: usize,
     pub hidden: usize,
     pub intermediate: usize,
@@ -47,6 +50,11 @@ pub struct ClipConfig {
     /// single file's full 24-layer tower; 1 for a pipeline's 23-layer text encoder, whose last
     /// layer diffusers' converter dropped. `None`: the setting applies (CLIP-L).
     pub fixed_clip_skip: Option<usize>,
+    /// Whether the states a prompt is conditioned on pass through the final layer norm: yes for
+    /// SD1 and SD2; SDXL's embedders hand over the penultimate layer's states as they are (sgm's
+    /// `FrozenCLIPEmbedder(layer="hidden", layer_idx=11)`, `FrozenOpenCLIPEmbedder2(layer=
+    /// "penultimate", legacy=False)`).
+    pub final_layer_norm: bool,
 }
 
 impl ClipConfig {
@@ -56,11 +64,22 @@ impl ClipConfig {
     /// `cond_stage_model.model.`), when the checkpoint is SD2 (a pipeline's UNet with linear
     /// projections) or when the width is OpenCLIP-H's 1024; else CLIP-L.
     pub fn infer(weights: &Weights, heads: Option<usize>) -> Result<ClipConfig> {
-        let part = Part::ClipTextEncoder;
+        Self::infer_part(weights, Part::ClipTextEncoder, heads)
+    }
+
+    /// [`ClipConfig::infer`] for one of the checkpoint's text encoders. An SDXL checkpoint's
+    /// encoders condition on their penultimate layer's states without the final layer norm,
+    /// whatever the clip-skip setting (A1111's `sdxl_clip_l_skip` is off by default); its second
+    /// encoder is OpenCLIP-bigG.
+    pub fn infer_part(weights: &Weights, part: Part, heads: Option<usize>) -> Result<ClipConfig> {
+        let which = match part {
+            Part::ClipTextEncoder2 => "second CLIP text encoder",
+            _ => "CLIP text encoder",
+        };
         let missing = |what: &str| {
             Error::bad_file(
                 &weights.checkpoint().root,
-                format!("no CLIP text encoder ({what} missing)"),
+                format!("no {which} ({what} missing)"),
             )
         };
         let tok = weights
@@ -89,6 +108,7 @@ impl ClipConfig {
             ));
         }
         let config = ClipConfig {
+            part,
             vocab: tok[0],
             hidden,
             intermediate: fc1[0],
@@ -99,7 +119,19 @@ impl ClipConfig {
             activation: Activation::QuickGelu,
             padding: ClipPadding::EndOfText,
             fixed_clip_skip: None,
+            final_layer_norm: true,
         };
+        if weights.checkpoint().family() == BaseModel::Sdxl {
+            let config = match part {
+                Part::ClipTextEncoder2 => config.openclip(),
+                _ => config,
+            };
+            return Ok(ClipConfig {
+                fixed_clip_skip: Some(2),
+                final_layer_norm: false,
+                ..config
+            });
+        }
         if weights.text_encoder_is_openclip() {
             return Ok(ClipConfig {
                 fixed_clip_skip: Some(2),
@@ -132,6 +164,20 @@ impl ClipConfig {
     }
 }
 
+/// A1111's "Original" emphasis (`EmphasisOriginal.after_transformers`) on one window's states
+/// `z` (`[1, positions, width]`): each token's states times its multiplier, then rescaled so that
+/// their mean is the unweighted states' mean again. In f32, as A1111 (torch promotes its list of
+/// floats' product with half-precision states).
+fn original_emphasis(z: &Tensor, multipliers: &[f64]) -> candle_core::Result<Tensor> {
+    let z = z.to_dtype(DType::F32)?;
+    let m: Vec<f32> = multipliers.iter().map(|m| *m as f32).collect();
+    let m = Tensor::from_vec(m, (1, multipliers.len(), 1), z.device())?;
+    let original_mean = z.mean_all()?;
+    let weighted = z.broadcast_mul(&m)?;
+    let new_mean = weighted.mean_all()?;
+    weighted.broadcast_mul(&(original_mean / new_mean)?)
+}
+
 struct Layer {
     norm1: LayerNorm,
     q: Linear,
@@ -149,13 +195,16 @@ pub struct ClipTextEncoder {
     position_embedding: Tensor,
     layers: Vec<Layer>,
     final_norm: LayerNorm,
+    /// SDXL's OpenCLIP `text_projection` (a linear layer without bias, HF's layout): what the
+    /// pooled embedding goes through.
+    projection: Option<Linear>,
     /// `[positions, positions]`: 0 on and below the diagonal, −∞ above (causal attention).
     causal_mask: Tensor,
 }
 
 impl ClipTextEncoder {
     pub fn load(w: &Weights, config: ClipConfig) -> Result<ClipTextEncoder> {
-        let part = Part::ClipTextEncoder;
+        let part = config.part;
         let eps = config.layer_norm_eps;
         let layers = (0..config.layers)
             .map(|i| {
@@ -184,6 +233,10 @@ impl ClipTextEncoder {
             token_embedding: w.get(part, "text_model.embeddings.token_embedding.weight")?,
             position_embedding: w.get(part, "text_model.embeddings.position_embedding.weight")?,
             final_norm: LayerNorm::load(w, part, "text_model.final_layer_norm", eps)?,
+            projection: match part == Part::ClipTextEncoder2 {
+                true => Some(Linear::load(w, part, "text_projection")?),
+                false => None,
+            },
             causal_mask: Tensor::from_vec(mask, (n, n), &Device::Cpu)
                 .and_then(|m| w.placement().place(&m))
                 .map_err(|e| candle_error("causal mask", e))?,
@@ -227,6 +280,32 @@ impl ClipTextEncoder {
             .index_select(&ids, 0)
             .and_then(|e| e.reshape((tokens.len(), positions, self.config.hidden)))
             .map_err(|e| candle_error("token embedding", e))
+    }
+
+    /// One window's token embeddings (`[1, positions, hidden]`) with textual-inversion vectors at
+    /// their slots, cut at the window's end (A1111's `EmbeddingsWithFixes`): `tables[i]` holds this
+    /// encoder's vectors of the window's embedding `i` (`EmbeddingSlot::embedding`).
+    pub fn embed_chunk(&self, chunk: &PromptChunk, tables: &[&[Vec<f32>]]) -> Result<Tensor> {
+        let table = self.embed_tokens(std::slice::from_ref(&chunk.tokens))?;
+        if chunk.embeddings.is_empty() {
+            return Ok(table);
+        }
+        let (_, positions, width) = table.dims3().map_err(|e| candle_error("tokens", e))?;
+        let mut rows = table
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| candle_error("tokens", e))?;
+        for slot in &chunk.embeddings {
+            for (k, v) in tables[slot.embedding].iter().enumerate() {
+                let at = slot.position + k;
+                if at < positions && v.len() == width {
+                    rows[at * width..(at + 1) * width].copy_from_slice(v);
+                }
+            }
+        }
+        Tensor::from_vec(rows, (1, positions, width), &Device::Cpu)
+            .map_err(|e| candle_error("tokens", e))
     }
 
     /// Hidden states for `tokens` with A1111's clip skip (1 = the last layer's output, 2 = the
@@ -274,33 +353,87 @@ impl ClipTextEncoder {
             )));
         }
         let z = self.encode_embeddings(embeddings, clip_skip)?;
-        let weigh = || -> candle_core::Result<Tensor> {
-            // A1111 multiplies in float32 (torch's default dtype for its list of floats, which
-            // promotes half-precision states too).
-            let z = z.to_dtype(DType::F32)?;
-            let m: Vec<f32> = multipliers.iter().map(|m| *m as f32).collect();
-            let m = Tensor::from_vec(m, (1, positions, 1), z.device())?;
-            let original_mean = z.mean_all()?;
-            let weighted = z.broadcast_mul(&m)?;
-            let new_mean = weighted.mean_all()?;
-            weighted.broadcast_mul(&(original_mean / new_mean)?)
+        original_emphasis(&z, multipliers).map_err(|e| candle_error("emphasis", e))
+    }
+
+    /// One window as SDXL's second embedder hands it over: the states with A1111's emphasis (as
+    /// [`ClipTextEncoder::encode_weighted_embeddings`]) and the pooled embedding `[1, embed]`,
+    /// unweighted: the final layer norm of the last layer's output at the window's first
+    /// end-of-text token (sgm's `pool`: the argmax of the ids), times `text_projection`.
+    /// `tokens` are the window's ids (where textual inversion replaced embeddings, 0).
+    pub fn encode_weighted_pooled(
+        &self,
+        embeddings: &Tensor,
+        tokens: &[u32],
+        multipliers: &[f64],
+        clip_skip: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let projection = self.projection.as_ref().ok_or_else(|| {
+            Error::Invalid("this text encoder has no text projection (no pooled output)".into())
+        })?;
+        let positions = embeddings
+            .dim(1)
+            .map_err(|e| candle_error("embeddings", e))?;
+        if multipliers.len() != positions || tokens.len() != positions {
+            return Err(Error::Invalid(format!(
+                "{} emphasis multipliers and {} tokens for {positions} embeddings",
+                multipliers.len(),
+                tokens.len()
+            )));
+        }
+        let keep = self.layers_for(clip_skip)?;
+        let run = || -> candle_core::Result<(Tensor, Tensor)> {
+            let (kept, last) = self.hidden_states(embeddings, keep, true)?;
+            let z = self.conditioning_states(kept)?;
+            let last = last.expect("asked for the last layer");
+            // The first position holding the largest id (torch's argmax).
+            let eot = (0..tokens.len())
+                .fold(0, |best, i| if tokens[i] > tokens[best] { i } else { best });
+            let pooled = projection.forward(&self.final_norm.forward(&last.narrow(1, eot, 1)?)?)?;
+            let width = pooled.dim(2)?;
+            Ok((
+                original_emphasis(&z, multipliers)?,
+                pooled.reshape((1, width))?.to_dtype(DType::F32)?,
+            ))
         };
-        weigh().map_err(|e| candle_error("emphasis", e))
+        run().map_err(|e| candle_error("text encoder", e))
     }
 
     /// [`ClipTextEncoder::encode`] from token embeddings.
     pub fn encode_embeddings(&self, embeddings: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let keep = self.layers_for(clip_skip)?;
+        self.hidden_states(embeddings, keep, false)
+            .and_then(|(kept, _)| self.conditioning_states(kept))
+            .map_err(|e| candle_error("text encoder", e))
+    }
+
+    /// How many layers run for A1111's clip skip.
+    fn layers_for(&self, clip_skip: usize) -> Result<usize> {
         if clip_skip == 0 || clip_skip > self.config.layers {
             return Err(Error::Invalid(format!(
                 "clip skip {clip_skip}: this text encoder has {} layers (1 to {} allowed)",
                 self.config.layers, self.config.layers
             )));
         }
-        self.run(embeddings, self.config.layers + 1 - clip_skip)
-            .map_err(|e| candle_error("text encoder", e))
+        Ok(self.config.layers + 1 - clip_skip)
     }
 
-    fn run(&self, embeddings: &Tensor, layers: usize) -> candle_core::Result<Tensor> {
+    /// The states conditioned on from the hidden states kept: through the final layer norm or not.
+    fn conditioning_states(&self, kept: Tensor) -> candle_core::Result<Tensor> {
+        match self.config.final_layer_norm {
+            true => self.final_norm.forward(&kept),
+            false => Ok(kept),
+        }
+    }
+
+    /// The hidden states after `keep` layers (`[batch, positions, hidden]`, no final norm) and,
+    /// when `to_last`, the last layer's output as well.
+    fn hidden_states(
+        &self,
+        embeddings: &Tensor,
+        keep: usize,
+        to_last: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (batch, positions, hidden) = embeddings.dims3()?;
         let pos = self.position_embedding.narrow(0, 0, positions)?;
         let mut x = embeddings
@@ -313,7 +446,15 @@ impl ClipTextEncoder {
             .narrow(0, 0, positions)?
             .narrow(1, 0, positions)?;
         let tokens = |t: Tensor| t.reshape((batch, positions, hidden));
-        for layer in &self.layers[..layers] {
+        let run = match to_last {
+            true => self.layers.len(),
+            false => keep,
+        };
+        let mut kept = None;
+        for (i, layer) in self.layers[..run].iter().enumerate() {
+            if i == keep {
+                kept = Some(x.clone());
+            }
             let h = layer.norm1.forward(&x)?;
             let attended = multi_head_attention(
                 &tokens(layer.q.forward(&h)?)?,
@@ -332,8 +473,10 @@ impl ClipTextEncoder {
             };
             x = (x + layer.fc2.forward(&h)?)?;
         }
-        self.final_norm
-            .forward(&x)?
-            .reshape((batch, positions, hidden))
+        let last = tokens(x)?;
+        match kept {
+            Some(k) => Ok((tokens(k)?, Some(last))),
+            None => Ok((last.clone(), to_last.then_some(last))),
+        }
     }
 }

@@ -29,6 +29,11 @@ impl Linear {
         Ok(Linear { weight_t, bias })
     }
 
+    /// The input width.
+    pub fn in_features(&self) -> usize {
+        self.weight_t.dims()[0]
+    }
+
     /// `x` is `[…, in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         own_or_candle(

@@ -7,6 +7,7 @@
 //! - [`layers`], [`unet`], [`vae`]: convolutions, norms, ResNet blocks, attention; the UNet and
 //!   the VAE decoder. [`kernels`]: the layers' own f32 CPU kernels (conv, attention, norms).
 //! - [`prompt`], [`tokenizer`]: A1111's prompt syntax, CLIP's BPE and A1111's chunking.
+//! - [`sdxl`]: SDXL's conditioning (both text encoders, the pooled embedding, size embeddings).
 //! - [`noise`]: torch-compatible CPU noise; [`sampling`]: A1111's samplers and schedules.
 //! - [`render`]: one txt2img render (sampler → UNet with CFG → VAE → pixels); [`txt2img`]: the
 //!   whole `preview` from arguments (prompt tags, LoRAs at load, configs) to image and infotext.
@@ -25,6 +26,7 @@ pub mod png;
 pub mod prompt;
 pub mod render;
 pub mod sampling;
+pub mod sdxl;
 pub mod tokenizer;
 pub mod txt2img;
 pub mod unet;

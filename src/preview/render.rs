@@ -1,6 +1,6 @@
 //! One txt2img render as A1111 runs it: the sampler drives the UNet (prompt and negative prompt in
-//! one batch, as A1111's `CFGDenoiser`), then the VAE decodes `latent / scaling_factor` and A1111's
-//! pixel rule makes the image.
+//! one batch, as A1111's `CFGDenoiser`; SDXL's vector input beside the text states), then the VAE
+//! decodes `latent / scaling_factor` (the family's) and A1111's pixel rule makes the image.
 
 use super::png::{ChannelLayout, RgbImage};
 use super::sampling::{
@@ -10,31 +10,76 @@ use super::sampling::{
 use super::unet::Unet;
 use super::vae::VaeDecoder;
 use super::weights::candle_error;
+use crate::family::BaseModel;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// SD1/SD2's latent scaling factor.
 pub const SD_SCALING_FACTOR: f32 = 0.18215;
+/// SDXL's latent scaling factor (its VAE's `scaling_factor`; sgm's `scale_factor`).
+pub const SDXL_SCALING_FACTOR: f32 = 0.13025;
 
-/// The UNet as the sampler's [`NoisePredictor`]: text states for the prompt and, with CFG, the
-/// negative prompt (`[1, tokens, width]` each, the same token count).
+/// The latent scaling factor of a checkpoint family.
+pub fn scaling_factor(family: BaseModel) -> f32 {
+    match family {
+        BaseModel::Sdxl => SDXL_SCALING_FACTOR,
+        _ => SD_SCALING_FACTOR,
+    }
+}
+
+/// What the UNet is conditioned on for one prompt: its text states (`[1, tokens, width]`) and,
+/// for SDXL, the vector input `y` (`[1, vector width]`: the pooled text embedding and the size
+/// embeddings, `sdxl::vector`).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub context: Tensor,
+    pub vector: Option<Tensor>,
+}
+
+impl From<Tensor> for Conditioning {
+    /// Text states alone (SD1, SD2).
+    fn from(context: Tensor) -> Self {
+        Conditioning {
+            context,
+            vector: None,
+        }
+    }
+}
+
+/// The UNet as the sampler's [`NoisePredictor`]: the prompt's conditioning and, with CFG, the
+/// negative prompt's (the same token count).
 pub struct UnetPredictor<'a> {
     unet: &'a Unet,
     context: Tensor,
+    vector: Option<Tensor>,
     guided: bool,
 }
 
 impl<'a> UnetPredictor<'a> {
-    pub fn new(unet: &'a Unet, cond: &Tensor, uncond: Option<&Tensor>) -> Result<Self> {
-        let context = match uncond {
-            Some(u) => Tensor::cat(&[cond, u], 0).map_err(|e| {
-                candle_error("the prompt's and the negative prompt's text states", e)
-            })?,
-            None => cond.clone(),
+    pub fn new(unet: &'a Unet, cond: &Conditioning, uncond: Option<&Conditioning>) -> Result<Self> {
+        let batch = |a: &Tensor, b: Option<&Tensor>, what: &str| match b {
+            Some(b) => Tensor::cat(&[a, b], 0).map_err(|e| candle_error(what, e)),
+            None => Ok(a.clone()),
+        };
+        let context = batch(
+            &cond.context,
+            uncond.map(|u| &u.context),
+            "the prompt's and the negative prompt's text states",
+        )?;
+        let vector = match (&cond.vector, uncond.map(|u| &u.vector)) {
+            (Some(c), Some(Some(u))) => Some(batch(c, Some(u), "the vector inputs")?),
+            (Some(c), None) => Some(c.clone()),
+            (None, None | Some(None)) => None,
+            _ => {
+                return Err(Error::Invalid(
+                    "the prompt and the negative prompt differ in having a vector input".into(),
+                ))
+            }
         };
         Ok(UnetPredictor {
             unet,
             context,
+            vector,
             guided: uncond.is_some(),
         })
     }
@@ -51,9 +96,12 @@ impl NoisePredictor for UnetPredictor<'_> {
             true => Tensor::cat(&[&x, &x], 0).map_err(|e| candle_error("latent", e))?,
             false => x,
         };
-        let out = self
-            .unet
-            .forward(&x, &vec![timestep; batch], &self.context)?;
+        let out = self.unet.forward_with_vector(
+            &x,
+            &vec![timestep; batch],
+            &self.context,
+            self.vector.as_ref(),
+        )?;
         let values = out
             .flatten_all()
             .and_then(|t| t.to_dtype(DType::F32))
@@ -87,8 +135,8 @@ pub fn render(
     unet: &Unet,
     vae: &VaeDecoder,
     schedule: &NoiseSchedule,
-    cond: &Tensor,
-    uncond: Option<&Tensor>,
+    cond: &Conditioning,
+    uncond: Option<&Conditioning>,
     settings: &RenderSettings,
     on_step: &mut StepObserver,
 ) -> Result<(Latent, RgbImage)> {
@@ -102,8 +150,8 @@ pub fn render(
 pub fn sample_latent(
     unet: &Unet,
     schedule: &NoiseSchedule,
-    cond: &Tensor,
-    uncond: Option<&Tensor>,
+    cond: &Conditioning,
+    uncond: Option<&Conditioning>,
     settings: &RenderSettings,
     on_step: &mut StepObserver,
 ) -> Result<Latent> {

@@ -676,8 +676,8 @@ fn sample_seeds(
         latents.push(sample_latent(
             unet,
             schedule,
-            &c.cond,
-            guided.then_some(&c.uncond),
+            &c.cond.clone().into(),
+            guided.then_some(&c.uncond.clone().into()),
             settings,
             &mut |_, _| progress.advance(1),
         )?);

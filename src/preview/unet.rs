@@ -1,13 +1,15 @@
-//! The SD1/SD2 denoising UNet (LDM names; `openaimodel.UNetModel`): time embedding, ResNet blocks,
-//! spatial transformers with self- and cross-attention, skip connections. Its depth, widths and
-//! which levels attend are read from the weights; the head count and norm groups follow the
-//! family's rule unless given.
+//! The SD1/SD2/SDXL denoising UNet (LDM names; `openaimodel.UNetModel`): time embedding, SDXL's
+//! class embedding of its vector input (`label_emb`), ResNet blocks, spatial transformers with
+//! self- and cross-attention, skip connections. Its depth, widths, transformer depths and which
+//! levels attend are read from the weights; the head count and norm groups follow the family's
+//! rule unless given.
 
 use super::layers::{
     geglu, multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock, ResnetNames,
 };
 use super::sampling::Prediction;
 use super::weights::{candle_error, Part, Placement, Weights};
+use crate::family::BaseModel;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 
@@ -245,6 +247,9 @@ pub struct Unet {
     context_width: usize,
     time_1: Linear,
     time_2: Linear,
+    /// SDXL's `label_emb.0.0` / `label_emb.0.2` (diffusers' `add_embedding.linear_1/2`): the
+    /// vector input `y` through linear, SiLU, linear, added to the time embedding.
+    label_emb: Option<(Linear, Linear)>,
     conv_in: Conv2d,
     input_blocks: Vec<Vec<Layer>>,
     middle: Vec<Layer>,
@@ -304,6 +309,19 @@ impl Unet {
             }
             layers
         };
+        let label_emb = match w.has(PART, "label_emb.0.0.weight") {
+            true => Some((
+                Linear::load(w, PART, "label_emb.0.0")?,
+                Linear::load(w, PART, "label_emb.0.2")?,
+            )),
+            false if w.checkpoint().family() == BaseModel::Sdxl => {
+                return Err(Error::bad_file(
+                    &w.checkpoint().root,
+                    "an SDXL checkpoint whose UNet has no class embedding (model.diffusion_model.label_emb.0.0 missing)",
+                ))
+            }
+            false => None,
+        };
         let to_k = "middle_block.1.transformer_blocks.0.attn2.to_k.weight";
         let context_width = w
             .shape(PART, to_k)
@@ -315,6 +333,7 @@ impl Unet {
             context_width,
             time_1: Linear::load(w, PART, "time_embed.0")?,
             time_2: Linear::load(w, PART, "time_embed.2")?,
+            label_emb,
             conv_in: Conv2d::load(w, PART, "input_blocks.0.0", 1)?,
             input_blocks: blocks("input_blocks", 1)?,
             middle,
@@ -327,11 +346,38 @@ impl Unet {
     /// The model's output (ε or v) for latents `x` `[batch, 4, h, w]` at (fractional) timesteps
     /// `t` (one per batch item), attending to `context` `[batch, tokens, width]`.
     pub fn forward(&self, x: &Tensor, t: &[f32], context: &Tensor) -> Result<Tensor> {
-        self.run(x, t, context).map_err(|e| candle_error("UNet", e))
+        self.forward_with_vector(x, t, context, None)
+    }
+
+    /// [`Unet::forward`] with SDXL's vector input `y` (`[batch, vector_width]`), which a UNet with
+    /// a class embedding needs and one without refuses.
+    pub fn forward_with_vector(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        context: &Tensor,
+        vector: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match (&self.label_emb, vector) {
+            (Some(_), None) => Err(Error::Invalid(
+                "the UNet has a class embedding (SDXL) and needs its vector input".into(),
+            )),
+            (None, Some(_)) => Err(Error::Invalid(
+                "the UNet has no class embedding for a vector input".into(),
+            )),
+            _ => self
+                .run(x, t, context, vector)
+                .map_err(|e| candle_error("UNet", e)),
+        }
     }
 
     pub fn context_width(&self) -> usize {
         self.context_width
+    }
+
+    /// The width of the vector input `y` the class embedding reads (SDXL: 2816); `None` without one.
+    pub fn vector_width(&self) -> Option<usize> {
+        self.label_emb.as_ref().map(|(l1, _)| l1.in_features())
     }
 
     /// A1111's test for a v-prediction SD2 UNet (`sd_models_config.is_using_v_parameterization_for_sd2`,
@@ -343,7 +389,7 @@ impl Unet {
             let x = Tensor::full(0.5f32, (1, 4, 8, 8), &Device::Cpu)?;
             let context = Tensor::full(0.5f32, (1, 2, self.context_width), &Device::Cpu)?;
             let out = self
-                .run(&x, &[999.0], &context)?
+                .run(&x, &[999.0], &context, None)?
                 .to_dtype(candle_core::DType::F32)?
                 .to_device(&Device::Cpu)?;
             (out - x)?.mean_all()?.to_scalar::<f32>()
@@ -351,25 +397,26 @@ impl Unet {
         probe().map_err(|e| candle_error("UNet (v-prediction probe)", e))
     }
 
-    /// LDM's `timestep_embedding`: `[cos(t·f), sin(t·f)]`, `f_i = 10000^(−i/half)`.
-    fn timestep_embedding(&self, t: &[f32]) -> candle_core::Result<Tensor> {
-        let half = self.model_channels / 2;
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| (-(10000f32).ln() * i as f32 / half as f32).exp())
-            .collect();
-        let mut emb = Vec::with_capacity(t.len() * half * 2);
-        for &ti in t {
-            emb.extend(freqs.iter().map(|f| (ti * f).cos()));
-            emb.extend(freqs.iter().map(|f| (ti * f).sin()));
-        }
-        Tensor::from_vec(emb, (t.len(), half * 2), &Device::Cpu)
-    }
-
-    fn run(&self, x: &Tensor, t: &[f32], context: &Tensor) -> candle_core::Result<Tensor> {
+    fn run(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        context: &Tensor,
+        vector: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (x, context) = (self.placement.place(x)?, self.placement.place(context)?);
         let context = &context;
-        let t_emb = self.placement.place(&self.timestep_embedding(t)?)?;
-        let emb = self.time_2.forward(&self.time_1.forward(&t_emb)?.silu()?)?;
+        let t_emb = Tensor::from_vec(
+            timestep_embedding(t, self.model_channels),
+            (t.len(), self.model_channels / 2 * 2),
+            &Device::Cpu,
+        )?;
+        let t_emb = self.placement.place(&t_emb)?;
+        let mut emb = self.time_2.forward(&self.time_1.forward(&t_emb)?.silu()?)?;
+        if let (Some((l1, l2)), Some(y)) = (&self.label_emb, vector) {
+            let y = self.placement.place(y)?;
+            emb = (emb + l2.forward(&l1.forward(&y)?.silu()?)?)?;
+        }
         let mut h = self.conv_in.forward(&x)?;
         let mut skips = vec![h.clone()];
         for layers in &self.input_blocks {
@@ -392,6 +439,22 @@ impl Unet {
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
+}
+
+/// LDM's (and sgm's) `timestep_embedding` of each value, `dim` wide: `[cos(v·f), sin(v·f)]` with
+/// `f_i = 10000^(−i/half)`, in f32 as torch computes it. The UNet embeds its timestep with it and
+/// SDXL each of its size and crop numbers (256 wide).
+pub fn timestep_embedding(values: &[f32], dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f32).ln() * i as f32 / half as f32).exp())
+        .collect();
+    let mut emb = Vec::with_capacity(values.len() * half * 2);
+    for &v in values {
+        emb.extend(freqs.iter().map(|f| (v * f).cos()));
+        emb.extend(freqs.iter().map(|f| (v * f).sin()));
+    }
+    emb
 }
 
 /// A1111's decision from [`Unet::a1111_v_probe`]: v-prediction when the mean is below −1.

@@ -2,7 +2,9 @@
 //! CLIP, diffusers UNet/VAE), decoded to f32 with every LoRA applied at load time through the
 //! same patch plan `merge` uses — never a second copy of the key maps or the delta code.
 
-use crate::family::checkpoint::{openclip_tensor_to_hf, SD2_OPENCLIP};
+use crate::family::checkpoint::{
+    openclip_tensor_to_hf, OPENCLIP_TEXT_PROJECTION, SD2_OPENCLIP, SDXL_CLIP_L, SDXL_OPENCLIP,
+};
 use crate::family::layout::{Checkpoint, Layout};
 use crate::family::Component;
 use crate::ops::patch_plan::PatchPlan;
@@ -15,11 +17,15 @@ use std::path::Path;
 use std::sync::Mutex;
 
 /// What a component's modules are called inside the checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Part {
-    /// The CLIP text encoder, HF CLIP names (`text_model.…`): SD1's CLIP-L, or SD2's OpenCLIP-H,
-    /// whose single-file OpenCLIP names (fused q/k/v included) the family's map translates.
+    /// The CLIP text encoder, HF CLIP names (`text_model.…`): SD1's and SDXL's CLIP-L, or SD2's
+    /// OpenCLIP-H, whose single-file OpenCLIP names (fused q/k/v included) the family's map
+    /// translates.
     ClipTextEncoder,
+    /// SDXL's second text encoder (OpenCLIP-bigG), HF CLIP names with `text_projection.weight`:
+    /// a pipeline's `text_encoder_2/`, or an SGM file's OpenCLIP names through the family's map.
+    ClipTextEncoder2,
     /// The VAE, LDM names (`decoder.up.N.block.M…`, `post_quant_conv`); single-file checkpoints.
     Vae,
     /// The denoising UNet, LDM names (`input_blocks.N.M…`); a pipeline folder's diffusers names
@@ -32,18 +38,21 @@ impl Part {
     fn component(self) -> Option<Component> {
         match self {
             Part::ClipTextEncoder => Some(Component::TextEncoder),
+            Part::ClipTextEncoder2 => Some(Component::TextEncoder2),
             // A pipeline folder's VAE is not one of its patchable components.
             Part::Vae => None,
             Part::Unet => Some(Component::Unet),
         }
     }
 
-    /// The prefix of this part's names in a single-file (LDM/A1111) checkpoint.
-    fn single_file_prefix(self) -> &'static str {
+    /// The prefixes of this part's names in a single-file (LDM/A1111/SGM) checkpoint, when they
+    /// are the part's own names (OpenCLIP towers are mapped instead).
+    fn single_file_prefixes(self) -> &'static [&'static str] {
         match self {
-            Part::ClipTextEncoder => "cond_stage_model.transformer.",
-            Part::Vae => crate::family::layout::LDM_VAE,
-            Part::Unet => "model.diffusion_model.",
+            Part::ClipTextEncoder => &["cond_stage_model.transformer.", SDXL_CLIP_L],
+            Part::ClipTextEncoder2 => &[],
+            Part::Vae => &[crate::family::layout::LDM_VAE],
+            Part::Unet => &["model.diffusion_model."],
         }
     }
 
@@ -127,13 +136,15 @@ impl Placement {
     }
 }
 
-/// Where a part's tensor sits: the checkpoint file, the key, and the rows of that tensor when it
-/// is fused with others (OpenCLIP's `attn.in_proj_weight` holds q, k and v).
+/// Where a part's tensor sits: the checkpoint file, the key, the rows of that tensor when it
+/// is fused with others (OpenCLIP's `attn.in_proj_weight` holds q, k and v), and whether it is
+/// stored transposed (OpenCLIP's `text_projection`).
 #[derive(Clone)]
 struct Located {
     file: usize,
     key: String,
     rows: Option<Range<usize>>,
+    transposed: bool,
 }
 
 /// How a model holds a tensor it took from [`Weights`]: as stored, or transposed once (linear
@@ -170,8 +181,9 @@ pub struct Weights<'c> {
     kept: Option<Mutex<Vec<Kept>>>,
     /// An external VAE (`--vae`, or a pipeline folder's `vae/`) that replaces the checkpoint's.
     vae: Option<(TensorFile, VaeNames)>,
-    /// A single file's OpenCLIP text encoder (SD2) by HF CLIP name, through the family's map.
-    openclip: HashMap<String, Located>,
+    /// A single file's OpenCLIP text encoders (SD2's, SDXL's second) by part and HF CLIP name,
+    /// through the family's map.
+    openclip: HashMap<(Part, String), Located>,
 }
 
 /// How an external VAE file names its tensors.
@@ -192,15 +204,30 @@ impl<'c> Weights<'c> {
                 continue;
             }
             for t in cf.file.tensors() {
-                let Some(name) = t.name.strip_prefix(SD2_OPENCLIP) else {
+                let found = [
+                    (SD2_OPENCLIP, Part::ClipTextEncoder),
+                    (SDXL_OPENCLIP, Part::ClipTextEncoder2),
+                ]
+                .into_iter()
+                .find_map(|(prefix, part)| Some((t.name.strip_prefix(prefix)?, part)));
+                let Some((name, part)) = found else {
                     continue;
                 };
                 let rows = t.shape.first().copied().unwrap_or(0);
-                for (hf, rows) in openclip_tensor_to_hf(name, rows) {
-                    openclip.entry(hf).or_insert(Located {
+                let mut mapped: Vec<(String, Option<Range<usize>>, bool)> =
+                    openclip_tensor_to_hf(name, rows)
+                        .into_iter()
+                        .map(|(hf, rows)| (hf, rows, false))
+                        .collect();
+                if name == OPENCLIP_TEXT_PROJECTION.0 {
+                    mapped.push((OPENCLIP_TEXT_PROJECTION.1.to_string(), None, true));
+                }
+                for (hf, rows, transposed) in mapped {
+                    openclip.entry((part, hf)).or_insert(Located {
                         file: i,
                         key: t.name.clone(),
                         rows,
+                        transposed,
                     });
                 }
             }
@@ -227,7 +254,9 @@ impl<'c> Weights<'c> {
     /// Whether the text encoder is a single file's OpenCLIP (SD2's full 24-layer tower, which LDM
     /// and A1111 run to its penultimate layer).
     pub fn text_encoder_is_openclip(&self) -> bool {
-        !self.openclip.is_empty()
+        self.openclip
+            .keys()
+            .any(|(p, _)| *p == Part::ClipTextEncoder)
     }
 
     /// Takes the VAE from `path` instead of the checkpoint, as A1111's VAE setting does: a file
@@ -294,7 +323,11 @@ impl<'c> Weights<'c> {
             .enumerate()
             .find_map(|(i, cf)| {
                 let key = match cf.layout {
-                    Layout::SingleFile => format!("{}{name}", part.single_file_prefix()),
+                    Layout::SingleFile => part
+                        .single_file_prefixes()
+                        .iter()
+                        .map(|p| format!("{p}{name}"))
+                        .find(|k| cf.file.get(k).is_some())?,
                     Layout::DiffusersComponent(c) if Some(c) == part.component() => {
                         part.diffusers_name(name, &cf.file)?
                     }
@@ -304,12 +337,10 @@ impl<'c> Weights<'c> {
                     file: i,
                     key,
                     rows: None,
+                    transposed: false,
                 })
             });
-        match (found, part) {
-            (None, Part::ClipTextEncoder) => self.openclip.get(name).cloned(),
-            (found, _) => found,
-        }
+        found.or_else(|| self.openclip.get(&(part, name.to_string())).cloned())
     }
 
     /// Whether the checkpoint has `name` of `part`.
@@ -334,6 +365,9 @@ impl<'c> Weights<'c> {
             .map(|t| t.shape.clone())?;
         if let Some(rows) = &at.rows {
             shape[0] = rows.len();
+        }
+        if at.transposed {
+            shape.reverse();
         }
         Some(shape)
     }
@@ -494,7 +528,12 @@ impl<'c> Weights<'c> {
         // The f32 copy is what the model keeps: the mapped pages it came from would only add
         // to the resident set (a 2 GB f16 checkpoint on top of its 4 GB f32 weights).
         cf.file.release_tensor(&at.key);
-        Tensor::from_vec(t.data, t.shape, &Device::Cpu).map_err(|e| candle_error(&at.key, e))
+        Tensor::from_vec(t.data, t.shape, &Device::Cpu)
+            .and_then(|t| match at.transposed {
+                true => t.t()?.contiguous(),
+                false => Ok(t),
+            })
+            .map_err(|e| candle_error(&at.key, e))
     }
 }
 

@@ -234,6 +234,33 @@ pub fn check_render(
     models: &RenderModels,
     settings: &loratool::preview::render::RenderSettings,
 ) -> usize {
+    let conditioned = ConditionedModels {
+        unet: models.unet,
+        vae: models.vae,
+        schedule: models.schedule,
+        cond: &models.cond.clone().into(),
+        uncond: &models.uncond.clone().into(),
+    };
+    check_conditioned_render(reference, name, &conditioned, settings)
+}
+
+/// The models and the full conditioning (SDXL: text states and vector) a render parity test drives.
+pub struct ConditionedModels<'a> {
+    pub unet: &'a loratool::preview::unet::Unet,
+    pub vae: &'a loratool::preview::vae::VaeDecoder,
+    pub schedule: &'a loratool::preview::sampling::NoiseSchedule,
+    pub cond: &'a loratool::preview::render::Conditioning,
+    pub uncond: &'a loratool::preview::render::Conditioning,
+}
+
+/// [`check_render`] for any conditioning and the settings' size: the latent within 1e-4, every
+/// pixel within 2/255 of `{name}.pixels` (`[3, height, width]` planes).
+pub fn check_conditioned_render(
+    reference: &loratool::tensors::TensorFile,
+    name: &str,
+    models: &ConditionedModels,
+    settings: &loratool::preview::render::RenderSettings,
+) -> usize {
     let mut calls = 0;
     let (latent, image) = loratool::preview::render::render(
         models.unet,
@@ -250,10 +277,12 @@ pub fn check_render(
     assert!(err <= 1e-4, "{name}: latent relative error {err}");
     let pixels = reference.read_f32(&format!("{name}.pixels")).unwrap().data;
     let got = image.pixels();
+    let n = (settings.width * settings.height) as usize;
+    assert_eq!(pixels.len(), 3 * n, "{name}: reference size");
     let mut worst = 0i32;
     for c in 0..3 {
-        for i in 0..64 * 64 {
-            worst = worst.max((got[i * 3 + c] as i32 - pixels[c * 64 * 64 + i] as i32).abs());
+        for i in 0..n {
+            worst = worst.max((got[i * 3 + c] as i32 - pixels[c * n + i] as i32).abs());
         }
     }
     assert!(worst <= 2, "{name}: a pixel differs by {worst}/255");
