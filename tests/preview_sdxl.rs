@@ -485,3 +485,109 @@ fn an_sdxl_unet_without_its_class_embedding_is_refused_naming_the_file() {
         "{err}"
     );
 }
+
+/// `loratool preview` on the tiny SDXL `model` (with the fixture folder's configs) rendering
+/// `case`, plus `extra` flags; the PNG's RGB bytes.
+fn preview_case(model: &Path, case: &Case, lora_dir: &Path, png: &Path, extra: &[&str]) -> Vec<u8> {
+    let prompt = match case.lora {
+        true => format!("{} <lora:xl_style:0.8>", case.prompt),
+        false => case.prompt.clone(),
+    };
+    let (sampler, schedule) = match case.sampler.as_str() {
+        "euler" => ("euler", "normal"),
+        _ => ("dpm++2m", "karras"),
+    };
+    let out = common::loratool()
+        .arg("preview")
+        .arg("--model")
+        .arg(model)
+        .arg("--config")
+        .arg(fixture(FOLDER))
+        .arg("--lora-dir")
+        .arg(lora_dir)
+        .args(["--prompt", &prompt, "--negative", &case.negative])
+        .args(["--sampler", sampler, "--schedule", schedule])
+        .args([
+            "--steps",
+            &case.steps.to_string(),
+            "--cfg",
+            &case.cfg.to_string(),
+        ])
+        .args(["--seed", &case.seed.to_string()])
+        .args(["--width", &case.width.to_string()])
+        .args(["--height", &case.height.to_string()])
+        .arg("-o")
+        .arg(png)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} {}: {}",
+        case.name,
+        model.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    png_pixels(png)
+}
+
+#[test]
+fn preview_renders_sdxl_end_to_end_from_the_single_file_and_the_folder() {
+    let r = reference("render_sdxl.safetensors");
+    let cases: Vec<Case> = serde_json::from_str(&r.metadata()["cases"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lora_dir = dir.path().join("loras");
+    std::fs::create_dir(&lora_dir).unwrap();
+    std::fs::copy(fixture(LORA), lora_dir.join("xl_style.safetensors")).unwrap();
+    for name in ["euler_normal", "dpmpp2m_karras_empty_negative", "lora"] {
+        let case = cases.iter().find(|c| c.name == name).unwrap();
+        let want = r.read_f32(&format!("{name}.pixels")).unwrap().data;
+        let n = (case.width * case.height) as usize;
+        for (k, model) in [fixture(SGM), fixture(FOLDER)].iter().enumerate() {
+            let png = dir.path().join(format!("{name}_{k}.png"));
+            let got = preview_case(model, case, &lora_dir, &png, &[]);
+            assert_eq!(got.len(), 3 * n);
+            let worst = (0..3)
+                .flat_map(|c| (0..n).map(move |i| (c, i)))
+                .map(|(c, i)| (got[i * 3 + c] as i32 - want[c * n + i] as i32).abs())
+                .max()
+                .unwrap();
+            assert!(
+                worst <= 2,
+                "{name} from {}: a pixel differs by {worst}/255",
+                model.display()
+            );
+        }
+    }
+    // A1111 conditions SDXL on the penultimate layers whatever its clip-skip setting, and still
+    // records the setting.
+    let case = cases.iter().find(|c| c.name == "euler_normal").unwrap();
+    let plain = preview_case(
+        &fixture(SGM),
+        case,
+        &lora_dir,
+        &dir.path().join("a.png"),
+        &[],
+    );
+    let skip = dir.path().join("skip.png");
+    let skipped = preview_case(&fixture(SGM), case, &lora_dir, &skip, &["--clip-skip", "2"]);
+    assert_eq!(plain, skipped);
+    let text = loratool::preview::png::read_parameters(&skip)
+        .unwrap()
+        .unwrap()
+        .text;
+    assert!(
+        text.contains("Clip skip: 2") && text.contains("Size: 64x64"),
+        "{text}"
+    );
+}
+
+/// The RGB bytes of a PNG.
+fn png_pixels(path: &Path) -> Vec<u8> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}

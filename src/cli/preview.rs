@@ -109,7 +109,7 @@ impl SamplingFlags {
 
 #[derive(Args, Debug)]
 pub struct PreviewArgs {
-    /// An SD1 or SD2 checkpoint (single file or diffusers pipeline folder).
+    /// An SD1, SD2 or SDXL checkpoint (single file or diffusers pipeline folder).
     #[arg(long, value_name = "CKPT")]
     model: PathBuf,
     /// A diffusers pipeline folder (or a folder of its */config.json) for head counts and norm

@@ -10,7 +10,8 @@
 //! (`sd_hijack_clip`'s `zs[0].pooled`).
 
 use super::clip::{ClipConfig, ClipTextEncoder};
-use super::prompt::PromptPiece;
+use super::embeddings::Embedding;
+use super::prompt::{parse_emphasis, PromptPiece};
 use super::render::Conditioning;
 use super::tokenizer::{ChunkOptions, ClipTokenizer, PromptChunk, TextualInversion};
 use super::unet::timestep_embedding;
@@ -164,6 +165,86 @@ impl SdxlTextEncoders {
         }
         let states = Tensor::cat(&windows, 1).map_err(|e| candle_error("text states", e))?;
         Ok((states, pooled.expect("at least one window")))
+    }
+}
+
+impl SdxlTextEncoders {
+    /// The width of the textual-inversion embeddings these encoders take: an SDXL embedding's
+    /// `clip_l` and `clip_g` widths added (768 + 1280), as A1111 compares them.
+    pub fn embedding_width(&self) -> usize {
+        self.clip_l.config().hidden + self.clip_g.config().hidden
+    }
+
+    /// The prompt's and the negative prompt's conditioning as A1111 hands them to the UNet, and
+    /// the indices of the `embeddings` they used (sorted). The window counts are evened out with
+    /// the empty prompt's windows (as for SD1/SD2); an empty negative prompt's own windows and
+    /// pooled embedding are zeroed ([`conditioning`]).
+    pub fn condition_pair(
+        &self,
+        tokenizer: &ClipTokenizer,
+        prompt: &str,
+        negative: &str,
+        embeddings: &[Embedding],
+        sizes: &SizeConditioning,
+        vector_width: usize,
+    ) -> Result<(Conditioning, Conditioning, Vec<usize>)> {
+        let inversions: Vec<TextualInversion> = embeddings
+            .iter()
+            .map(|e| TextualInversion {
+                name: e.name.clone(),
+                vectors: e.vectors.len(),
+            })
+            .collect();
+        let tables_l: Vec<&[Vec<f32>]> = embeddings.iter().map(|e| e.vectors.as_slice()).collect();
+        let tables_g: Vec<&[Vec<f32>]> = embeddings
+            .iter()
+            .map(|e| e.vectors_g.as_deref().unwrap_or(&[]))
+            .collect();
+        let chunk = |text: &str| self.chunk(tokenizer, &parse_emphasis(text)?, &inversions);
+        let mut cond = chunk(prompt)?;
+        let mut uncond = chunk(negative)?;
+        let own_uncond_windows = uncond.clip_l.len();
+        let empty = chunk("")?;
+        let windows = cond.clip_l.len().max(uncond.clip_l.len());
+        for c in [&mut cond, &mut uncond] {
+            while c.clip_l.len() < windows {
+                c.clip_l.push(empty.clip_l[0].clone());
+                c.clip_g.push(empty.clip_g[0].clone());
+            }
+        }
+        let mut used: Vec<usize> = cond
+            .clip_l
+            .iter()
+            .chain(&uncond.clip_l)
+            .flat_map(|c| c.embeddings.iter().map(|s| s.embedding))
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        let (states, pooled) = self.encode(&cond, &tables_l, &tables_g)?;
+        let cond = conditioning(states, pooled, sizes, vector_width, false)?;
+        let (states, pooled) = self.encode(&uncond, &tables_l, &tables_g)?;
+        let uncond = match negative.is_empty() {
+            true => {
+                // The negative prompt's own windows are zeroed; padding windows stay the empty
+                // prompt's (A1111's `pad_cond_uncond` pads with the unzeroed empty prompt).
+                let own = own_uncond_windows * super::tokenizer::WINDOW_LENGTH;
+                let total = states.dim(1).map_err(|e| candle_error("text states", e))?;
+                let zeroed = (|| {
+                    let zeros = states.narrow(1, 0, own)?.zeros_like()?;
+                    match own < total {
+                        true => Tensor::cat(&[&zeros, &states.narrow(1, own, total - own)?], 1),
+                        false => Ok(zeros),
+                    }
+                })()
+                .map_err(|e| candle_error("text states", e))?;
+                let pooled = pooled
+                    .zeros_like()
+                    .map_err(|e| candle_error("pooled text embedding", e))?;
+                conditioning(zeroed, pooled, sizes, vector_width, false)?
+            }
+            false => conditioning(states, pooled, sizes, vector_width, false)?,
+        };
+        Ok((cond, uncond, used))
     }
 }
 

@@ -10,10 +10,11 @@ use super::infotext::{
 };
 use super::png::RgbImage;
 use super::prompt::{parse_emphasis, parse_extra_networks, LoraTag};
-use super::render::{decode_latent, sample_latent, RenderSettings, SD_SCALING_FACTOR};
+use super::render::{decode_latent, sample_latent, scaling_factor, RenderSettings};
 use super::sampling::{NoiseSchedule, Prediction, SamplerKind, SamplerSettings, ScheduleKind};
+use super::sdxl::{SdxlTextEncoders, SizeConditioning};
 use super::tokenizer::{ChunkOptions, ClipTokenizer, PromptChunk, TextualInversion};
-use super::unet::{prediction_from_probe, Heads, Unet, UnetConfig};
+use super::unet::{prediction_from_probe, vector_width_of, Heads, Unet, UnetConfig};
 use super::vae::VaeDecoder;
 use super::weights::{candle_error, Part, Placement, Weights};
 use crate::family::layout::Checkpoint;
@@ -110,6 +111,8 @@ pub struct Rendered {
 #[derive(Debug, Default)]
 struct Configs {
     text_heads: Option<usize>,
+    /// SDXL's second text encoder's (`text_encoder_2/config.json`).
+    text2_heads: Option<usize>,
     text_activation: Option<Activation>,
     unet_heads: Option<Heads>,
     unet_groups: Option<usize>,
@@ -192,6 +195,7 @@ fn read_configs(dir: &Path) -> Result<Configs> {
         });
     Ok(Configs {
         text_heads: num(&text, "num_attention_heads"),
+        text2_heads: num(&read("text_encoder_2")?, "num_attention_heads"),
         text_activation,
         unet_heads,
         unet_groups: num(&unet, "norm_num_groups"),
@@ -567,28 +571,51 @@ fn unet_config(configs: &Configs) -> UnetConfig {
     }
 }
 
-fn load_text_encoder(weights: &Weights, configs: &Configs) -> Result<ClipTextEncoder> {
+/// The text encoder(s) of a checkpoint: SD1's or SD2's one, or SDXL's two with the width of the
+/// UNet's vector input their conditioning fills.
+enum TextEncoders {
+    Clip(ClipTextEncoder),
+    Sdxl {
+        encoders: SdxlTextEncoders,
+        vector_width: usize,
+    },
+}
+
+fn load_text_encoder(weights: &Weights, configs: &Configs) -> Result<TextEncoders> {
+    if let Some(vector_width) = vector_width_of(weights)? {
+        let encoders = SdxlTextEncoders::load(weights, configs.text_heads, configs.text2_heads)?;
+        return Ok(TextEncoders::Sdxl {
+            encoders,
+            vector_width,
+        });
+    }
     let mut text_config = ClipConfig::infer(weights, configs.text_heads)?;
     if configs.text_activation == Some(Activation::Gelu) {
         text_config = text_config.openclip();
     }
-    ClipTextEncoder::load(weights, text_config)
+    Ok(TextEncoders::Clip(ClipTextEncoder::load(
+        weights,
+        text_config,
+    )?))
 }
 
-/// The text states of a request's prompt and negative prompt, and what the infotext and the
+/// The conditioning of a request's prompt and negative prompt, and what the infotext and the
 /// notes need to know about the embeddings they used.
 struct Conditioning {
-    cond: Tensor,
-    uncond: Tensor,
+    cond: super::render::Conditioning,
+    uncond: super::render::Conditioning,
     embeddings: Vec<Embedding>,
     /// Indices into `embeddings` of those the prompts used, in file-name order.
     used: Vec<usize>,
     notes: Vec<String>,
 }
 
-fn condition(encoder: &ClipTextEncoder, req: &Txt2Img, r: &Resolved) -> Result<Conditioning> {
-    let clip_skip = encoder.config().a1111_clip_skip(req.clip_skip);
-    let (embeddings, skipped) = load_dirs(&req.embedding_dirs, encoder.config().hidden);
+fn condition(encoders: &TextEncoders, req: &Txt2Img, r: &Resolved) -> Result<Conditioning> {
+    let width = match encoders {
+        TextEncoders::Clip(encoder) => encoder.config().hidden,
+        TextEncoders::Sdxl { encoders, .. } => encoders.embedding_width(),
+    };
+    let (embeddings, skipped) = load_dirs(&req.embedding_dirs, width);
     // A skipped embedding the prompt names is encoded as plain words, as in A1111; say so.
     let named_in_prompts = |name: &str| {
         [&r.prompt_text, &r.negative_text].iter().any(|text| {
@@ -601,6 +628,32 @@ fn condition(encoder: &ClipTextEncoder, req: &Txt2Img, r: &Resolved) -> Result<C
         .filter(|s| named_in_prompts(&s.name))
         .map(|s| format!("embedding '{}' not used: {}", s.name, s.reason))
         .collect();
+    let tokenizer = ClipTokenizer::new()?;
+    let encoder = match encoders {
+        TextEncoders::Clip(encoder) => encoder,
+        TextEncoders::Sdxl {
+            encoders,
+            vector_width,
+        } => {
+            let sizes = SizeConditioning::of_render(req.width, req.height);
+            let (cond, uncond, used) = encoders.condition_pair(
+                &tokenizer,
+                &r.prompt_text,
+                &r.negative_text,
+                &embeddings,
+                &sizes,
+                *vector_width,
+            )?;
+            return Ok(Conditioning {
+                cond,
+                uncond,
+                embeddings,
+                used,
+                notes,
+            });
+        }
+    };
+    let clip_skip = encoder.config().a1111_clip_skip(req.clip_skip);
     let inversions: Vec<TextualInversion> = embeddings
         .iter()
         .map(|e| TextualInversion {
@@ -608,7 +661,6 @@ fn condition(encoder: &ClipTextEncoder, req: &Txt2Img, r: &Resolved) -> Result<C
             vectors: e.vectors.len(),
         })
         .collect();
-    let tokenizer = ClipTokenizer::new()?;
     let options = ChunkOptions::a1111(encoder.config().padding);
     let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
         Ok(tokenizer
@@ -635,15 +687,15 @@ fn condition(encoder: &ClipTextEncoder, req: &Txt2Img, r: &Resolved) -> Result<C
     used.sort_unstable();
     used.dedup();
     Ok(Conditioning {
-        cond,
-        uncond,
+        cond: cond.into(),
+        uncond: uncond.into(),
         embeddings,
         used,
         notes,
     })
 }
 
-fn render_settings(req: &Txt2Img) -> RenderSettings {
+fn render_settings(req: &Txt2Img, family: BaseModel) -> RenderSettings {
     RenderSettings {
         sampler: SamplerSettings {
             sampler: req.sampler,
@@ -656,7 +708,7 @@ fn render_settings(req: &Txt2Img) -> RenderSettings {
         width: req.width,
         height: req.height,
         prediction: Prediction::Epsilon,
-        scaling_factor: SD_SCALING_FACTOR,
+        scaling_factor: scaling_factor(family),
     }
 }
 
@@ -676,8 +728,8 @@ fn sample_seeds(
         latents.push(sample_latent(
             unet,
             schedule,
-            &c.cond.clone().into(),
-            guided.then_some(&c.uncond.clone().into()),
+            &c.cond,
+            guided.then_some(&c.uncond),
             settings,
             &mut |_, _| progress.advance(1),
         )?);
@@ -701,7 +753,7 @@ fn render_seeds(
     // the UNet's, not the sum).
     let conditioning = condition(&load_text_encoder(&weights, &configs)?, req, &resolved)?;
     let schedule = schedule_of(&checkpoint)?;
-    let mut settings = render_settings(req);
+    let mut settings = render_settings(req, checkpoint.family());
     let (latents, a1111_prediction) = {
         let (unet, a1111_prediction) = load_unet(&mut weights, &unet_config(&configs))?;
         settings.prediction = req.prediction.unwrap_or(a1111_prediction);
@@ -738,7 +790,7 @@ fn render_seeds(
 /// the tensors the old or the new LoRAs patch are rebuilt ([`Weights::repatch`]), in place.
 pub struct LoadedModels<'c> {
     weights: Weights<'c>,
-    encoder: ClipTextEncoder,
+    encoder: TextEncoders,
     unet: Unet,
     vae: VaeDecoder,
     schedule: NoiseSchedule,
@@ -790,7 +842,7 @@ impl<'c> LoadedModels<'c> {
         let resolved = resolve(req)?;
         let rebuilt = self.apply_loras(&resolved.loras)?;
         let conditioning = condition(&self.encoder, req, &resolved)?;
-        let mut settings = render_settings(req);
+        let mut settings = render_settings(req, self.weights.checkpoint().family());
         settings.prediction = req.prediction.unwrap_or(self.a1111_prediction);
         let latents = sample_seeds(
             &self.unet,
@@ -855,7 +907,11 @@ fn finish(
         known.insert(canonical, h.clone());
         Ok(h)
     };
-    let model_hashes = hashes_of(&req.model)?;
+    // A diffusers pipeline folder has no file hash (A1111 loads single files only).
+    let model_hash = match req.model.is_dir() {
+        true => None,
+        false => Some(model_short_hash(&hashes_of(&req.model)?)),
+    };
     let mut ti_hashes = Vec::new();
     for &i in &c.used {
         let e = &c.embeddings[i];
@@ -885,7 +941,7 @@ fn finish(
         seed: req.seed,
         width: req.width,
         height: req.height,
-        model_hash: Some(model_short_hash(&model_hashes)),
+        model_hash,
         model: req
             .model
             .file_stem()

@@ -309,18 +309,12 @@ impl Unet {
             }
             layers
         };
-        let label_emb = match w.has(PART, "label_emb.0.0.weight") {
-            true => Some((
+        let label_emb = match vector_width_of(w)? {
+            Some(_) => Some((
                 Linear::load(w, PART, "label_emb.0.0")?,
                 Linear::load(w, PART, "label_emb.0.2")?,
             )),
-            false if w.checkpoint().family() == BaseModel::Sdxl => {
-                return Err(Error::bad_file(
-                    &w.checkpoint().root,
-                    "an SDXL checkpoint whose UNet has no class embedding (model.diffusion_model.label_emb.0.0 missing)",
-                ))
-            }
-            false => None,
+            None => None,
         };
         let to_k = "middle_block.1.transformer_blocks.0.attn2.to_k.weight";
         let context_width = w
@@ -438,6 +432,25 @@ impl Unet {
             }
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
+    }
+}
+
+/// The width of the UNet's vector input (SDXL's `y`, read by `label_emb.0.0`), from the weights
+/// alone; `None` for a UNet without one (SD1, SD2). An SDXL checkpoint without it is refused
+/// rather than rendered without its pooled text and size conditioning.
+pub fn vector_width_of(w: &Weights) -> Result<Option<usize>> {
+    match w.shape(PART, "label_emb.0.0.weight") {
+        Some(shape) if shape.len() == 2 => Ok(Some(shape[1])),
+        Some(shape) => Err(Error::bad_tensor(
+            &w.checkpoint().root,
+            "model.diffusion_model.label_emb.0.0.weight",
+            format!("shape {shape:?}, not a linear layer's"),
+        )),
+        None if w.checkpoint().family() == BaseModel::Sdxl => Err(Error::bad_file(
+            &w.checkpoint().root,
+            "an SDXL checkpoint whose UNet has no class embedding (model.diffusion_model.label_emb.0.0 missing)",
+        )),
+        None => Ok(None),
     }
 }
 
