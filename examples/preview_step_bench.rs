@@ -2,17 +2,20 @@
 //! the preview sampler, on a single-file checkpoint: the loratool half of `bench/preview.sh`,
 //! whose other half runs diffusers on the same weights (bench/preview_diffusers.py).
 //!
-//!     preview_step_bench CHECKPOINT SIZE [REPEATS]
+//!     preview_step_bench CHECKPOINT SIZE [REPEATS] [--dtype f32|f16] [--head-width N]
+//!                        [--groups N] [--no-vae]
 //!
-//! Prints one JSON line: {"size", "unet_s": [...], "vae_s": [...]}. The inputs are fixed
-//! pseudo-random values; the context is 77 tokens of the text encoder's width.
+//! Prints one JSON line: {"size", "dtype", "unet_s": [...], "vae_s": [...]}. The inputs are fixed
+//! pseudo-random values; the context is 77 tokens of the UNet's cross-attention width, and an SDXL
+//! UNet gets its vector input (`y`) too. `--head-width`/`--groups` are for tiny test models
+//! (real ones use the family's 64-wide heads and 32 groups).
 
 use candle_core::{Device, Tensor};
 use loratool::family::layout::Checkpoint;
 use loratool::ops::patch_plan::{PatchPlan, PlanOptions};
-use loratool::preview::unet::{Unet, UnetConfig};
+use loratool::preview::unet::{Heads, Unet, UnetConfig};
 use loratool::preview::vae::VaeDecoder;
-use loratool::preview::weights::Weights;
+use loratool::preview::weights::{Placement, Weights};
 use std::time::Instant;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -30,43 +33,62 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let usage = "usage: preview_step_bench CHECKPOINT SIZE [REPEATS] [--dtype f32|f16] [--head-width N] [--groups N] [--no-vae]";
     let args: Vec<String> = std::env::args().collect();
     let [_, path, size, rest @ ..] = args.as_slice() else {
-        return Err("usage: preview_step_bench CHECKPOINT SIZE [REPEATS]".into());
+        return Err(usage.into());
     };
     let size: usize = size.parse()?;
-    let repeats: usize = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(3);
+    let mut repeats = 3;
+    let (mut dtype, mut head_width, mut groups, mut vae) = ("f32", None, 32, true);
+    let mut rest = rest.iter();
+    while let Some(arg) = rest.next() {
+        let mut value = || rest.next().ok_or(usage);
+        match arg.as_str() {
+            "--dtype" => dtype = value()?.as_str(),
+            "--head-width" => head_width = Some(value()?.parse::<usize>()?),
+            "--groups" => groups = value()?.parse()?,
+            "--no-vae" => vae = false,
+            n => repeats = n.parse()?,
+        }
+    }
+    let placement = Placement {
+        dtype: match dtype {
+            "f16" => candle_core::DType::F16,
+            "f32" => candle_core::DType::F32,
+            _ => return Err(usage.into()),
+        },
+        ..Placement::default()
+    };
     let latent = size / 8;
     let checkpoint = Checkpoint::open(std::path::Path::new(path))?;
     let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default())?;
-    let weights = Weights::new(plan);
+    let weights = Weights::new(plan).with_placement(placement);
 
     let unet_s = {
         let unet = Unet::load(
             &weights,
             &UnetConfig {
-                heads: None,
-                groups: 32,
+                heads: head_width.map(Heads::Width),
+                groups,
             },
         )?;
-        let width = weights
-            .shape(
-                loratool::preview::weights::Part::Unet,
-                "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-            )
-            .map(|s| s[1])
-            .unwrap_or(768);
+        let width = unet.context_width();
         let x = Tensor::from_vec(
             values(2 * 4 * latent * latent, 1),
             (2, 4, latent, latent),
             &Device::Cpu,
         )?;
         let context = Tensor::from_vec(values(2 * 77 * width, 2), (2, 77, width), &Device::Cpu)?;
+        let vector = unet
+            .vector_width()
+            .map(|w| Tensor::from_vec(values(2 * w, 4), (2, w), &Device::Cpu))
+            .transpose()?;
         // One warm-up call, then the timed ones.
         let mut times = Vec::new();
         for i in 0..=repeats {
             let start = Instant::now();
-            let out = unet.forward(&x, &[500.0, 500.0], &context)?;
+            let out = unet.forward_with_vector(&x, &[500.0, 500.0], &context, vector.as_ref())?;
             std::hint::black_box(out);
             if i > 0 {
                 times.push(start.elapsed().as_secs_f64());
@@ -74,8 +96,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         times
     };
-    let vae_s = {
-        let vae = VaeDecoder::load(&weights, None)?;
+    let vae_s = if !vae {
+        Vec::new()
+    } else {
+        let vae = VaeDecoder::load(&weights, Some(groups))?;
         let z = Tensor::from_vec(
             values(4 * latent * latent, 3),
             (1, 4, latent, latent),
@@ -93,7 +117,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!(
         "{}",
-        serde_json::json!({"size": size, "unet_s": unet_s, "vae_s": vae_s})
+        serde_json::json!({"size": size, "dtype": dtype, "unet_s": unet_s, "vae_s": vae_s})
     );
     Ok(())
 }
