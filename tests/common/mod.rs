@@ -285,6 +285,7 @@ pub fn check_conditioned_render(
             worst = worst.max((got[i * 3 + c] as i32 - pixels[c * n + i] as i32).abs());
         }
     }
+    eprintln!("{name}: latent {err:.2e}, pixels within {worst}/255");
     assert!(worst <= 2, "{name}: a pixel differs by {worst}/255");
     calls
 }
