@@ -1,6 +1,7 @@
 //! Whole renders on the tiny SD1 checkpoint against A1111's path run by the peers (k-diffusion
 //! driving diffusers' UNet and VAE; fixtures/preview/render_sd1, made by
-//! fixtures/generate_preview_render.py): Euler (normal), DPM++ 2M (Karras) and Euler a, with CFG.
+//! fixtures/generate_preview_render.py): Euler (normal), DPM++ 2M (Karras) and Euler a, with CFG;
+//! and a prompt longer than its negative prompt, which A1111 runs through the UNet apart.
 
 mod common;
 use common::fixture;
@@ -85,6 +86,34 @@ fn renders_match_k_diffusion_with_diffusers_models() {
         let calls = common::check_render(&reference, name, &models, &settings);
         assert_eq!(calls, steps, "{name}");
     }
+    // A prompt of two windows against a one-window negative: the UNet runs each on its own, as
+    // A1111 does by default, not on the negative padded with the empty prompt.
+    let long_cond = tensor("long_cond");
+    let settings = RenderSettings {
+        sampler: SamplerSettings {
+            sampler: SamplerKind::Euler,
+            schedule: ScheduleKind::Normal,
+            steps: 4,
+            cfg_scale: 7.0,
+            seed: 11,
+            eta_noise_seed_delta: 0,
+        },
+        width: 64,
+        height: 64,
+        prediction: Prediction::Epsilon,
+        scaling_factor: SD_SCALING_FACTOR,
+    };
+    let models = common::RenderModels {
+        unet: &unet,
+        vae: &vae,
+        schedule: &schedule,
+        cond: &long_cond,
+        uncond: &uncond,
+    };
+    assert_eq!(
+        common::check_render(&reference, "euler_uneven", &models, &settings),
+        4
+    );
 }
 
 #[test]

@@ -47,39 +47,52 @@ impl From<Tensor> for Conditioning {
 }
 
 /// The UNet as the sampler's [`NoisePredictor`]: the prompt's conditioning and, with CFG, the
-/// negative prompt's (the same token count).
+/// negative prompt's. With the same token count both run in one batch (A1111's `CFGDenoiser`);
+/// with different counts (a prompt of more 75-token windows than its negative, or fewer) each runs
+/// on its own, as A1111 does by default (its "Pad prompt/negative prompt" option off).
 pub struct UnetPredictor<'a> {
     unet: &'a Unet,
-    context: Tensor,
-    vector: Option<Tensor>,
+    /// One entry per UNet call: the conditioning batched for it, and how many images it holds.
+    calls: Vec<(Tensor, Option<Tensor>, usize)>,
     guided: bool,
 }
 
 impl<'a> UnetPredictor<'a> {
     pub fn new(unet: &'a Unet, cond: &Conditioning, uncond: Option<&Conditioning>) -> Result<Self> {
-        let batch = |a: &Tensor, b: Option<&Tensor>, what: &str| match b {
-            Some(b) => Tensor::cat(&[a, b], 0).map_err(|e| candle_error(what, e)),
-            None => Ok(a.clone()),
-        };
-        let context = batch(
-            &cond.context,
-            uncond.map(|u| &u.context),
-            "the prompt's and the negative prompt's text states",
-        )?;
-        let vector = match (&cond.vector, uncond.map(|u| &u.vector)) {
-            (Some(c), Some(Some(u))) => Some(batch(c, Some(u), "the vector inputs")?),
-            (Some(c), None) => Some(c.clone()),
-            (None, None | Some(None)) => None,
-            _ => {
+        if let Some(u) = uncond {
+            if cond.vector.is_some() != u.vector.is_some() {
                 return Err(Error::Invalid(
                     "the prompt and the negative prompt differ in having a vector input".into(),
-                ))
+                ));
             }
+        }
+        let tokens =
+            |c: &Conditioning| c.context.dim(1).map_err(|e| candle_error("text states", e));
+        let calls = match uncond {
+            Some(u) if tokens(u)? == tokens(cond)? => {
+                let cat = |a: &Tensor, b: &Tensor, what: &str| {
+                    Tensor::cat(&[a, b], 0).map_err(|e| candle_error(what, e))
+                };
+                let context = cat(
+                    &cond.context,
+                    &u.context,
+                    "the prompt's and the negative prompt's text states",
+                )?;
+                let vector = match (&cond.vector, &u.vector) {
+                    (Some(c), Some(v)) => Some(cat(c, v, "the vector inputs")?),
+                    _ => None,
+                };
+                vec![(context, vector, 2)]
+            }
+            Some(u) => vec![
+                (cond.context.clone(), cond.vector.clone(), 1),
+                (u.context.clone(), u.vector.clone(), 1),
+            ],
+            None => vec![(cond.context.clone(), cond.vector.clone(), 1)],
         };
         Ok(UnetPredictor {
             unet,
-            context,
-            vector,
+            calls,
             guided: uncond.is_some(),
         })
     }
@@ -91,27 +104,33 @@ impl NoisePredictor for UnetPredictor<'_> {
         shape.extend_from_slice(input.shape());
         let x = Tensor::from_vec(input.values().to_vec(), shape, &Device::Cpu)
             .map_err(|e| candle_error("latent", e))?;
-        let batch = if self.guided { 2 } else { 1 };
-        let x = match self.guided {
-            true => Tensor::cat(&[&x, &x], 0).map_err(|e| candle_error("latent", e))?,
-            false => x,
-        };
-        let out = self.unet.forward_with_vector(
-            &x,
-            &vec![timestep; batch],
-            &self.context,
-            self.vector.as_ref(),
-        )?;
-        let values = out
-            .flatten_all()
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| candle_error("UNet output", e))?;
+        let mut values = Vec::with_capacity(input.values().len() * 2);
+        for (context, vector, batch) in &self.calls {
+            let x = match batch {
+                2 => Tensor::cat(&[&x, &x], 0).map_err(|e| candle_error("latent", e))?,
+                _ => x.clone(),
+            };
+            let out = self.unet.forward_with_vector(
+                &x,
+                &vec![timestep; *batch],
+                context,
+                vector.as_ref(),
+            )?;
+            values.extend(
+                out.flatten_all()
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| candle_error("UNet output", e))?,
+            );
+        }
         let n = input.values().len();
         Ok(match self.guided {
             true => ModelOutput {
-                cond: values[..n].to_vec(),
                 uncond: Some(values[n..].to_vec()),
+                cond: {
+                    values.truncate(n);
+                    values
+                },
             },
             false => ModelOutput {
                 cond: values,

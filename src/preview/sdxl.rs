@@ -176,9 +176,9 @@ impl SdxlTextEncoders {
     }
 
     /// The prompt's and the negative prompt's conditioning as A1111 hands them to the UNet, and
-    /// the indices of the `embeddings` they used (sorted). The window counts are evened out with
-    /// the empty prompt's windows (as for SD1/SD2); an empty negative prompt's own windows and
-    /// pooled embedding are zeroed ([`conditioning`]).
+    /// the indices of the `embeddings` they used (sorted). Each keeps its own window count (the
+    /// UNet runs them apart when they differ, A1111's default); an empty negative prompt's
+    /// states and pooled embedding are zeroed ([`conditioning`]).
     pub fn condition_pair(
         &self,
         tokenizer: &ClipTokenizer,
@@ -201,17 +201,9 @@ impl SdxlTextEncoders {
             .map(|e| e.vectors_g.as_deref().unwrap_or(&[]))
             .collect();
         let chunk = |text: &str| self.chunk(tokenizer, &parse_emphasis(text)?, &inversions);
-        let mut cond = chunk(prompt)?;
-        let mut uncond = chunk(negative)?;
-        let own_uncond_windows = uncond.clip_l.len();
-        let empty = chunk("")?;
-        let windows = cond.clip_l.len().max(uncond.clip_l.len());
-        for c in [&mut cond, &mut uncond] {
-            while c.clip_l.len() < windows {
-                c.clip_l.push(empty.clip_l[0].clone());
-                c.clip_g.push(empty.clip_g[0].clone());
-            }
-        }
+        // Window counts may differ: the UNet then runs the two on their own (A1111's default).
+        let cond = chunk(prompt)?;
+        let uncond = chunk(negative)?;
         let mut used: Vec<usize> = cond
             .clip_l
             .iter()
@@ -225,18 +217,9 @@ impl SdxlTextEncoders {
         let (states, pooled) = self.encode(&uncond, &tables_l, &tables_g)?;
         let uncond = match negative.is_empty() {
             true => {
-                // The negative prompt's own windows are zeroed; padding windows stay the empty
-                // prompt's (A1111's `pad_cond_uncond` pads with the unzeroed empty prompt).
-                let own = own_uncond_windows * super::tokenizer::WINDOW_LENGTH;
-                let total = states.dim(1).map_err(|e| candle_error("text states", e))?;
-                let zeroed = (|| {
-                    let zeros = states.narrow(1, 0, own)?.zeros_like()?;
-                    match own < total {
-                        true => Tensor::cat(&[&zeros, &states.narrow(1, own, total - own)?], 1),
-                        false => Ok(zeros),
-                    }
-                })()
-                .map_err(|e| candle_error("text states", e))?;
+                let zeroed = states
+                    .zeros_like()
+                    .map_err(|e| candle_error("text states", e))?;
                 let pooled = pooled
                     .zeros_like()
                     .map_err(|e| candle_error("pooled text embedding", e))?;

@@ -667,16 +667,9 @@ fn condition(encoders: &TextEncoders, req: &Txt2Img, r: &Resolved) -> Result<Con
             .chunk(&parse_emphasis(text)?, &inversions, &options)?
             .chunks)
     };
-    let mut cond_chunks = chunk(&r.prompt_text)?;
-    let mut uncond_chunks = chunk(&r.negative_text)?;
-    // A1111 pads the shorter prompt with empty windows so both have the same length.
-    let empty = chunk("")?;
-    while cond_chunks.len() < uncond_chunks.len() {
-        cond_chunks.push(empty[0].clone());
-    }
-    while uncond_chunks.len() < cond_chunks.len() {
-        uncond_chunks.push(empty[0].clone());
-    }
+    // Window counts may differ: the UNet then runs the two on their own (A1111's default).
+    let cond_chunks = chunk(&r.prompt_text)?;
+    let uncond_chunks = chunk(&r.negative_text)?;
     let cond = encode_chunks(encoder, &cond_chunks, &embeddings, clip_skip)?;
     let uncond = encode_chunks(encoder, &uncond_chunks, &embeddings, clip_skip)?;
     let mut used: Vec<usize> = cond_chunks
