@@ -351,3 +351,89 @@ fn a_killed_run_is_resumed_by_running_it_again() {
     let parallel: Vec<Vec<u8>> = previews().iter().map(|p| pixels(p)).collect();
     assert!(single == parallel);
 }
+
+#[test]
+fn sdxl_loras_render_with_an_sdxl_pipeline_folder() {
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c");
+    let db = t.path().join("lib.db");
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::copy(
+        fixture("preview/sdxl_lora.safetensors"),
+        c.join("sdxl_style.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        c.join("sdxl_style.json"),
+        r#"{"activation text": "red fox", "preferred weight": 0.8}"#,
+    )
+    .unwrap();
+    ok(&db, &["add", c.to_str().unwrap(), "--quiet"]);
+    // The tiny SDXL pipeline folder: its own configs give the head counts.
+    let folder = fixture("preview/sdxl_diffusers");
+    let model_for = format!("sdxl={}", folder.display());
+    let report = json(
+        &db,
+        &[
+            "previews",
+            "--model-for",
+            &model_for,
+            "--base",
+            "sdxl",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--sampler",
+            "euler",
+            "--seed",
+            "3",
+            "--json",
+        ],
+    );
+    assert_eq!(report["rendered"], 1, "{report}");
+    let o = outcome(&report, "sdxl_style");
+    assert_eq!(o["prompt"], "red fox <lora:sdxl_style:0.8>");
+    let by_hand = t.path().join("by_hand.png");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loratool"))
+        .args(["preview", "--model"])
+        .arg(&folder)
+        .args(["--prompt", "red fox <lora:sdxl_style:0.8>", "--lora-dir"])
+        .arg(&c)
+        .args(["--steps", "2", "--width", "64", "--height", "64"])
+        .args(["--sampler", "euler", "--seed", "3", "--db"])
+        .arg(&db)
+        .arg("-o")
+        .arg(&by_hand)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = c.join("sdxl_style.preview.png");
+    assert!(pixels(&written) == pixels(&by_hand));
+    // And the LoRA changed the image: weight 0 renders another one.
+    let plain = t.path().join("plain.png");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loratool"))
+        .args(["preview", "--model"])
+        .arg(&folder)
+        .args(["--prompt", "red fox <lora:sdxl_style:0>", "--lora-dir"])
+        .arg(&c)
+        .args(["--steps", "2", "--width", "64", "--height", "64"])
+        .args(["--sampler", "euler", "--seed", "3", "--db"])
+        .arg(&db)
+        .arg("-o")
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pixels(&written) != pixels(&plain));
+}

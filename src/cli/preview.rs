@@ -113,7 +113,8 @@ pub struct PreviewArgs {
     #[arg(long, value_name = "CKPT")]
     model: PathBuf,
     /// A diffusers pipeline folder (or a folder of its */config.json) for head counts and norm
-    /// groups the weights cannot tell (non-standard or tiny models).
+    /// groups the weights cannot tell (non-standard or tiny models); a pipeline folder given as
+    /// --model is read for its own configs unless this is given.
     #[arg(long, value_name = "DIR")]
     config: Option<PathBuf>,
     /// A VAE file (LDM names, e.g. the ft-MSE VAE) that replaces the checkpoint's.

@@ -550,8 +550,15 @@ fn open_weights<'c>(
         Some(v) => weights.with_vae(v)?,
         None => weights.with_pipeline_vae()?,
     };
+    // A pipeline folder carries its own configs; `--config` replaces them.
+    let has_configs = |dir: &Path| {
+        ["text_encoder", "text_encoder_2", "unet", "vae"]
+            .iter()
+            .any(|c| dir.join(c).join("config.json").is_file())
+    };
     let configs = match &req.config {
         Some(dir) => read_configs(dir)?,
+        None if req.model.is_dir() && has_configs(&req.model) => read_configs(&req.model)?,
         None => Configs::default(),
     };
     // The VAE loads after sampling: a checkpoint without one fails now, not after the render.

@@ -521,13 +521,24 @@ impl<'c> Weights<'c> {
             .get(&at.key)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
+        // A slice of a fused tensor (OpenCLIP's q, k, v, read in that order) leaves its pages
+        // mapped for the next slice; the last one releases them.
+        let last_slice = match &at.rows {
+            Some(rows) => cf
+                .file
+                .get(&at.key)
+                .is_some_and(|t| t.shape.first() == Some(&rows.end)),
+            None => true,
+        };
         let t = match at.rows {
             Some(rows) => self.plan.apply_rows(&cf.file, &at.key, rows, patches)?,
             None => self.plan.apply(&cf.file, &at.key, patches)?,
         };
         // The f32 copy is what the model keeps: the mapped pages it came from would only add
         // to the resident set (a 2 GB f16 checkpoint on top of its 4 GB f32 weights).
-        cf.file.release_tensor(&at.key);
+        if last_slice {
+            cf.file.release_tensor(&at.key);
+        }
         Tensor::from_vec(t.data, t.shape, &Device::Cpu)
             .and_then(|t| match at.transposed {
                 true => t.t()?.contiguous(),
