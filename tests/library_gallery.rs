@@ -277,7 +277,10 @@ fn bad_inputs_are_one_line_errors_or_notes() {
         std::fs::read(foreign.join("index.html")).unwrap(),
         b"<p>my own page</p>"
     );
-    assert!(!foreign.join("thumbs").exists(), "nothing written before the refusal");
+    assert!(
+        !foreign.join("thumbs").exists(),
+        "nothing written before the refusal"
+    );
     ok(
         &db,
         &[

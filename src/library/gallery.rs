@@ -499,8 +499,8 @@ fn render(cards: &[Card]) -> Result<String> {
         0 => "No LoRAs in the index yet: `loratool library add DIR` indexes a folder, then run \
               `loratool library gallery` again."
             .to_string(),
-        1 => "1 LoRA".to_string(),
-        n => format!("{n} LoRAs"),
+        // The live count sits beside the controls.
+        _ => String::new(),
     };
     let script_hash = base64(&Sha256::digest(SCRIPT.as_bytes()));
     Ok(PAGE
