@@ -301,3 +301,23 @@ fn bad_inputs_are_one_line_errors_or_notes() {
     names.sort();
     assert_eq!(names, ["index.html", "thumbs"]);
 }
+
+#[test]
+fn a_non_utf8_file_name_still_gets_its_preview() {
+    use std::os::unix::ffi::OsStrExt;
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c");
+    let db = t.path().join("lib.db");
+    let made = lora_named(&c, "loras/sd1_kohya_lora.safetensors", "latin1", &[]);
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let model = c.join(name).with_extension("safetensors");
+    std::fs::rename(&made, &model).unwrap();
+    write_image(&c.join(name).with_extension("png"), 40, 30, [9, 9, 9]);
+    ok(&db, &["add", c.to_str().unwrap(), "--quiet"]);
+    let out = t.path().join("site");
+    let r = gallery(&db, &out);
+    assert_eq!(r["thumbnails_written"], 1, "{r}");
+    let cards = cards(&out);
+    assert_eq!(cards[0]["name"], "caf\u{fffd}");
+    assert!(cards[0]["thumb"].as_str().is_some());
+}
