@@ -1,7 +1,8 @@
 //! `loratool library …`: flags, the index's location, tables and JSON.
 
-use super::progress::bytes_bar;
+use super::progress::{bytes_bar, count_bar};
 use clap::{Args, Subcommand, ValueEnum};
+use loratool::library::gallery::{GalleryOptions, GalleryReport};
 use loratool::library::organize::{GroupBy, OrganizeOptions, OrganizeReport};
 use loratool::library::query::{Entry, ListFilter, Resolved, Sort};
 use loratool::library::scan::{ScanOptions, ScanReport};
@@ -117,6 +118,22 @@ enum LibraryCommand {
         /// Civitai API token (default: CIVITAI_API_TOKEN).
         #[arg(long, value_name = "TOKEN")]
         token: Option<String>,
+    },
+    /// A static web page of the LoRAs (DIR/index.html, thumbnails in DIR/thumbs/): search,
+    /// filters, sort, details and the A1111 prompt tag. Opens from disk; no server.
+    Gallery {
+        /// The folder to write (created when missing).
+        #[arg(short = 'o', long = "out", value_name = "DIR")]
+        out: PathBuf,
+        /// Replace an index.html in DIR that loratool did not write.
+        #[arg(long)]
+        force: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// The summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The whole index as JSON (schema: docs/LIBRARY.md).
     Export {
@@ -456,6 +473,29 @@ pub fn run(args: LibraryArgs) -> Result<i32> {
             refresh,
             token,
         } => super::identify::run_outdated(&services(token.as_deref())?, lib, json, refresh),
+        LibraryCommand::Gallery {
+            out,
+            force,
+            quiet,
+            json,
+        } => {
+            let (bar, progress) = match quiet {
+                true => (indicatif::ProgressBar::hidden(), ProgressSink::default()),
+                false => count_bar("thumbnails", "previews"),
+            };
+            let report = lib.gallery(&GalleryOptions {
+                out,
+                force,
+                progress,
+            })?;
+            bar.finish_and_clear();
+            if json {
+                print_json(&report);
+            } else {
+                print_gallery(&report);
+            }
+            Ok(0)
+        }
         LibraryCommand::Export { json: _ } => {
             print_json(&lib.export()?);
             Ok(0)
@@ -495,6 +535,24 @@ fn run_scan(lib: &mut Library, roots: Option<&[PathBuf]>, flags: &ScanFlags) -> 
         print_scan(&report);
     }
     Ok(0)
+}
+
+fn print_gallery(r: &GalleryReport) {
+    for n in &r.notes {
+        eprintln!("loratool: note: {}: {}", n.path, n.message);
+    }
+    println!(
+        "wrote {}: {} LoRAs, {} thumbnails written, {} reused, {} without a preview{}",
+        r.output,
+        r.loras,
+        r.thumbnails_written,
+        r.thumbnails_reused,
+        r.missing_previews,
+        match r.unreadable_previews {
+            0 => String::new(),
+            n => format!(", {n} with an unreadable preview"),
+        }
+    );
 }
 
 fn print_scan(r: &ScanReport) {

@@ -10,8 +10,10 @@
 //! - [`similarity`]: how alike two LoRAs' effects are, from their factors.
 //! - [`sources`]: where files came from (Civitai ids, Hugging Face repo and revision).
 //! - [`similar`]: `similar` and `dupes --near` over the index (stored sketches, cached exact cosines).
+//! - [`gallery`]: a static web page of the LoRAs with thumbnails of their previews.
 
 pub mod db;
+pub mod gallery;
 pub mod organize;
 pub mod previews;
 pub mod query;

@@ -264,6 +264,10 @@ fn complete_all(conn: &Connection, list: &mut [Entry]) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Metadata keys whose values are base64 images (kohya's cover images, modelspec's thumbnail):
+/// neither searched nor shown as text.
+pub const EMBEDDED_IMAGE_KEYS: &[&str] = &["ssmd_cover_images", "modelspec.thumbnail"];
+
 /// Recomputes the full-text row of one entry (after a scan, a tag or a note changed it).
 pub(crate) fn refresh_fts(conn: &Connection, id: i64) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM files_fts WHERE rowid = ?1")?
@@ -298,7 +302,7 @@ pub(crate) fn refresh_fts(conn: &Connection, id: i64) -> rusqlite::Result<()> {
         .unwrap_or_default();
     for (k, v) in &meta {
         // Embedded images are base64, not words.
-        if k == "ssmd_cover_images" || k == "modelspec.thumbnail" || v.len() > 256 << 10 {
+        if EMBEDDED_IMAGE_KEYS.contains(&k.as_str()) || v.len() > 256 << 10 {
             continue;
         }
         meta_text.push_str(v);
@@ -324,6 +328,19 @@ pub(crate) fn refresh_fts(conn: &Connection, id: i64) -> rusqlite::Result<()> {
         meta_text
     ])?;
     Ok(())
+}
+
+/// A1111's one namespace of LoRA names: each LoRA under its stem and (when it differs) its alias
+/// (`networks.py` registers both). A name with several files is a collision.
+pub fn a1111_names(loras: &[Entry]) -> BTreeMap<&str, Vec<&Entry>> {
+    let mut names: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+    for e in loras {
+        names.entry(e.stem.as_str()).or_default().push(e);
+        if let Some(a) = e.alias.as_deref().filter(|a| *a != e.stem) {
+            names.entry(a).or_default().push(e);
+        }
+    }
+    names
 }
 
 /// `--search TEXT` as an FTS5 query: every word must occur, as a word or a word's beginning.
@@ -436,6 +453,15 @@ impl Library {
 
     /// `library list`.
     pub fn list(&self, f: &ListFilter) -> Result<Vec<Entry>> {
+        self.list_entries(f, false)
+    }
+
+    /// [`Library::list`] with each entry's metadata (`library gallery`).
+    pub fn list_with_metadata(&self, f: &ListFilter) -> Result<Vec<Entry>> {
+        self.list_entries(f, true)
+    }
+
+    fn list_entries(&self, f: &ListFilter, full: bool) -> Result<Vec<Entry>> {
         use rusqlite::types::Value;
         let mut conds = vec![format!("missing = {}", f.missing as i32)];
         let mut args: Vec<Value> = Vec::new();
@@ -482,7 +508,7 @@ impl Library {
             "SELECT {COLUMNS} FROM files WHERE {} ORDER BY {order}",
             conds.join(" AND ")
         );
-        self.entries(&sql, &args, false)
+        self.entries(&sql, &args, full)
     }
 
     /// Resolves what the user typed: an indexed path, an A1111 name (stem or `ss_output_name`
@@ -601,14 +627,7 @@ impl Library {
             &[],
             false,
         )?;
-        let mut names: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
-        for e in &loras {
-            names.entry(e.stem.as_str()).or_default().push(e);
-            if let Some(a) = e.alias.as_deref().filter(|a| *a != e.stem) {
-                names.entry(a).or_default().push(e);
-            }
-        }
-        for (name, files) in names {
+        for (name, files) in a1111_names(&loras) {
             if files.len() > 1 {
                 groups.push(DupeGroup {
                     reason: "name_collision",

@@ -57,21 +57,11 @@ pub fn find(dir: &Path, stem: &[u8], names: &HashSet<OsString>) -> Vec<Sidecar> 
     found
 }
 
-/// The preview images beside `model` that A1111 would find, in its lookup order (each of the
-/// [`SIDECARS`] of kind `preview` that exists).
+/// The preview images beside `model` that A1111 would find, in its lookup order
+/// ([`preview_candidates`] that exist).
 pub fn previews_of(model: &Path) -> Vec<PathBuf> {
-    let Some(stem) = model.file_stem() else {
-        return Vec::new();
-    };
-    let dir = model.parent().unwrap_or(Path::new("."));
-    SIDECARS
-        .iter()
-        .filter(|(_, kind)| *kind == "preview")
-        .map(|(suffix, _)| {
-            let mut name = stem.to_os_string();
-            name.push(suffix);
-            dir.join(name)
-        })
+    preview_candidates(model)
+        .into_iter()
         .filter(|p| p.is_file())
         .collect()
 }
@@ -96,6 +86,26 @@ pub fn signature(sidecars: &[Sidecar]) -> String {
         sig.push_str(&format!("{name}:{size}:{mtime};"));
     }
     sig
+}
+
+/// Preview image extensions in the order A1111 tries them (`ui_extra_networks.py`, `find_preview`:
+/// for each extension `<stem>.<ext>`, then `<stem>.preview.<ext>`; the first that exists wins).
+pub const PREVIEW_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "gif"];
+
+/// The paths A1111 looks at for `model`'s preview, in its order (raw bytes kept: names need not be
+/// UTF-8).
+pub fn preview_candidates(model: &Path) -> Vec<PathBuf> {
+    let dir = model.parent().unwrap_or(Path::new(""));
+    let stem = model.file_stem().map(OsStr::as_bytes).unwrap_or_default();
+    let mut out = Vec::new();
+    for ext in PREVIEW_EXTENSIONS {
+        for middle in ["", ".preview"] {
+            let mut name = stem.to_vec();
+            name.extend_from_slice(format!("{middle}.{ext}").as_bytes());
+            out.push(dir.join(OsString::from_vec(name)));
+        }
+    }
+    out
 }
 
 /// A `.civitai.info` sidecar (Civitai's model-version response, as `fetch` and the Civitai Helper
@@ -321,6 +331,15 @@ mod tests {
             ["civitai_info", "preview", "user_metadata", "description"]
         );
         assert_eq!(found[1].path, Path::new("/d/a.preview.png"));
+    }
+
+    #[test]
+    fn previews_in_a1111_order() {
+        let c = preview_candidates(Path::new("/d/a.b.safetensors"));
+        assert_eq!(c[0], Path::new("/d/a.b.png"));
+        assert_eq!(c[1], Path::new("/d/a.b.preview.png"));
+        assert_eq!(c[2], Path::new("/d/a.b.jpg"));
+        assert_eq!(c.len(), 2 * PREVIEW_EXTENSIONS.len());
     }
 
     #[test]

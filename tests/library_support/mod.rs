@@ -129,3 +129,33 @@ pub fn assert_consistent(db: &Path) -> usize {
     assert_eq!(fts, n, "one full-text row per file");
     n as usize
 }
+
+/// A solid-colour image of `w`×`h` at `path`, its format from the extension.
+pub fn write_image(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
+    image::RgbImage::from_pixel(w, h, image::Rgb(rgb))
+        .save(path)
+        .unwrap();
+}
+
+/// The JSON a gallery page carries (`<script type="application/json" id="gallery-data">`).
+pub fn gallery_data(page: &str) -> serde_json::Value {
+    let open = r#"<script type="application/json" id="gallery-data">"#;
+    let start = page.find(open).expect("data element") + open.len();
+    let end = start + page[start..].find("</script>").expect("end of data");
+    serde_json::from_str(&page[start..end]).expect("the data is JSON")
+}
+
+/// A LoRA from a fixture's tensors under the name `stem` in `dir`, with `ss_output_name` and
+/// other metadata as given (distinct metadata, distinct sha256).
+pub fn lora_named(dir: &Path, fixture_name: &str, stem: &str, meta: &[(&str, &str)]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let src = fixture(fixture_name);
+    let mut m: BTreeMap<String, String> = TensorFile::open(&src).unwrap().metadata().clone();
+    m.insert("loratool_test_name".into(), stem.into());
+    for (k, v) in meta {
+        m.insert(k.to_string(), v.to_string());
+    }
+    let dst = dir.join(format!("{stem}.safetensors"));
+    write_variant(&src, &dst, &m);
+    dst
+}
