@@ -112,3 +112,20 @@ fn a_diffusers_named_vae_decodes_as_its_ldm_twin() {
         .unwrap();
     assert_eq!(decode_with(&old), want);
 }
+
+/// `--dtype f16` halves the text encoder and the UNet, never the VAE (SDXL's overflows in f16).
+#[test]
+fn the_vae_stays_f32_when_the_models_run_in_f16() {
+    use candle_core::DType;
+    use loratool::preview::weights::{Part, Placement};
+    let checkpoint = Checkpoint::open(&fixture("models/sd1_ldm.safetensors")).unwrap();
+    let plan = PatchPlan::build(&checkpoint, &[], &PlanOptions::default()).unwrap();
+    let weights = Weights::new(plan).with_placement(Placement {
+        device: candle_core::Device::Cpu,
+        dtype: DType::F16,
+    });
+    let vae = weights.get(Part::Vae, "decoder.conv_in.weight").unwrap();
+    let unet = weights.get(Part::Unet, "input_blocks.0.0.weight").unwrap();
+    assert_eq!((vae.dtype(), unet.dtype()), (DType::F32, DType::F16));
+    assert_eq!(weights.placement_of(Part::Vae).dtype, DType::F32);
+}

@@ -66,7 +66,7 @@ impl VaeDecoder {
             false => None,
         };
         Ok(VaeDecoder {
-            placement: w.placement().clone(),
+            placement: w.placement_of(Part::Vae),
             post_quant_conv,
             conv_in: Conv2d::load(w, part, "decoder.conv_in", 1)?,
             mid_block_1: ResnetBlock::load(

@@ -251,6 +251,20 @@ impl<'c> Weights<'c> {
         &self.placement
     }
 
+    /// Where `part` runs: the placement, except that the VAE always runs in f32. SDXL's VAE
+    /// overflows in f16 (A1111 then reverts it to f32: "Automatically revert VAE to 32-bit
+    /// floats"), its weights are small, and on the CPU the f32 path is the tiled kernels, where
+    /// f16 goes through candle's whole-image im2col (SDXL at 1024²: the render's peak memory).
+    pub fn placement_of(&self, part: Part) -> Placement {
+        match part {
+            Part::Vae => Placement {
+                device: self.placement.device.clone(),
+                dtype: DType::F32,
+            },
+            _ => self.placement.clone(),
+        }
+    }
+
     /// Whether the text encoder is a single file's OpenCLIP (SD2's full 24-layer tower, which LDM
     /// and A1111 run to its penultimate layer).
     pub fn text_encoder_is_openclip(&self) -> bool {
@@ -496,7 +510,7 @@ impl<'c> Weights<'c> {
             Form::AsStored => Ok(t),
             Form::Transposed => t.t().and_then(|t| t.contiguous()),
         };
-        t.and_then(|t| self.placement.place(&t))
+        t.and_then(|t| self.placement_of(part).place(&t))
             .map_err(|e| candle_error(name, e))
     }
 
