@@ -33,18 +33,6 @@ const UNET: UnetConfig = UnetConfig {
     groups: 2,
 };
 
-fn reference(file: &str) -> TensorFile {
-    TensorFile::open(&fixture(&format!("preview/{file}"))).unwrap()
-}
-
-fn rows_u32(f: &TensorFile, name: &str) -> Vec<Vec<u32>> {
-    let t = f.read_f32(name).unwrap();
-    t.data
-        .chunks(t.shape[1])
-        .map(|c| c.iter().map(|v| *v as u32).collect())
-        .collect()
-}
-
 fn weights_of<'c>(checkpoint: &'c Checkpoint, loras: &[LoraWeight]) -> Weights<'c> {
     Weights::new(PatchPlan::build(checkpoint, loras, &PlanOptions::default()).unwrap())
 }
@@ -58,8 +46,8 @@ fn states(encoder: &ClipTextEncoder, tokens: &[Vec<u32>], clip_skip: usize) -> V
 
 #[test]
 fn openclip_states_match_ldms_penultimate_layer_whatever_the_clip_skip() {
-    let clip = reference("clip_sd2.safetensors");
-    let tokens = rows_u32(&clip, "tokens");
+    let clip = common::preview_reference("clip_sd2.safetensors");
+    let tokens = common::token_rows(&clip, "tokens");
     let want = clip.read_f32("penultimate").unwrap().data;
 
     let checkpoint = Checkpoint::open(&fixture(CHECKPOINT)).unwrap();
@@ -113,10 +101,10 @@ fn openclip_states_match_ldms_penultimate_layer_whatever_the_clip_skip() {
 
 #[test]
 fn prompts_are_padded_the_a1111_sd2_way() {
-    let clip = reference("clip_sd2.safetensors");
+    let clip = common::preview_reference("clip_sd2.safetensors");
     let prompts: Vec<String> =
         serde_json::from_str(&clip.metadata()["prompts"]).expect("prompts metadata");
-    let want = rows_u32(&clip, "prompt_tokens");
+    let want = common::token_rows(&clip, "prompt_tokens");
     let tokenizer = ClipTokenizer::new().unwrap();
     let options = ChunkOptions::a1111(ClipPadding::Zero);
     let got: Vec<Vec<u32>> = prompts
@@ -182,7 +170,7 @@ fn a_lora_on_fused_qkv_at_load_equals_the_merged_checkpoint() {
     let lora = dir.path().join("sd2_text_lora.safetensors");
     sd2_text_lora(&lora);
     let base = fixture(CHECKPOINT);
-    let tokens = rows_u32(&reference("clip_sd2.safetensors"), "tokens");
+    let tokens = common::token_rows(&common::preview_reference("clip_sd2.safetensors"), "tokens");
     let hidden = |ck: &Path, loras: &[LoraWeight]| {
         let checkpoint = Checkpoint::open(ck).unwrap();
         let weights = weights_of(&checkpoint, loras);
@@ -219,7 +207,7 @@ fn a_lora_on_fused_qkv_at_load_equals_the_merged_checkpoint() {
 
 #[test]
 fn the_unet_matches_diffusers_and_a1111s_probe_says_v() {
-    let r = reference("unet_sd2.safetensors");
+    let r = common::preview_reference("unet_sd2.safetensors");
     let tensor = |n: &str| common::candle_tensor(&r, n);
     let checkpoint = Checkpoint::open(&fixture(CHECKPOINT)).unwrap();
     let weights = weights_of(&checkpoint, &[]);
@@ -287,7 +275,7 @@ fn the_unet_matches_diffusers_and_a1111s_probe_says_v() {
 
 #[test]
 fn v_prediction_renders_match_k_diffusion_and_a1111s_ddim() {
-    let r = reference("render_sd2.safetensors");
+    let r = common::preview_reference("render_sd2.safetensors");
     let tensor = |n: &str| common::candle_tensor(&r, n);
     let checkpoint = Checkpoint::open(&fixture(CHECKPOINT)).unwrap();
     let weights = weights_of(&checkpoint, &[]);

@@ -40,18 +40,6 @@ const UNET: UnetConfig = UnetConfig {
 /// Both tiny text encoders have 2 heads (their config.json).
 const TEXT_HEADS: Option<usize> = Some(2);
 
-fn reference(file: &str) -> TensorFile {
-    TensorFile::open(&fixture(&format!("preview/{file}"))).unwrap()
-}
-
-fn rows_u32(f: &TensorFile, name: &str) -> Vec<Vec<u32>> {
-    let t = f.read_f32(name).unwrap();
-    t.data
-        .chunks(t.shape[1])
-        .map(|c| c.iter().map(|v| *v as u32).collect())
-        .collect()
-}
-
 /// The checkpoint's weights with `loras` at load (a pipeline folder's own `vae/` included).
 fn weights_of<'c>(checkpoint: &'c Checkpoint, loras: &[LoraWeight]) -> Weights<'c> {
     Weights::new(PatchPlan::build(checkpoint, loras, &PlanOptions::default()).unwrap())
@@ -73,9 +61,9 @@ fn check(label: &str, got: &[f32], want: &[f32], bound: f32) {
 
 #[test]
 fn both_text_encoders_match_sgms_embedders_with_a1111s_emphasis() {
-    let clip = reference("clip_sdxl.safetensors");
-    let tokens_l = rows_u32(&clip, "tokens_l");
-    let tokens_g = rows_u32(&clip, "tokens_g");
+    let clip = common::preview_reference("clip_sdxl.safetensors");
+    let tokens_l = common::token_rows(&clip, "tokens_l");
+    let tokens_g = common::token_rows(&clip, "tokens_g");
     let multipliers = clip.read_f32("multipliers").unwrap().data;
 
     // A1111's windows of the fixture's prompts, each encoder padded its way.
@@ -225,7 +213,7 @@ fn both_text_encoders_match_sgms_embedders_with_a1111s_emphasis() {
 
 #[test]
 fn the_unet_reads_the_vector_input_as_diffusers_and_the_vae_decodes_alike() {
-    let r = reference("unet_sdxl.safetensors");
+    let r = common::preview_reference("unet_sdxl.safetensors");
     let tensor = |n: &str| common::candle_tensor(&r, n);
     let time_ids = r.read_f32("time_ids").unwrap().data;
     let pooled = tensor("pooled");
@@ -322,7 +310,7 @@ fn conditioning_of(
 
 #[test]
 fn renders_from_prompts_match_k_diffusion_around_diffusers() {
-    let r = reference("render_sdxl.safetensors");
+    let r = common::preview_reference("render_sdxl.safetensors");
     let cases: Vec<Case> = serde_json::from_str(&r.metadata()["cases"]).unwrap();
     assert!(cases.iter().any(|c| c.lora) && cases.iter().any(|c| c.negative.is_empty()));
     let checkpoint = Checkpoint::open(&fixture(SGM)).unwrap();
@@ -533,7 +521,7 @@ fn preview_case(model: &Path, case: &Case, lora_dir: &Path, png: &Path, extra: &
 
 #[test]
 fn preview_renders_sdxl_end_to_end_from_the_single_file_and_the_folder() {
-    let r = reference("render_sdxl.safetensors");
+    let r = common::preview_reference("render_sdxl.safetensors");
     let cases: Vec<Case> = serde_json::from_str(&r.metadata()["cases"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lora_dir = dir.path().join("loras");

@@ -467,7 +467,7 @@ pub(crate) fn patched_f32_blocks(
     {
         return None;
     }
-    let i = base.tensors().iter().position(|t| t.name == name)?;
+    let i = base.index_of(name).ok()?;
     let info = &base.tensors()[i];
     if !info.dtype.is_float() {
         return None;

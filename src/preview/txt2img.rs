@@ -322,29 +322,11 @@ fn encode_chunks(
     embeddings: &[Embedding],
     clip_skip: usize,
 ) -> Result<Tensor> {
+    let tables: Vec<&[Vec<f32>]> = embeddings.iter().map(|e| e.vectors.as_slice()).collect();
     let parts = chunks
         .iter()
         .map(|c| {
-            if c.embeddings.is_empty() {
-                return encoder.encode_weighted(&c.tokens, &c.multipliers, clip_skip);
-            }
-            let table = encoder.embed_tokens(std::slice::from_ref(&c.tokens))?;
-            let (_, positions, width) = table.dims3().map_err(|e| candle_error("tokens", e))?;
-            let mut rows = table
-                .flatten_all()
-                .and_then(|t| t.to_dtype(candle_core::DType::F32))
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| candle_error("tokens", e))?;
-            for slot in &c.embeddings {
-                for (k, v) in embeddings[slot.embedding].vectors.iter().enumerate() {
-                    let at = slot.position + k;
-                    if at < positions {
-                        rows[at * width..(at + 1) * width].copy_from_slice(v);
-                    }
-                }
-            }
-            let table = Tensor::from_vec(rows, (1, positions, width), &candle_core::Device::Cpu)
-                .map_err(|e| candle_error("tokens", e))?;
+            let table = encoder.embed_chunk(c, &tables)?;
             encoder.encode_weighted_embeddings(&table, &c.multipliers, clip_skip)
         })
         .collect::<Result<Vec<_>>>()?;

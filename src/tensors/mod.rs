@@ -168,7 +168,7 @@ impl TensorFile {
         self.index.get(name).map(|&i| &self.tensors()[i])
     }
 
-    fn index_of(&self, name: &str) -> Result<usize> {
+    pub(crate) fn index_of(&self, name: &str) -> Result<usize> {
         self.index
             .get(name)
             .copied()

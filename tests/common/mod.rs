@@ -343,3 +343,17 @@ pub fn full_vocab_sd1(dst: &std::path::Path, schedule: Option<Vec<f32>>) {
     }
     write_safetensors(dst, &std::collections::BTreeMap::new(), &specs, &data);
 }
+
+/// A peer-output file under fixtures/preview/.
+pub fn preview_reference(file: &str) -> loratool::tensors::TensorFile {
+    loratool::tensors::TensorFile::open(&fixture(&format!("preview/{file}"))).unwrap()
+}
+
+/// A `[rows, 77]` token-id tensor of a reference file as rows of ids.
+pub fn token_rows(f: &loratool::tensors::TensorFile, name: &str) -> Vec<Vec<u32>> {
+    let t = f.read_f32(name).unwrap();
+    t.data
+        .chunks(t.shape[1])
+        .map(|c| c.iter().map(|v| *v as u32).collect())
+        .collect()
+}
