@@ -15,9 +15,8 @@ use crate::ops::patch_plan::{patched_rows, LoraWeight, Patch, PatchPlan, PlanOpt
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::autov3;
 use crate::tensors::staging::{copy_tree, StagingDir};
-use crate::tensors::writer::{
-    check_output_folder, check_output_path, SafetensorsWriter, TensorSpec, WriteOptions,
-};
+use crate::tensors::writer::{check_output_folder, check_output_path, TensorSpec, WriteOptions};
+use crate::tensors::PlacedWriter;
 use crate::tensors::{fp8_params, Dtype, TensorFile, TensorInfo};
 use crate::{linalg, Error, Result};
 use rayon::prelude::*;
@@ -168,25 +167,25 @@ fn production<'a>(
     }
 }
 
-/// Bytes of working memory a tensor takes while its window is computed (mapped input pages plus
-/// the encoded output; the whole-tensor path adds an f32 copy and a delta).
+/// Bytes of working memory a tensor takes while its window is computed: its mapped input pages
+/// (row blocks are written as they are computed); the whole-tensor path adds the encoded output,
+/// an f32 copy and a delta.
 fn working_bytes(p: &Production, info: &TensorInfo, spec: &TensorSpec) -> usize {
     let stored = info.numel() * info.dtype.size().unwrap_or(1);
     match p {
         Production::Copy => 0,
-        Production::Blocks(_) => stored + spec.byte_len(),
+        Production::Blocks(_) => stored,
         Production::Whole(_) => stored + spec.byte_len() + info.numel() * 8,
     }
 }
 
-/// A computed window on its way to the writer thread: per tensor, its bytes or `None` (copied).
-type Batch = Vec<(usize, Option<Vec<u8>>)>;
-
-/// Streams one patched file: returns (bytes written, tensors changed).
+/// Writes one patched file: returns (bytes written, tensors changed).
 ///
-/// Windows of consecutive tensors, bounded by [`MergeOptions::window_bytes`], are computed in
-/// parallel while a writer thread writes the previous window, so computation, the copy into the
-/// page cache and (through the writer's early writeback) the disk writes overlap.
+/// Windows of consecutive tensors, bounded by [`MergeOptions::window_bytes`] of input, are done
+/// in parallel: untouched tensors are copied in the kernel, patched ones computed in row blocks,
+/// each block written to its place in the file as soon as it is computed, while it is still in
+/// the core's cache ([`PlacedWriter`]). The input pages of a finished window are released and its
+/// disk writes started (early writeback), so memory stays flat and the disk works alongside.
 fn write_merged(
     plan: &PatchPlan,
     file: usize,
@@ -208,87 +207,87 @@ fn write_merged(
         .zip(&specs)
         .map(|(info, spec)| production(info, spec, patches.get(&info.name), plan))
         .collect();
+    let windows = Windows {
+        window: opts.window_bytes.max(1),
+        next: 0,
+        costs: productions
+            .iter()
+            .zip(infos.iter().zip(&specs))
+            .map(|(p, (info, spec))| working_bytes(p, info, spec))
+            .collect(),
+    };
     let mut metadata = base.metadata().clone();
     metadata.insert("loratool.merged_loras".into(), record.to_string());
-    let writer = SafetensorsWriter::create(out, &metadata, specs.clone(), write_opts)?;
-    let window = opts.window_bytes.max(1);
+    let mut writer = PlacedWriter::create(out, &metadata, specs, write_opts)?;
+    for (start, end) in windows {
+        let w = &writer;
+        (start..end)
+            .into_par_iter()
+            .try_for_each(|i| -> Result<()> {
+                let spec = &w.specs()[i];
+                match &productions[i] {
+                    Production::Copy => {
+                        match base.as_safetensors().and_then(|s| s.tensor_location(i)) {
+                            Some((file, offset, len)) => w.copy_tensor(i, file, offset, len),
+                            None => w.write_at(i, 0, &base.raw_bytes(&infos[i].name)?),
+                        }
+                    }
+                    Production::Blocks(ps) => {
+                        let fused = low_rank_add::supported(infos[i].dtype, spec.dtype);
+                        let job = BlockJob::new(plan, base, i, spec.dtype, ps, fused)?;
+                        (0..job.blocks()).into_par_iter().try_for_each(|b| {
+                            OUT_BLOCK.with_borrow_mut(|buf| {
+                                let out = job.fill_buffer(b, buf);
+                                w.write_at(i, b * job.block_bytes, out)
+                            })
+                        })
+                    }
+                    Production::Whole(ps) => {
+                        w.write_at(i, 0, &produce_whole(plan, base, i, spec, ps)?)
+                    }
+                }
+            })?;
+        // The window's input pages are done with (untouched tensors are copied by file offset,
+        // not through the mapping).
+        base.release_tensor_pages(start, end - 1);
+        for a in &plan.adapters {
+            a.file.release_pages();
+        }
+        writer.written_up_to(end);
+        let bytes: usize = writer.specs()[start..end]
+            .iter()
+            .map(|s| s.byte_len())
+            .sum();
+        opts.progress.advance(bytes as u64);
+    }
+    Ok((writer.finish()?, patches.len()))
+}
 
-    let (written, computed) = std::thread::scope(|scope| {
-        // One window in the channel, one being written, one being computed.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
-        let (progress, specs) = (&opts.progress, &specs);
-        let writer_thread = scope.spawn(move || -> Result<SafetensorsWriter> {
-            let mut writer = writer;
-            for batch in rx {
-                for (i, bytes) in batch {
-                    let name = &infos[i].name;
-                    match (
-                        bytes,
-                        base.as_safetensors().and_then(|s| s.tensor_location(i)),
-                    ) {
-                        (Some(b), _) => {
-                            writer.write_tensor(name, &b)?;
-                        }
-                        (None, Some((file, offset, len))) => {
-                            writer.copy_tensor(name, file, offset, len)?
-                        }
-                        (None, None) => writer.write_tensor(name, &base.raw_bytes(name)?)?,
-                    }
-                    progress.advance(specs[i].byte_len() as u64);
-                }
+/// Consecutive tensors whose working memory ([`working_bytes`]) fits the window (at least one
+/// each), as `(start, end)` index ranges.
+struct Windows {
+    window: usize,
+    next: usize,
+    costs: Vec<usize>,
+}
+
+impl Iterator for Windows {
+    type Item = (usize, usize);
+
+    fn next(&mut self) -> Option<(usize, usize)> {
+        let start = self.next;
+        let mut end = start;
+        let mut bytes = 0usize;
+        while end < self.costs.len() {
+            if end > start && bytes + self.costs[end] > self.window {
+                break;
             }
-            Ok(writer)
-        });
-        let computed = (|| -> Result<()> {
-            let mut start = 0;
-            while start < infos.len() {
-                // A window: consecutive tensors whose working memory fits the budget (at least one).
-                let mut end = start;
-                let mut bytes = 0usize;
-                while end < infos.len() {
-                    let cost = working_bytes(&productions[end], &infos[end], &specs[end]);
-                    if end > start && bytes + cost > window {
-                        break;
-                    }
-                    bytes += cost;
-                    end += 1;
-                }
-                let batch: Batch = (start..end)
-                    .into_par_iter()
-                    .map(|i| {
-                        let bytes = match &productions[i] {
-                            Production::Copy => None,
-                            Production::Blocks(ps) => {
-                                Some(produce_blocks(plan, base, i, &specs[i], ps)?)
-                            }
-                            Production::Whole(ps) => {
-                                Some(produce_whole(plan, base, i, &specs[i], ps)?)
-                            }
-                        };
-                        Ok((i, bytes))
-                    })
-                    .collect::<Result<_>>()?;
-                // The window's input pages are done with; the writer copies untouched tensors
-                // by file offset, not through the mapping.
-                base.release_tensor_pages(start, end - 1);
-                for a in &plan.adapters {
-                    a.file.release_pages();
-                }
-                if tx.send(batch).is_err() {
-                    break; // the writer failed; its error is reported below
-                }
-                start = end;
-            }
-            Ok(())
-        })();
-        drop(tx);
-        let written = writer_thread.join().expect("writer thread does not panic");
-        (written, computed)
-    });
-    let writer = written?;
-    computed?;
-    let summary = writer.finish()?;
-    Ok((summary.bytes, patches.len()))
+            bytes += self.costs[end];
+            end += 1;
+        }
+        self.next = end;
+        (end > start).then_some((start, end))
+    }
 }
 
 /// One plain LoRA patch ready for row blocks, in the form the block code uses.
@@ -360,20 +359,9 @@ fn low_rank_patch(
     })
 }
 
-/// The new bytes of tensor `i` through row blocks (see [`Production::Blocks`]).
-fn produce_blocks(
-    plan: &PatchPlan,
-    base: &TensorFile,
-    i: usize,
-    spec: &TensorSpec,
-    patches: &[&Patch],
-) -> Result<Vec<u8>> {
-    let info = &base.tensors()[i];
-    let fused = low_rank_add::supported(info.dtype, spec.dtype);
-    produce_blocks_with(plan, base, i, spec, patches, fused)
-}
-
-/// [`produce_blocks`] through the fused kernel or (`fused` false) through faer.
+/// Tensor `i` through row blocks (see [`Production::Blocks`]), in memory: the fused kernel, or
+/// (`fused` false) decode → faer → encode. The tests compare it with the whole-tensor path.
+#[cfg(test)]
 fn produce_blocks_with(
     plan: &PatchPlan,
     base: &TensorFile,
@@ -386,70 +374,133 @@ fn produce_blocks_with(
     // Left uninitialised: zeroing gigabytes of output buffers only to overwrite them cost 3.6–5 %
     // of a merge's CPU time (docs/BENCHMARKS.md, "The faer route it replaced").
     let mut output = Vec::with_capacity(n);
-    produce_blocks_into(
-        plan,
-        base,
-        i,
-        spec.dtype,
-        patches,
-        fused,
-        &mut output.spare_capacity_mut()[..n],
-    )?;
-    // SAFETY: produce_blocks_into wrote every byte of 0..n.
+    BlockJob::new(plan, base, i, spec.dtype, patches, fused)?
+        .fill_all(&mut output.spare_capacity_mut()[..n]);
+    // SAFETY: fill_all wrote every byte of 0..n.
     unsafe { output.set_len(n) };
     Ok(output)
 }
 
-/// Tensor `i` of `base` with plain low-rank `patches` added, encoded as `out_dtype` into `output`
-/// (exactly its size), every byte of which is written.
-fn produce_blocks_into(
-    plan: &PatchPlan,
-    base: &TensorFile,
-    i: usize,
+thread_local! {
+    /// Each worker thread's encoded output block, written to the file right after it is filled.
+    static OUT_BLOCK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tensor `i` of `base` with plain low-rank patches added, encoded as `out_dtype`, cut into row
+/// blocks of about [`BLOCK_ELEMS`] elements that can be computed independently.
+struct BlockJob<'a> {
+    patches: Vec<LowRankPatch>,
+    input: std::borrow::Cow<'a, [u8]>,
+    in_dtype: Dtype,
     out_dtype: Dtype,
-    patches: &[&Patch],
+    rows: usize,
+    cols: usize,
+    block_rows: usize,
+    /// Output bytes of a full block (the last one may be shorter).
+    block_bytes: usize,
     fused: bool,
-    output: &mut [std::mem::MaybeUninit<u8>],
-) -> Result<()> {
-    let info = &base.tensors()[i];
-    let rows = info.shape.first().copied().unwrap_or(1).max(1);
-    let cols = info.numel() / rows;
-    let patches: Vec<LowRankPatch> = patches
-        .iter()
-        .map(|p| low_rank_patch(plan, p, rows, cols, fused))
-        .collect::<Result<_>>()?;
-    let input = base.raw_bytes(&info.name)?;
-    let in_size = info.dtype.size().expect("float dtype");
-    let out_size = out_dtype.size().expect("float dtype");
-    assert_eq!(output.len(), info.numel() * out_size, "output size");
-    let block_rows = (BLOCK_ELEMS / cols.max(1)).max(1);
-    let block_bytes = (block_rows * cols * out_size).max(1);
-    let source = |b: usize, len: usize| {
-        let r0 = b * block_rows;
-        let r1 = r0 + len / out_size / cols.max(1);
-        (&input[r0 * cols * in_size..r1 * cols * in_size], r0..r1)
-    };
-    if !fused {
-        output
-            .par_chunks_mut(block_bytes)
-            .enumerate()
-            .for_each(|(b, out)| {
-                let (src, rows) = source(b, out.len());
-                out.fill(std::mem::MaybeUninit::new(0));
-                // SAFETY: every byte of `out` was just initialised.
-                let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
-                faer_block(src, info.dtype, out, out_dtype, rows, cols, &patches);
-            });
-        return Ok(());
+}
+
+impl<'a> BlockJob<'a> {
+    fn new(
+        plan: &PatchPlan,
+        base: &'a TensorFile,
+        i: usize,
+        out_dtype: Dtype,
+        patches: &[&Patch],
+        fused: bool,
+    ) -> Result<BlockJob<'a>> {
+        let info = &base.tensors()[i];
+        let rows = info.shape.first().copied().unwrap_or(1).max(1);
+        let cols = info.numel() / rows;
+        let patches = patches
+            .iter()
+            .map(|p| low_rank_patch(plan, p, rows, cols, fused))
+            .collect::<Result<_>>()?;
+        let block_rows = (BLOCK_ELEMS / cols.max(1)).max(1);
+        let out_size = out_dtype.size().expect("float dtype");
+        Ok(BlockJob {
+            patches,
+            input: base.raw_bytes(&info.name)?,
+            in_dtype: info.dtype,
+            out_dtype,
+            rows,
+            cols,
+            block_rows,
+            block_bytes: (block_rows * cols * out_size).max(1),
+            fused,
+        })
     }
-    output
-        .par_chunks_mut(block_bytes)
-        .enumerate()
-        .for_each(|(b, out)| {
-            let (src, rows) = source(b, out.len());
-            fused_block(src, info.dtype, out, out_dtype, rows, cols, &patches);
+
+    fn blocks(&self) -> usize {
+        self.rows.div_ceil(self.block_rows)
+    }
+
+    /// Block `b` encoded into `out`, exactly its size, every byte of which is written.
+    fn fill(&self, b: usize, out: &mut [std::mem::MaybeUninit<u8>]) {
+        let (in_size, out_size) = (
+            self.in_dtype.size().unwrap(),
+            self.out_dtype.size().unwrap(),
+        );
+        let cols = self.cols.max(1);
+        let r0 = b * self.block_rows;
+        let rows = r0..r0 + out.len() / out_size / cols;
+        let src = &self.input[rows.start * cols * in_size..rows.end * cols * in_size];
+        if self.fused {
+            fused_block(
+                src,
+                self.in_dtype,
+                out,
+                self.out_dtype,
+                rows,
+                cols,
+                &self.patches,
+            );
+            return;
+        }
+        out.fill(std::mem::MaybeUninit::new(0));
+        // SAFETY: every byte of `out` was just initialised.
+        let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+        faer_block(
+            src,
+            self.in_dtype,
+            out,
+            self.out_dtype,
+            rows,
+            cols,
+            &self.patches,
+        );
+    }
+
+    /// Every block into `output` (the whole tensor's size), in parallel.
+    fn fill_all(&self, output: &mut [std::mem::MaybeUninit<u8>]) {
+        let out_size = self.out_dtype.size().expect("float dtype");
+        assert_eq!(
+            output.len(),
+            self.rows * self.cols * out_size,
+            "output size"
+        );
+        output
+            .par_chunks_mut(self.block_bytes)
+            .enumerate()
+            .for_each(|(b, out)| self.fill(b, out));
+    }
+
+    /// Block `b` encoded into `buf` (grown as needed, reused across calls); returns its bytes.
+    fn fill_buffer<'b>(&self, b: usize, buf: &'b mut Vec<u8>) -> &'b [u8] {
+        let out_size = self.out_dtype.size().expect("float dtype");
+        let total = self.rows * self.cols * out_size;
+        let len = self.block_bytes.min(total - b * self.block_bytes);
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let out = &mut buf[..len];
+        // SAFETY: initialised bytes seen as possibly uninitialised: `fill` only writes to them.
+        self.fill(b, unsafe {
+            &mut *(out as *mut [u8] as *mut [std::mem::MaybeUninit<u8>])
         });
-    Ok(())
+        out
+    }
 }
 
 /// `name` of `base` decoded to f32 with `patches` added by the row-block kernels a merge uses
@@ -485,8 +536,9 @@ pub(crate) fn patched_f32_blocks(
         )
     };
     Some(
-        produce_blocks_into(plan, base, i, Dtype::F32, &refs, fused, bytes).map(|()| {
-            // SAFETY: produce_blocks_into wrote all 4n bytes.
+        BlockJob::new(plan, base, i, Dtype::F32, &refs, fused).map(|job| {
+            job.fill_all(bytes);
+            // SAFETY: fill_all wrote all 4n bytes.
             unsafe { values.set_len(n) };
             crate::tensors::Tensor {
                 shape: info.shape.clone(),
@@ -776,10 +828,14 @@ mod tests {
             (Dtype::BF16, Dtype::BF16),
             (Dtype::F16, Dtype::F32),
         ] {
+            let untouched = pseudo_random(15, 3, 1.0);
             let ck = checkpoint(
                 TensorFile::from_safetensors_bytes(
                     Path::new("base"),
-                    safetensors(&[("w", stored, vec![rows, cols], base_vals.clone())]),
+                    safetensors(&[
+                        ("w", stored, vec![rows, cols], base_vals.clone()),
+                        ("u", stored, vec![3, 5], untouched.clone()),
+                    ]),
                 )
                 .unwrap(),
             );
@@ -820,6 +876,29 @@ mod tests {
                     "{stored}->{out} fused={fused}: patches were applied"
                 );
             }
+            // The merge writes each block to its place in the file as it is computed: the same
+            // bytes as the blocks computed in memory; the untouched tensor is copied or cast.
+            let dir = tempfile::tempdir().unwrap();
+            let merged = dir.path().join("m.safetensors");
+            let opts = MergeOptions {
+                dtype: Some(out),
+                window_bytes: 1 << 16,
+                ..Default::default()
+            };
+            write_merged(&plan, 0, &merged, "rec", &opts, &WriteOptions::default()).unwrap();
+            let m = crate::tensors::SafetensorsFile::open(&merged).unwrap();
+            let fused = low_rank_add::supported(stored, out);
+            let blocks = produce_blocks_with(&plan, base, 0, &spec, &refs, fused).unwrap();
+            assert_eq!(m.tensors()[0].name, "w");
+            assert!(m.tensor_bytes(0) == blocks.as_slice(), "{stored}->{out}");
+            let u = out.decode_f32(m.tensor_bytes(1)).unwrap();
+            let expected = out.encode_f32(
+                &stored
+                    .decode_f32(&stored.encode_f32(&untouched).unwrap())
+                    .unwrap(),
+            );
+            assert_eq!(out.encode_f32(&u), expected, "{stored}->{out}: untouched");
+            assert_eq!(m.metadata()["loratool.merged_loras"], "rec");
             // PatchPlan::apply (the sampler's f32 load) takes the block path for plain LoRAs.
             let fast = plan.apply(base, "w", &patches).unwrap();
             let dense = plan.apply_dense(base, "w", &patches).unwrap();

@@ -91,7 +91,7 @@ pub struct SafetensorsWriter {
 /// handed to the kernel (`sync_file_range`, asynchronous), and the range before it is waited for.
 /// Disk time then overlaps computation, and dirty memory stays bounded by two steps.
 #[derive(Default)]
-struct Writeback {
+pub(super) struct Writeback {
     /// End of the range last handed to the kernel.
     started: u64,
     /// Start of that range (everything before it has been waited for).
@@ -100,6 +100,41 @@ struct Writeback {
 
 impl Writeback {
     const STEP: u64 = 64 << 20;
+
+    /// The file is complete up to `written`: once a step's worth is new, start its writeback and
+    /// wait for the range before it.
+    pub(super) fn advance(&mut self, file: &File, written: u64) {
+        if written < self.started + Self::STEP {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let fd = file.as_raw_fd();
+            // SAFETY: plain syscalls on an open descriptor; they only schedule or wait for
+            // writeback. Failures are ignored: the final fsync still makes the file durable.
+            unsafe {
+                libc::sync_file_range(
+                    fd,
+                    self.started as i64,
+                    (written - self.started) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+                libc::sync_file_range(
+                    fd,
+                    self.previous as i64,
+                    (self.started - self.previous) as i64,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = file;
+        self.previous = self.started;
+        self.started = written;
+    }
 }
 
 impl WriteOptions {
@@ -353,37 +388,12 @@ impl SafetensorsWriter {
     }
 
     fn start_writeback(&mut self) -> Result<()> {
-        let wb = &mut self.writeback;
-        if self.written < wb.started + Writeback::STEP {
+        if self.written < self.writeback.started + Writeback::STEP {
             return Ok(());
         }
         let out = self.out.as_mut().expect("writer is open");
         out.flush().map_err(|e| Error::io(&self.target, e))?;
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            let fd = out.get_ref().file().as_raw_fd();
-            // SAFETY: plain syscalls on an open descriptor; they only schedule or wait for
-            // writeback. Failures are ignored: the final fsync still makes the file durable.
-            unsafe {
-                libc::sync_file_range(
-                    fd,
-                    wb.started as i64,
-                    (self.written - wb.started) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-                libc::sync_file_range(
-                    fd,
-                    wb.previous as i64,
-                    (wb.started - wb.previous) as i64,
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                        | libc::SYNC_FILE_RANGE_WRITE
-                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                );
-            }
-        }
-        wb.previous = wb.started;
-        wb.started = self.written;
+        self.writeback.advance(out.get_ref().file(), self.written);
         Ok(())
     }
 
@@ -415,7 +425,13 @@ impl SafetensorsWriter {
 /// were copied before the kernel declined (0 where `copy_file_range` is unsupported, e.g. across
 /// filesystems on older kernels), the caller copies the rest itself.
 #[cfg(target_os = "linux")]
-fn kernel_copy(src: &File, offset: u64, dst: &File, at: u64, len: usize) -> std::io::Result<usize> {
+pub(super) fn kernel_copy(
+    src: &File,
+    offset: u64,
+    dst: &File,
+    at: u64,
+    len: usize,
+) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     let mut done = 0usize;
     while done < len {
@@ -452,17 +468,17 @@ fn kernel_copy(src: &File, offset: u64, dst: &File, at: u64, len: usize) -> std:
 }
 
 #[cfg(not(target_os = "linux"))]
-fn kernel_copy(_: &File, _: u64, _: &File, _: u64, _: usize) -> std::io::Result<usize> {
+pub(super) fn kernel_copy(_: &File, _: u64, _: &File, _: u64, _: usize) -> std::io::Result<usize> {
     Ok(0)
 }
 
 #[cfg(unix)]
-fn read_exact_at(src: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+pub(super) fn read_exact_at(src: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(src, buf, offset)
 }
 
 #[cfg(not(unix))]
-fn read_exact_at(src: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+pub(super) fn read_exact_at(src: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     use std::io::{Read, Seek};
     let mut f = src;
     f.seek(std::io::SeekFrom::Start(offset))?;
