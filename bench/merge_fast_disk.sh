@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Merge against the durable copy on one filesystem (issue 10 §2): ROUNDS interleaved rounds of
 #   cp + sync     the disk's own durable floor for the same 2.13 GB,
-#   loratool      merge of the SD1.5-size checkpoint with the rank-32 LoCon at 0.8 (fresh output),
+#   loratool      merge of the SD1.5-size checkpoint (bench/make_sd15.py) with the rank-32 LoCon at
+#                 0.8, to a fresh output,
 #   [old]         the same merge by another loratool binary, when OLD_BIN is given,
 # each with wall, user and system time and peak RSS, then best and median per command and their
 # ratios to cp + sync. The inputs are read from DIR (copy them onto the filesystem under test),
 # outputs are written there too; page cache warm, `sync` before every run, outside the timing.
-# Usage: bench/merge_fast_disk.sh DIR [OLD_BIN]   (ROUNDS=5 by default)
+# Usage: bench/merge_fast_disk.sh DIR [OLD_BIN]   (ROUNDS=5 by default; BASE= and LORA= name other
+# files in DIR, e.g. the SDXL-size pair sdxl_ldm.safetensors and lora_sdxl_r32.safetensors)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$1
@@ -18,7 +20,7 @@ mkdir -p "$logs"
 rm -f "$logs"/*.t
 cargo build --release --quiet
 bin=target/release/loratool
-base=$dir/sd15_ldm.safetensors lora=$dir/lora_r32.safetensors out=$dir/fast_disk_out.safetensors
+base=$dir/${BASE:-sd15_ldm.safetensors} lora=$dir/${LORA:-lora_r32.safetensors} out=$dir/fast_disk_out.safetensors
 echo "filesystem: $(stat -f -c %T "$dir"), device: $(df --output=source "$dir" | tail -1)"
 one() {   # one LABEL CMD...: a timed run, appended to $logs/LABEL.t as "wall user sys rss_kib"
     local label=$1; shift

@@ -202,7 +202,10 @@ impl TensorFile {
     pub fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let i = self.index_of(name)?;
         match &self.inner {
-            Inner::Safetensors(f) => Ok(Cow::Borrowed(f.tensor_bytes(i))),
+            Inner::Safetensors(f) => Ok(match f.small_tensor_read(i) {
+                Some(bytes) => Cow::Owned(bytes),
+                None => Cow::Borrowed(f.tensor_bytes(i)),
+            }),
             Inner::Pickle(f) => f.tensor_bytes(i),
         }
     }
