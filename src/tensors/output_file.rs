@@ -44,12 +44,7 @@ impl OutputFile {
             Some(file) => (file, None, Unfinished::unnamed(target)),
             None => {
                 let (unfinished, temp, file) = Unfinished::create_named(target, |p| {
-                    // Readable too: a shared writable mapping needs both (`PlacedWriter`).
-                    OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create_new(true)
-                        .open(p)
+                    OpenOptions::new().write(true).create_new(true).open(p)
                 })
                 .map_err(|e| Error::io(target, e))?;
                 (file, Some(temp), unfinished)
@@ -127,7 +122,6 @@ pub(crate) fn placed_error(target: &Path, e: io::Error) -> Error {
 fn open_unnamed(dir: &Path) -> io::Result<Option<File>> {
     use std::os::unix::fs::OpenOptionsExt;
     match OpenOptions::new()
-        .read(true)
         .write(true)
         .custom_flags(libc::O_TMPFILE)
         .mode(0o666)

@@ -169,12 +169,19 @@ fn write_all_at(file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, bytes, at)
 }
 
-#[cfg(not(unix))]
-fn write_all_at(file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
-    use std::io::{Seek, Write};
-    let mut f = file;
-    f.seek(std::io::SeekFrom::Start(at))?;
-    f.write_all(bytes)
+#[cfg(windows)]
+fn write_all_at(file: &File, mut bytes: &[u8], mut at: u64) -> std::io::Result<()> {
+    // Positioned writes: several threads write pieces of the same file at once.
+    while !bytes.is_empty() {
+        match std::os::windows::fs::FileExt::seek_write(file, bytes, at)? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => {
+                bytes = &bytes[n..];
+                at += n as u64;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
