@@ -446,30 +446,15 @@ impl<'a> BlockJob<'a> {
         let r0 = b * self.block_rows;
         let rows = r0..r0 + out.len() / out_size / cols;
         let src = &self.input[rows.start * cols * in_size..rows.end * cols * in_size];
+        let (in_dtype, out_dtype, patches) = (self.in_dtype, self.out_dtype, &self.patches);
         if self.fused {
-            fused_block(
-                src,
-                self.in_dtype,
-                out,
-                self.out_dtype,
-                rows,
-                cols,
-                &self.patches,
-            );
+            fused_block(src, in_dtype, out, out_dtype, rows, cols, patches);
             return;
         }
         out.fill(std::mem::MaybeUninit::new(0));
         // SAFETY: every byte of `out` was just initialised.
         let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
-        faer_block(
-            src,
-            self.in_dtype,
-            out,
-            self.out_dtype,
-            rows,
-            cols,
-            &self.patches,
-        );
+        faer_block(src, in_dtype, out, out_dtype, rows, cols, patches);
     }
 
     /// Every block into `output` (the whole tensor's size), in parallel.
