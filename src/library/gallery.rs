@@ -10,7 +10,9 @@
 
 use super::query::{a1111_names, Entry, ListFilter, Sort, EMBEDDED_IMAGE_KEYS};
 use super::scan::{mtime_ns, Problem};
-use super::sidecar::{path_bytes, path_from_bytes, preview_candidates, write_small_file};
+use super::sidecar::{
+    path_bytes, path_from_bytes, preview_candidates, write_small_file, A1111Card,
+};
 use super::Library;
 use crate::ops::progress::ProgressSink;
 use crate::{Error, Result};
@@ -341,19 +343,18 @@ pub fn a1111_prompt(e: &Entry, colliding: &HashSet<&str>) -> String {
         Some(a) if !a.eq_ignore_ascii_case("none") && !colliding.contains(a) => a,
         _ => e.stem.as_str(),
     };
-    let user = e.user_metadata.as_ref().and_then(|u| u.as_object());
-    let weight = user
-        .and_then(|u| u.get("preferred weight"))
-        .and_then(|w| w.as_f64())
-        .filter(|w| *w != 0.0 && w.is_finite())
+    let card = e
+        .user_metadata
+        .as_ref()
+        .and_then(|u| u.as_object())
+        .map(A1111Card::of)
+        .unwrap_or_default();
+    let weight = card
+        .preferred_weight
         .map(python_float)
         .unwrap_or_else(|| "1".into());
     let mut prompt = format!("<lora:{name}:{weight}>");
-    if let Some(text) = user
-        .and_then(|u| u.get("activation text"))
-        .and_then(|t| t.as_str())
-        .filter(|t| !t.is_empty())
-    {
+    if let Some(text) = &card.activation_text {
         prompt.push(' ');
         prompt.push_str(text);
     }

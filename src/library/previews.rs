@@ -8,7 +8,7 @@
 //! resumed by running it again: what was written is skipped, the rest is rendered.
 
 use super::query::{Entry, ListFilter};
-use super::sidecar::{previews_of, read_user_metadata, rendered_preview_path};
+use super::sidecar::{previews_of, rendered_preview_path, A1111Card};
 use super::Library;
 use crate::family::layout::Checkpoint;
 use crate::family::BaseModel;
@@ -306,28 +306,17 @@ fn render_one(
     job: &Job,
     progress: &ProgressSink,
 ) -> Result<(String, String)> {
-    let sidecar = read_user_metadata(&job.path).unwrap_or_default();
+    let card = A1111Card::read(&job.path);
     // A1111's card: `<lora:NAME:preferred weight>` (0 or none: the default multiplier, 1).
-    let weight = sidecar
-        .get("preferred weight")
-        .and_then(|w| w.as_f64())
-        .filter(|w| *w != 0.0)
-        .unwrap_or(1.0);
+    let weight = card.preferred_weight.unwrap_or(1.0);
     let name = job.entry.stem.clone();
-    let text = |key: &str| {
-        sidecar
-            .get(key)
-            .and_then(|v| v.as_str())
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-    };
     let join = |a: &str, b: Option<&str>| match (a.trim(), b) {
         (a, Some(b)) if !a.is_empty() => format!("{a}, {b}"),
         (_, Some(b)) => b.to_string(),
         (a, None) => a.to_string(),
     };
     let tag = format!("<lora:{name}:{weight}>");
-    let prompt = join(&opts.request.prompt, text("activation text"));
+    let prompt = join(&opts.request.prompt, card.trigger());
     let prompt = match prompt.is_empty() {
         true => tag,
         false => format!("{prompt} {tag}"),
@@ -339,7 +328,7 @@ fn render_one(
     let req = Txt2Img {
         model: model.to_path_buf(),
         prompt: prompt.clone(),
-        negative: join(&opts.request.negative, text("negative text")),
+        negative: join(&opts.request.negative, card.negative()),
         loras: Vec::new(),
         known_loras: vec![(name, job.path.clone())],
         trigger: false,

@@ -114,13 +114,68 @@ pub fn read_civitai_info(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// A1111's `<stem>.json`, when it exists and is a JSON object.
+/// A1111's `<stem>.json`, when it exists and is a JSON object. Unreadable ones are ignored: they
+/// are the user's notes, not the model.
 pub fn read_user_metadata(model: &Path) -> Option<serde_json::Map<String, serde_json::Value>> {
-    let text = std::fs::read_to_string(user_metadata_path(model)).ok()?;
+    let path = user_metadata_path(model);
+    if path == model {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
     match serde_json::from_str(&text).ok()? {
         serde_json::Value::Object(map) => Some(map),
         _ => None,
     }
+}
+
+/// What a LoRA's A1111 card says (its `<stem>.json`), by A1111's rules (`ui_extra_networks_lora.py`):
+/// a text counts when it is a non-empty string, kept as written; a preferred weight of 0 (or none)
+/// means the default multiplier.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct A1111Card {
+    pub activation_text: Option<String>,
+    pub negative_text: Option<String>,
+    pub preferred_weight: Option<f64>,
+}
+
+impl A1111Card {
+    pub fn of(user: &serde_json::Map<String, serde_json::Value>) -> A1111Card {
+        let text = |key: &str| {
+            user.get(key)
+                .and_then(|v| v.as_str())
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+        };
+        A1111Card {
+            activation_text: text("activation text"),
+            negative_text: text("negative text"),
+            preferred_weight: user
+                .get("preferred weight")
+                .and_then(|w| w.as_f64())
+                .filter(|w| *w != 0.0 && w.is_finite()),
+        }
+    }
+
+    /// The card of the LoRA at `model` (empty when it has none).
+    pub fn read(model: &Path) -> A1111Card {
+        read_user_metadata(model)
+            .map(|m| A1111Card::of(&m))
+            .unwrap_or_default()
+    }
+
+    /// The activation text for joining into a prompt: trimmed, `None` when only blanks.
+    pub fn trigger(&self) -> Option<&str> {
+        trimmed(&self.activation_text)
+    }
+
+    /// The negative text for joining into a negative prompt, likewise.
+    pub fn negative(&self) -> Option<&str> {
+        trimmed(&self.negative_text)
+    }
+}
+
+fn trimmed(text: &Option<String>) -> Option<&str> {
+    text.as_deref().map(str::trim).filter(|t| !t.is_empty())
 }
 
 /// `foo.safetensors` → `foo.json` (A1111: `os.path.splitext(path)[0] + ".json"`).
@@ -391,5 +446,31 @@ mod tests {
             c.lookup(OsStr::new("x"), 1_700_000_001_000_000_000),
             (None, None)
         );
+    }
+
+    /// The card's rules: a text counts when it is a non-empty string, kept as written (A1111
+    /// inserts it so); for joining into a prompt it is trimmed, and blanks do not count; a weight
+    /// of 0 or a non-number means the default multiplier.
+    #[test]
+    fn a1111_card_rules() {
+        let card = |json: &str| {
+            let v: serde_json::Value = serde_json::from_str(json).unwrap();
+            A1111Card::of(v.as_object().unwrap())
+        };
+        let c = card(
+            r#"{"activation text": " red hair ", "negative text": "", "preferred weight": 0.7}"#,
+        );
+        assert_eq!(c.activation_text.as_deref(), Some(" red hair "));
+        assert_eq!(c.trigger(), Some("red hair"));
+        assert_eq!((c.negative_text, c.preferred_weight), (None, Some(0.7)));
+        let c =
+            card(r#"{"activation text": "   ", "negative text": "blurry", "preferred weight": 0}"#);
+        assert_eq!(c.activation_text.as_deref(), Some("   "));
+        assert_eq!((c.trigger(), c.negative()), (None, Some("blurry")));
+        assert_eq!(c.preferred_weight, None);
+        let c = card(r#"{"activation text": 3, "preferred weight": "0.5"}"#);
+        assert_eq!(c, A1111Card::default());
+        // A model file named like its own sidecar has none.
+        assert_eq!(read_user_metadata(Path::new("/d/x.json")), None);
     }
 }

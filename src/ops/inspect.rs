@@ -6,6 +6,7 @@ use crate::adapter::{delta, Adapter, AdapterModule, ModuleKind, ModuleTensors};
 use crate::family::layout;
 use crate::family::Component;
 use crate::family::{self, BaseModel, Detection};
+use crate::library::sidecar::A1111Card;
 use crate::tensors::hash::{hash_file, FileHashes};
 use crate::tensors::{Container, TensorFile, TensorSource};
 use crate::{Error, Result};
@@ -423,17 +424,9 @@ fn report_adapter(path: &Path, adapter: Adapter, opts: InspectOptions) -> Result
     })
 }
 
-/// A1111's per-file user metadata: `<stem>.json` beside the LoRA. Unreadable sidecars are ignored
-/// (they are the user's notes, not the model).
+/// A1111's per-file user metadata: `<stem>.json` beside the LoRA.
 fn read_sidecar(path: &Path) -> Option<serde_json::Value> {
-    let side = path.with_extension("json");
-    if side == path {
-        return None;
-    }
-    let text = std::fs::read_to_string(side).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .filter(|v| v.is_object())
+    crate::library::sidecar::read_user_metadata(path).map(serde_json::Value::Object)
 }
 
 fn trigger_words(
@@ -448,11 +441,9 @@ fn trigger_words(
             }
         }
     };
-    if let Some(t) = sidecar
-        .and_then(|s| s.get("activation text"))
-        .and_then(|t| t.as_str())
-    {
-        add(t);
+    let card = sidecar.and_then(|s| s.as_object()).map(A1111Card::of);
+    if let Some(t) = card.and_then(|c| c.activation_text) {
+        add(&t);
     }
     if let Some(t) = meta.get("modelspec.trigger_phrase") {
         add(t);

@@ -499,15 +499,8 @@ fn resolve(req: &Txt2Img) -> Result<Resolved> {
     let mut prompt_text = prompt.text.clone();
     if req.trigger {
         for l in &loras {
-            let words = crate::library::sidecar::read_user_metadata(&l.path)
-                .and_then(|m| {
-                    m.get("activation text")
-                        .and_then(|v| v.as_str())
-                        .map(str::to_string)
-                })
-                .filter(|w| !w.trim().is_empty());
-            if let Some(w) = words {
-                prompt_text = format!("{}, {}", prompt_text.trim_end(), w.trim());
+            if let Some(w) = crate::library::sidecar::A1111Card::read(&l.path).trigger() {
+                prompt_text = format!("{}, {}", prompt_text.trim_end(), w);
             }
         }
     }
