@@ -183,3 +183,78 @@ fn pickles_become_identical_safetensors() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("os.system"));
     assert!(!bad.exists());
 }
+
+/// A cast is re-encoded in chunks written where they belong: a tensor of several chunks (420,000
+/// elements, chunks of 262,144) and untouched non-float and float tensors come out as one encoding
+/// of the whole would give them; the input is left as it was.
+#[test]
+fn casting_a_file_gives_each_tensor_rounded_once() {
+    use loratool::tensors::writer::{write_all, TensorSpec, WriteOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let (input, out) = (
+        dir.path().join("in.safetensors"),
+        dir.path().join("out.safetensors"),
+    );
+    let values: Vec<f32> = (0..420_000u64)
+        .map(|i| ((i * 7919) % 10_007) as f32 * 1.37e-3 - 6.8)
+        .collect();
+    let tensor = |name: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>| {
+        (
+            TensorSpec {
+                name: name.into(),
+                dtype,
+                shape,
+            },
+            bytes,
+        )
+    };
+    let tensors = vec![
+        tensor(
+            "big",
+            Dtype::F32,
+            vec![600, 700],
+            Dtype::F32.encode_f32(&values).unwrap(),
+        ),
+        tensor(
+            "ids",
+            Dtype::I64,
+            vec![3],
+            [1i64, 2, 3].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        tensor(
+            "small",
+            Dtype::BF16,
+            vec![4],
+            Dtype::BF16.encode_f32(&[0.5, -1.0, 3.25, 1e-3]).unwrap(),
+        ),
+    ];
+    write_all(
+        &input,
+        &Default::default(),
+        &tensors,
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let opts = ConvertOptions {
+        dtype: Some(Dtype::F16),
+        force: false,
+    };
+    assert_eq!(convert_container(&input, &out, &opts).unwrap(), 3);
+    let f = TensorFile::open(&out).unwrap();
+    let st = f.as_safetensors().unwrap();
+    assert_eq!(
+        st.tensor_bytes(0),
+        Dtype::F16.encode_f32(&values).unwrap().as_slice()
+    );
+    assert_eq!(
+        (f.tensors()[1].dtype, st.tensor_bytes(1)),
+        (Dtype::I64, tensors[1].1.as_slice())
+    );
+    let small = Dtype::BF16.decode_f32(&tensors[2].1).unwrap();
+    assert_eq!(
+        st.tensor_bytes(2),
+        Dtype::F16.encode_f32(&small).unwrap().as_slice()
+    );
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+}

@@ -7,9 +7,11 @@ use crate::adapter::{Adapter, AdapterModule, Format, ModuleKind};
 use crate::family;
 use crate::family::kohya_names::{kohya_to_dotted, module_kohya_name};
 use crate::family::Component;
-use crate::tensors::writer::{write_all, SafetensorsWriter, TensorSpec, WriteOptions};
+use crate::tensors::placed::{PlacedWriter, Windows};
+use crate::tensors::writer::{write_all, TensorSpec, WriteOptions};
 use crate::tensors::{Dtype, Tensor, TensorFile};
 use crate::{Error, Result};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -28,7 +30,10 @@ pub struct ConvertOptions {
 }
 
 /// Rewrites a tensor file as safetensors: every tensor kept (float tensors optionally cast),
-/// streamed one tensor at a time. This is how pickles become safetensors.
+/// streamed like a merge ([`PlacedWriter`]): windows of about 32 MB of input, tensors in parallel,
+/// a cast tensor re-encoded in chunks written as they are made, unchanged ones copied in the
+/// kernel, the input's mapped pages released after each window. This is how pickles become
+/// safetensors.
 pub fn convert_container(input: &Path, out: &Path, opts: &ConvertOptions) -> Result<usize> {
     let file = TensorFile::open(input)?;
     let specs: Vec<TensorSpec> = file
@@ -40,18 +45,58 @@ pub fn convert_container(input: &Path, out: &Path, opts: &ConvertOptions) -> Res
         force: opts.force,
         inputs: vec![input.to_path_buf()],
     };
-    let mut w = SafetensorsWriter::create(out, file.metadata(), specs.clone(), &write_opts)?;
-    for (t, spec) in file.tensors().iter().zip(&specs) {
-        if spec.dtype == t.dtype {
-            w.write_tensor(&t.name, &file.raw_bytes(&t.name)?)?;
-        } else {
-            let v = file.read_f32(&t.name)?;
-            let bytes = spec.dtype.encode_f32(&v.data).expect("float dtype");
-            w.write_tensor(&t.name, &bytes)?;
-        }
+    let count = specs.len();
+    let windows = Windows::new(
+        file.tensors()
+            .iter()
+            .map(|t| t.numel() * t.dtype.size().unwrap_or(1))
+            .collect(),
+        32 << 20,
+    );
+    let mut w = PlacedWriter::create(out, file.metadata(), specs, &write_opts)?;
+    for (start, end) in windows {
+        (start..end)
+            .into_par_iter()
+            .try_for_each(|i| write_converted_tensor(&file, &w, i))?;
+        file.release_tensor_pages(start, end - 1);
+        w.written_up_to(end);
     }
     w.finish()?;
-    Ok(specs.len())
+    Ok(count)
+}
+
+/// Tensor `i` of `file` into `w`: copied when its dtype stays, else decoded and encoded in
+/// chunks of 256 Ki elements, each written at once.
+fn write_converted_tensor(file: &TensorFile, w: &PlacedWriter, i: usize) -> Result<()> {
+    let (t, spec) = (&file.tensors()[i], &w.specs()[i]);
+    if spec.dtype == t.dtype {
+        return match file.as_safetensors().and_then(|s| s.tensor_location(i)) {
+            Some((src, offset, len)) => w.copy_tensor(i, src, offset, len),
+            None => w.write_at(i, 0, &file.raw_bytes(&t.name)?),
+        };
+    }
+    let raw = file.raw_bytes(&t.name)?;
+    let (in_size, out_size) = (
+        t.dtype.size().expect("a float dtype"),
+        spec.dtype.size().expect("a float dtype"),
+    );
+    const CHUNK: usize = 1 << 18;
+    raw.par_chunks(CHUNK * in_size)
+        .enumerate()
+        .try_for_each(|(c, src)| {
+            let bytes = t
+                .dtype
+                .decode_f32(src)
+                .and_then(|v| spec.dtype.encode_f32(&v))
+                .ok_or_else(|| {
+                    Error::bad_tensor(
+                        file.path(),
+                        &t.name,
+                        format!("cannot store {} as {}", t.dtype, spec.dtype),
+                    )
+                })?;
+            w.write_at(i, c * CHUNK * out_size, &bytes)
+        })
 }
 
 /// Converts a LoRA file to another dialect. The delta of every module is unchanged: alpha is

@@ -14,9 +14,9 @@ use crate::linalg::low_rank_add::{self, PackedDown, Term};
 use crate::ops::patch_plan::{patched_rows, LoraWeight, Patch, PatchPlan, PlanOptions};
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::autov3;
+use crate::tensors::placed::{PlacedWriter, Windows};
 use crate::tensors::staging::{copy_tree, StagingDir};
 use crate::tensors::writer::{check_output_folder, check_output_path, TensorSpec, WriteOptions};
-use crate::tensors::PlacedWriter;
 use crate::tensors::{fp8_params, Dtype, TensorFile, TensorInfo};
 use crate::{linalg, Error, Result};
 use rayon::prelude::*;
@@ -207,15 +207,14 @@ fn write_merged(
         .zip(&specs)
         .map(|(info, spec)| production(info, spec, patches.get(&info.name), plan))
         .collect();
-    let windows = Windows {
-        window: opts.window_bytes.max(1),
-        next: 0,
-        costs: productions
+    let windows = Windows::new(
+        productions
             .iter()
             .zip(infos.iter().zip(&specs))
             .map(|(p, (info, spec))| working_bytes(p, info, spec))
             .collect(),
-    };
+        opts.window_bytes,
+    );
     let mut metadata = base.metadata().clone();
     metadata.insert("loratool.merged_loras".into(), record.to_string());
     let mut writer = PlacedWriter::create(out, &metadata, specs, write_opts)?;
@@ -261,33 +260,6 @@ fn write_merged(
         opts.progress.advance(bytes as u64);
     }
     Ok((writer.finish()?, patches.len()))
-}
-
-/// Consecutive tensors whose working memory ([`working_bytes`]) fits the window (at least one
-/// each), as `(start, end)` index ranges.
-struct Windows {
-    window: usize,
-    next: usize,
-    costs: Vec<usize>,
-}
-
-impl Iterator for Windows {
-    type Item = (usize, usize);
-
-    fn next(&mut self) -> Option<(usize, usize)> {
-        let start = self.next;
-        let mut end = start;
-        let mut bytes = 0usize;
-        while end < self.costs.len() {
-            if end > start && bytes + self.costs[end] > self.window {
-                break;
-            }
-            bytes += self.costs[end];
-            end += 1;
-        }
-        self.next = end;
-        (end > start).then_some((start, end))
-    }
 }
 
 /// One plain LoRA patch ready for row blocks, in the form the block code uses.

@@ -177,17 +177,20 @@ impl TensorFile {
             .ok_or_else(|| Error::bad_tensor(self.path(), name, "no such tensor in the file"))
     }
 
-    /// Lets go of mapped input pages after a streaming window (no-op for pickles).
+    /// Lets go of mapped input pages after a streaming window.
     pub fn release_pages(&self) {
-        if let Inner::Safetensors(f) = &self.inner {
-            f.release_pages();
+        match &self.inner {
+            Inner::Safetensors(f) => f.release_pages(),
+            Inner::Pickle(f) => f.release_pages(),
         }
     }
 
-    /// Lets go of the mapped pages of tensors `first..=last` (indices of [`Self::tensors`]).
+    /// Lets go of the mapped pages of tensors `first..=last` (indices of [`Self::tensors`]); all
+    /// mapped pages of a pickle, whose tensors need not lie in order.
     pub fn release_tensor_pages(&self, first: usize, last: usize) {
-        if let Inner::Safetensors(f) = &self.inner {
-            f.release_tensor_pages(first, last);
+        match &self.inner {
+            Inner::Safetensors(f) => f.release_tensor_pages(first, last),
+            Inner::Pickle(f) => f.release_pages(),
         }
     }
 

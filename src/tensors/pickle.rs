@@ -117,6 +117,17 @@ impl PickleFile {
         &self.path
     }
 
+    /// Lets go of every mapped page (a streaming reader is done with what it read so far; later
+    /// reads fault pages in again from the file, with identical contents).
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Some(m) = &self.map {
+            // SAFETY: a read-only shared file mapping; dropping its pages only makes later reads
+            // fault them in again from the file.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }

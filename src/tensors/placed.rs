@@ -164,6 +164,44 @@ impl Drop for PlacedWriter {
     }
 }
 
+/// Consecutive tensors whose working memory (`costs`, in bytes) fits `budget`, at least one each,
+/// as `(start, end)` index ranges: the windows a streaming writer works through, releasing the
+/// input pages of each before the next.
+pub struct Windows {
+    budget: usize,
+    next: usize,
+    costs: Vec<usize>,
+}
+
+impl Windows {
+    pub fn new(costs: Vec<usize>, budget: usize) -> Windows {
+        Windows {
+            budget: budget.max(1),
+            next: 0,
+            costs,
+        }
+    }
+}
+
+impl Iterator for Windows {
+    type Item = (usize, usize);
+
+    fn next(&mut self) -> Option<(usize, usize)> {
+        let start = self.next;
+        let mut end = start;
+        let mut bytes = 0usize;
+        while end < self.costs.len() {
+            if end > start && bytes + self.costs[end] > self.budget {
+                break;
+            }
+            bytes += self.costs[end];
+            end += 1;
+        }
+        self.next = end;
+        (end > start).then_some((start, end))
+    }
+}
+
 #[cfg(unix)]
 fn write_all_at(file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, bytes, at)
@@ -269,5 +307,15 @@ mod tests {
         let e = w.finish().unwrap_err().to_string();
         assert!(e.contains("71003 of 71004 data bytes were written"), "{e}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Windows group consecutive tensors up to the budget; a tensor over it is a window alone,
+    /// and free tensors (copies, cost 0) join their neighbours.
+    #[test]
+    fn windows_fill_up_to_the_budget() {
+        let w: Vec<_> = Windows::new(vec![10, 0, 25, 40, 5, 5, 0, 30], 40).collect();
+        assert_eq!(w, [(0, 3), (3, 4), (4, 8)]);
+        assert_eq!(Windows::new(vec![], 40).count(), 0);
+        assert_eq!(Windows::new(vec![0, 0], 0).collect::<Vec<_>>(), [(0, 2)]);
     }
 }
