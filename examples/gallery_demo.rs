@@ -4,8 +4,8 @@
 //!
 //! `cargo run --example gallery_demo -- DIR`
 
-use loratool::tensors::writer::{build_header, TensorSpec};
-use loratool::tensors::TensorFile;
+use loratool::tensors::writer::{write_with_metadata, WriteOptions};
+use loratool::tensors::SafetensorsFile;
 use std::path::{Path, PathBuf};
 
 /// (stem, fixture, alias, activation text, preferred weight, preview colours or none)
@@ -135,26 +135,11 @@ fn main() {
 /// `src`'s tensors with its metadata, `ss_output_name` set to `alias` (and a serial, so every
 /// file's hash differs).
 fn write_lora(src: &Path, dst: &Path, alias: &str, serial: usize) {
-    let f = TensorFile::open(src).unwrap();
+    let f = SafetensorsFile::open(src).unwrap();
     let mut meta = f.metadata().clone();
     meta.insert("ss_output_name".into(), alias.into());
     meta.insert("demo_serial".into(), serial.to_string());
-    let specs: Vec<TensorSpec> = f
-        .tensors()
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
-    let header = build_header(&meta, &specs);
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&header);
-    for s in &specs {
-        bytes.extend_from_slice(&f.raw_bytes(&s.name).unwrap());
-    }
-    std::fs::write(dst, bytes).unwrap();
+    write_with_metadata(dst, &f, &meta, &WriteOptions::default()).unwrap();
 }
 
 /// A 384×512 landscape in three colours: sky bands, a sun, two ranges of hills. Flat bands keep

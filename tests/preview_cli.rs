@@ -11,8 +11,8 @@ use common::fixture;
 
 use loratool::preview::infotext::parse_generation_parameters;
 use loratool::preview::png::read_parameters;
-use loratool::tensors::writer::TensorSpec;
-use loratool::tensors::TensorFile;
+use loratool::tensors::writer::{write_with_metadata, TensorSpec, WriteOptions};
+use loratool::tensors::{SafetensorsFile, TensorFile};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -343,22 +343,9 @@ fn lora_names_resolve_through_the_library_by_alias_and_trigger_words_are_added()
     std::fs::create_dir_all(&loras).unwrap();
     let mut meta = BTreeMap::new();
     meta.insert("ss_output_name".to_string(), "watercolor_style".to_string());
-    let src = TensorFile::open(&fixture("loras/sd1_kohya_lora.safetensors")).unwrap();
-    let specs: Vec<TensorSpec> = src
-        .tensors()
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
-    let data: Vec<u8> = specs
-        .iter()
-        .flat_map(|sp| src.raw_bytes(&sp.name).unwrap().into_owned())
-        .collect();
+    let src = SafetensorsFile::open(&fixture("loras/sd1_kohya_lora.safetensors")).unwrap();
     let file = loras.join("wc_v1.safetensors");
-    common::write_safetensors(&file, &meta, &specs, &data);
+    write_with_metadata(&file, &src, &meta, &WriteOptions::default()).unwrap();
     std::fs::write(loras.join("wc_v1.json"), r#"{"activation text": "wtrclr"}"#).unwrap();
     let db = dir.path().join("index.db");
     let add = std::process::Command::new(env!("CARGO_BIN_EXE_loratool"))

@@ -3,6 +3,7 @@
 //! pickle reader), and SDXL's `.safetensors` with `clip_l` and `clip_g` (one table per text
 //! encoder). Found by file stem in the prompt; their vectors replace the name's tokens.
 
+use super::tokenizer::TextualInversion;
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,14 @@ impl Embedding {
     pub fn width(&self) -> usize {
         let width = |t: &Vec<Vec<f32>>| t.first().map_or(0, Vec::len);
         width(&self.vectors) + self.vectors_g.as_ref().map_or(0, width)
+    }
+
+    /// What the tokenizer needs of it: the name it answers to and how many token slots it fills.
+    pub fn inversion(&self) -> TextualInversion {
+        TextualInversion {
+            name: self.name.clone(),
+            vectors: self.vectors.len(),
+        }
     }
 }
 

@@ -188,13 +188,8 @@ impl SdxlTextEncoders {
         sizes: &SizeConditioning,
         vector_width: usize,
     ) -> Result<(Conditioning, Conditioning, Vec<usize>)> {
-        let inversions: Vec<TextualInversion> = embeddings
-            .iter()
-            .map(|e| TextualInversion {
-                name: e.name.clone(),
-                vectors: e.vectors.len(),
-            })
-            .collect();
+        let inversions: Vec<TextualInversion> =
+            embeddings.iter().map(Embedding::inversion).collect();
         let tables_l: Vec<&[Vec<f32>]> = embeddings.iter().map(|e| e.vectors.as_slice()).collect();
         let tables_g: Vec<&[Vec<f32>]> = embeddings
             .iter()

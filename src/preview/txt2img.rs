@@ -636,13 +636,7 @@ fn condition(encoders: &TextEncoders, req: &Txt2Img, r: &Resolved) -> Result<Con
         }
     };
     let clip_skip = encoder.config().a1111_clip_skip(req.clip_skip);
-    let inversions: Vec<TextualInversion> = embeddings
-        .iter()
-        .map(|e| TextualInversion {
-            name: e.name.clone(),
-            vectors: e.vectors.len(),
-        })
-        .collect();
+    let inversions: Vec<TextualInversion> = embeddings.iter().map(Embedding::inversion).collect();
     let options = ChunkOptions::a1111(encoder.config().padding);
     let chunk = |text: &str| -> Result<Vec<PromptChunk>> {
         Ok(tokenizer
