@@ -10,11 +10,10 @@
 
 use super::query::{a1111_names, Entry, ListFilter, Sort, EMBEDDED_IMAGE_KEYS};
 use super::scan::{mtime_ns, Problem};
-use super::sidecar::{
-    path_bytes, path_from_bytes, preview_candidates, write_small_file, A1111Card,
-};
+use super::sidecar::{path_bytes, preview_candidates, write_small_file, A1111Card};
 use super::Library;
 use crate::ops::progress::ProgressSink;
+use crate::tensors::writer::hex;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -250,19 +249,6 @@ fn check_page(page: &Path, force: bool) -> Result<()> {
     }
 }
 
-/// The raw path of an entry (its `path_hex` when the name is not UTF-8).
-fn raw_path(e: &Entry) -> PathBuf {
-    match &e.path_hex {
-        Some(hex) => {
-            let bytes: Vec<u8> = (0..hex.len() / 2)
-                .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
-                .collect();
-            path_from_bytes(&bytes)
-        }
-        None => PathBuf::from(&e.path),
-    }
-}
-
 /// The preview A1111 would show: the first of its candidates that the index records as a preview
 /// sidecar (the scan's listing; a preview added since is seen after `library scan`).
 fn preview_of(e: &Entry) -> Option<PathBuf> {
@@ -272,7 +258,7 @@ fn preview_of(e: &Entry) -> Option<PathBuf> {
         .filter(|s| s.kind == "preview")
         .map(|s| s.path.as_str())
         .collect();
-    preview_candidates(&raw_path(e))
+    preview_candidates(&e.file_path())
         .into_iter()
         .find(|c| recorded.contains(c.to_string_lossy().as_ref()))
 }
@@ -378,11 +364,7 @@ fn thumb_name(preview: &Path, meta: &std::fs::Metadata) -> String {
     h.update(format!("v{THUMB_VERSION} {THUMB_SIZE} {THUMB_QUALITY}\0").as_bytes());
     h.update(path_bytes(preview));
     h.update(format!("\0{} {}", meta.len(), mtime_ns(meta)).as_bytes());
-    let hex: String = h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{hex}.jpg")
+    format!("{}.jpg", hex(&h.finalize()[..8]))
 }
 
 fn is_thumb_name(name: &str) -> bool {

@@ -108,7 +108,7 @@ impl Library {
         let mut report = PreviewsReport::default();
         let mut by_family: BTreeMap<String, Vec<Job>> = BTreeMap::new();
         for entry in entries {
-            let path = PathBuf::from(&entry.path);
+            let path = entry.file_path();
             let existing = previews_of(&path);
             let preview = rendered_preview_path(&path);
             let skip = |reason: String, shown: Option<&PathBuf>| PreviewOutcome {

@@ -6,6 +6,7 @@ use super::sidecar::{path_bytes, path_from_bytes};
 use super::Library;
 use crate::ops::progress::ProgressSink;
 use crate::tensors::hash::hash_file;
+use crate::tensors::writer::hex;
 use crate::Result;
 use rayon::prelude::*;
 use rusqlite::{params, params_from_iter, Connection, Row};
@@ -92,13 +93,28 @@ fn json_list(text: Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+impl Entry {
+    /// The file's path as stored, bytes that are not UTF-8 included (from [`Entry::path_hex`]).
+    pub fn file_path(&self) -> std::path::PathBuf {
+        match &self.path_hex {
+            Some(hex) => {
+                let bytes: Vec<u8> = (0..hex.len() / 2)
+                    .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                    .collect();
+                path_from_bytes(&bytes)
+            }
+            None => std::path::PathBuf::from(&self.path),
+        }
+    }
+}
+
 fn entry_from_row(r: &Row, full: bool) -> rusqlite::Result<Entry> {
     let path: Vec<u8> = r.get(1)?;
     let (path_str, path_hex) = match std::str::from_utf8(&path) {
         Ok(s) => (s.to_string(), None),
         Err(_) => (
             String::from_utf8_lossy(&path).into_owned(),
-            Some(path.iter().map(|b| format!("{b:02x}")).collect()),
+            Some(hex(&path)),
         ),
     };
     let file_type: String = r.get(5)?;

@@ -473,4 +473,22 @@ mod tests {
         // A model file named like its own sidecar has none.
         assert_eq!(read_user_metadata(Path::new("/d/x.json")), None);
     }
+
+    /// The scan's suffix table and A1111's preview lookup name the same preview files (the table
+    /// needs its own order, longest suffix first, so it cannot be built from the other).
+    #[test]
+    fn the_sidecar_table_knows_every_preview_a1111_looks_for() {
+        let mut table: Vec<&str> = SIDECARS
+            .iter()
+            .filter(|(_, kind)| *kind == "preview")
+            .map(|(suffix, _)| *suffix)
+            .collect();
+        let mut looked_for: Vec<String> = preview_candidates(Path::new("/d/m.safetensors"))
+            .iter()
+            .map(|p| p.to_string_lossy().trim_start_matches("/d/m").to_string())
+            .collect();
+        table.sort_unstable();
+        looked_for.sort_unstable();
+        assert_eq!(table, looked_for);
+    }
 }
