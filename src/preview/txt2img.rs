@@ -158,7 +158,8 @@ fn unet_heads(unet: &serde_json::Value, path: &Path) -> Result<Option<Heads>> {
     }
 }
 
-fn read_configs(dir: &Path) -> Result<Configs> {
+/// The configs in a pipeline folder (or a folder of its `*/config.json`); `None` when it has none.
+fn read_configs(dir: &Path) -> Result<Option<Configs>> {
     let read = |sub: &str| -> Result<Option<serde_json::Value>> {
         let path = dir.join(sub).join("config.json");
         match std::fs::read(&path) {
@@ -174,12 +175,14 @@ fn read_configs(dir: &Path) -> Result<Configs> {
             .and_then(|n| n.as_u64())
             .map(|n| n as usize)
     };
-    let (text, unet, vae) = (read("text_encoder")?, read("unet")?, read("vae")?);
-    if text.is_none() && unet.is_none() && vae.is_none() {
-        return Err(Error::Invalid(format!(
-            "{}: no text_encoder/, unet/ or vae/ config.json in it",
-            dir.display()
-        )));
+    let (text, text2, unet, vae) = (
+        read("text_encoder")?,
+        read("text_encoder_2")?,
+        read("unet")?,
+        read("vae")?,
+    );
+    if text.is_none() && text2.is_none() && unet.is_none() && vae.is_none() {
+        return Ok(None);
     }
     let unet_heads = match &unet {
         Some(u) => unet_heads(u, &dir.join("unet").join("config.json"))?,
@@ -193,14 +196,14 @@ fn read_configs(dir: &Path) -> Result<Configs> {
             Some("quick_gelu") => Some(Activation::QuickGelu),
             _ => None,
         });
-    Ok(Configs {
+    Ok(Some(Configs {
         text_heads: num(&text, "num_attention_heads"),
-        text2_heads: num(&read("text_encoder_2")?, "num_attention_heads"),
+        text2_heads: num(&text2, "num_attention_heads"),
         text_activation,
         unet_heads,
         unet_groups: num(&unet, "norm_num_groups"),
         vae_groups: num(&vae, "norm_num_groups"),
-    })
+    }))
 }
 
 /// A `<lora:NAME…>` tag's file: the stem NAME in a `--lora-dir` folder (searched recursively, as
@@ -526,14 +529,14 @@ fn open_weights<'c>(
         None => weights.with_pipeline_vae()?,
     };
     // A pipeline folder carries its own configs; `--config` replaces them.
-    let has_configs = |dir: &Path| {
-        ["text_encoder", "text_encoder_2", "unet", "vae"]
-            .iter()
-            .any(|c| dir.join(c).join("config.json").is_file())
-    };
     let configs = match &req.config {
-        Some(dir) => read_configs(dir)?,
-        None if req.model.is_dir() && has_configs(&req.model) => read_configs(&req.model)?,
+        Some(dir) => read_configs(dir)?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: no text_encoder/, text_encoder_2/, unet/ or vae/ config.json in it",
+                dir.display()
+            ))
+        })?,
+        None if req.model.is_dir() => read_configs(&req.model)?.unwrap_or_default(),
         None => Configs::default(),
     };
     // The VAE loads after sampling: a checkpoint without one fails now, not after the render.
