@@ -5,9 +5,9 @@
 //! Why (docs/BENCHMARKS.md, "Fast disk"): a merge used to compute a window of whole tensors into
 //! buffers and hand them to a writer thread. By the time `write()` copied a window into the page
 //! cache it had left the CPU caches, and on this machine that cold copy was most of a merge's
-//! system time (a 32 MiB `write()` of cached data costs ~6× the CPU of 1 MiB ones). Writing each
-//! row block right after computing it, while it is still in the core's cache, leaves the page
-//! cache copy as cheap as `cp`'s own.
+//! system time (`dd` of a cached 2.1 GB file: 5.4 s of system time in 32 MiB writes, 0.7 s in
+//! 1 MiB ones). Writing each row block right after computing it, while it is still in the core's
+//! cache, cut an SD1.5-size merge's system time from 3.5–3.9 s to 0.9–1.1 s (`cp`'s: 0.65 s).
 
 use super::writer::{build_header, kernel_copy, read_exact_at, Writeback};
 use super::{OutputFile, TensorSpec, WriteOptions};
